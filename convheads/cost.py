@@ -1,0 +1,65 @@
+"""Analytic cost of a model: parameters and multiply-accumulates (MACs) per image.
+
+Fused attention (scaled_dot_product_attention) is invisible to most FLOP counters, so the two
+token-by-token matmuls (Q K^T and A V: 2 N^2 d MACs per head) are counted explicitly. Counted:
+Linear and Conv2d layers and those attention matmuls. Not counted: elementwise work (norms,
+softmax, activations, the prefix-token scalars), which is small next to them.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from timm.layers import Attention
+
+from .layers import ConvHeadAttention
+from .vit import vit_info
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    params: int
+    macs: int            # per image
+    attention_macs: int  # the part of `macs` spent in Q K^T and A V
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def model_cost(model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> ModelCost:
+    """Parameters and MACs of one forward pass of one image at `img_size` (default: the model's)."""
+    info = vit_info(model)
+    height, width = img_size or info.img_size
+    info.grid_for(height, width)
+    totals = {"macs": 0, "attention": 0}
+
+    def count(module, inputs, output):
+        if isinstance(module, nn.Linear):
+            totals["macs"] += output.numel() * module.in_features
+        elif isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            totals["macs"] += output.numel() * (module.in_channels // module.groups) * kh * kw
+        else:  # attention: Q K^T and A V for every attending head
+            B, N, _ = inputs[0].shape
+            heads = module.num_kept if isinstance(module, ConvHeadAttention) else module.num_heads
+            totals["attention"] += 2 * B * heads * N * N * module.head_dim
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d, Attention, ConvHeadAttention))]
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        model(torch.zeros(1, model.patch_embed.proj.in_channels, height, width, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return ModelCost(params=count_params(model), macs=totals["macs"] + totals["attention"],
+                     attention_macs=totals["attention"])

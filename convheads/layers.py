@@ -1,0 +1,181 @@
+"""The replacement layer: attention where some heads are a fixed local mixing of their values.
+
+For a head whose attention matrix A is a fixed band around each query patch, A @ V is exactly a
+depthwise convolution of V laid out on the patch grid (METHOD.md section 1). `ConvHeadAttention`
+keeps the pretrained value rows of W_V and the columns of W_O for the replaced heads, drops their
+W_Q / W_K rows, and mixes their values with a depthwise k x k convolution ("depthwise") or not at
+all ("identity", the speed limit of removing attention).
+"""
+import copy
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import Attention
+
+from .errors import ConvHeadsError
+
+VARIANTS = ("depthwise", "identity")
+
+
+def gaussian_kernel(kernel_size: int, sigma: float = 1.0) -> torch.Tensor:
+    """A normalised 2-D Gaussian [k, k] (the reference implementation's kernel init)."""
+    r = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
+    return (g / g.sum()).float()
+
+
+def _permute_norm(norm: nn.Module, perm: torch.Tensor) -> nn.Module:
+    """timm's optional scale_norm normalises the concatenated head outputs; reorder its affine
+    parameters like the channels (mean and variance do not depend on channel order)."""
+    if isinstance(norm, nn.Identity):
+        return norm
+    if not isinstance(norm, (nn.LayerNorm, nn.RMSNorm)):
+        raise ConvHeadsError(f"unsupported attention output norm {type(norm).__name__}")
+    norm = copy.deepcopy(norm)
+    with torch.no_grad():
+        for p in (norm.weight, getattr(norm, "bias", None)):
+            if p is not None:
+                p.copy_(p[perm])
+    return norm
+
+
+class ConvHeadAttention(nn.Module):
+    """Drop-in for timm's `Attention` in which the heads `conv_heads` are a depthwise convolution.
+
+    Kept heads run fused scaled-dot-product attention with their original Q/K/V weights. Inside
+    the layer the kept heads' channels come first, then the replaced heads'; W_O's columns are
+    permuted to match, so the function is the original one for the kept heads.
+
+    Prefix tokens (CLS, distillation, register tokens; P of them) are handled per replaced head
+    i and prefix token j with two learnable scalars, generalising the reference's CLS handling:
+        prefix_out[j] = v_prefix[j] + alpha[j, i] * mean(V_i over patches)
+        V_i(patches) += sum_j beta[j, i] * v_prefix[j]      (before the convolution)
+    With P = 1 this is exactly the reference. The "identity" variant passes values through
+    unchanged (prefix tokens included); a block whose heads are all identity heads folds W_V and
+    W_O into one Linear(C -> C).
+    """
+
+    def __init__(
+            self,
+            attn: Attention,
+            conv_heads: Sequence[int],
+            grid_size: Tuple[int, int],
+            num_prefix_tokens: int,
+            kernel_size: int = 3,
+            variant: str = "depthwise",
+    ):
+        super().__init__()
+        if getattr(attn, "gate", None) is not None:
+            raise ConvHeadsError("gated attention (timm Attention(gated=True)) is not supported")
+        H, d = attn.num_heads, attn.head_dim
+        C = attn.qkv.in_features
+        self.num_heads, self.head_dim = H, d
+        self.conv_heads = tuple(sorted(conv_heads))
+        self.kept_heads = tuple(h for h in range(H) if h not in self.conv_heads)
+        self.num_kept = len(self.kept_heads)
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.kernel_size = kernel_size
+        self.variant = variant
+        self.attn_drop = attn.attn_drop.p
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.proj_drop = attn.proj_drop
+
+        def head_rows(part: int, heads: Sequence[int]) -> list:  # part: 0 = q, 1 = k, 2 = v
+            return [part * H * d + h * d + j for h in heads for j in range(d)]
+
+        rows = head_rows(0, self.kept_heads) + head_rows(1, self.kept_heads) + head_rows(2, self.kept_heads)
+        rows += head_rows(2, self.conv_heads)
+        perm = torch.tensor([h * d + j for h in self.kept_heads + self.conv_heads for j in range(d)])
+        w_in = attn.qkv.weight.detach()[rows]
+        b_in = attn.qkv.bias.detach()[rows] if attn.qkv.bias is not None else None
+        w_out = attn.proj.weight.detach()[:, perm]
+        b_out = attn.proj.bias.detach() if attn.proj.bias is not None else None
+        norm = _permute_norm(attn.norm, perm)
+        dd = dict(device=w_in.device, dtype=w_in.dtype)
+
+        if variant == "identity" and self.num_kept == 0 and isinstance(norm, nn.Identity):
+            # y = (x W_V^T + b_V) W_O^T + b_O = x (W_O W_V)^T + (W_O b_V + b_O): one matmul.
+            b = torch.zeros(w_out.shape[0], **dd) if b_out is None else b_out.clone()
+            if b_in is not None:
+                b += w_out @ b_in
+            self.in_proj = nn.Linear(C, w_out.shape[0], **dd)
+            self.in_proj.weight.data.copy_(w_out @ w_in)
+            self.in_proj.bias.data.copy_(b)
+            self.norm, self.proj = nn.Identity(), nn.Identity()
+        else:
+            self.in_proj = nn.Linear(C, len(rows), bias=b_in is not None, **dd)
+            self.in_proj.weight.data.copy_(w_in)
+            if b_in is not None:
+                self.in_proj.bias.data.copy_(b_in)
+            self.norm = norm
+            self.proj = nn.Linear(w_out.shape[1], w_out.shape[0], bias=b_out is not None, **dd)
+            self.proj.weight.data.copy_(w_out)
+            if b_out is not None:
+                self.proj.bias.data.copy_(b_out)
+
+        if variant == "depthwise":
+            channels = len(self.conv_heads) * d
+            self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
+                                  groups=channels, bias=False, **dd)
+            self.init_kernels(gaussian_kernel(kernel_size).expand(len(self.conv_heads), -1, -1))
+            if num_prefix_tokens:
+                # Reference init: uniform in [0, 1).
+                self.alpha = nn.Parameter(torch.rand(num_prefix_tokens, len(self.conv_heads), **dd))
+                self.beta = nn.Parameter(torch.rand(num_prefix_tokens, len(self.conv_heads), **dd))
+
+    @torch.no_grad()
+    def init_kernels(self, kernels: torch.Tensor) -> None:
+        """Set each replaced head's k x k kernel (kernels: [replaced heads, k, k]) on all its channels."""
+        w = kernels.to(self.conv.weight).repeat_interleave(self.head_dim, dim=0)
+        self.conv.weight.copy_(w[:, None])
+
+    def _mix(self, v: torch.Tensor) -> torch.Tensor:
+        """Spatially mix the replaced heads' values v [B, N, Cr] -> [B, N, Cr]."""
+        if self.variant == "identity":
+            return v
+        B, N, Cr = v.shape
+        P, (h, w) = self.num_prefix_tokens, self.grid_size
+        if N != P + h * w:
+            raise ConvHeadsError(
+                f"got {N} tokens but the convolution heads expect {P} prefix tokens + a {h} x {w} "
+                f"patch grid; run the model at the resolution it was built for (or build it with "
+                f"dynamic_img_size=True)")
+        prefix, patches = v[:, :P], v[:, P:]
+        if P:
+            alpha = self.alpha.repeat_interleave(self.head_dim, dim=1)  # [P, Cr]
+            beta = self.beta.repeat_interleave(self.head_dim, dim=1)
+            prefix = prefix + alpha * patches.mean(dim=1, keepdim=True)
+            patches = patches + (beta * v[:, :P]).sum(dim=1, keepdim=True)
+        # [B, hw, Cr] -> [B, Cr, h, w] as a channels-last view: no copy on the way in or out.
+        y = self.conv(patches.reshape(B, h, w, Cr).permute(0, 3, 1, 2))
+        y = y.permute(0, 2, 3, 1).reshape(B, h * w, Cr)
+        return torch.cat([prefix, y], dim=1) if P else y
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ConvHeadsError("convolution heads mix the full patch grid: attention masks and "
+                                 "causal attention are not supported")
+        B, N, _ = x.shape
+        x = self.in_proj(x)
+        kept_dim = 3 * self.num_kept * self.head_dim
+        out = self._mix(x[..., kept_dim:])
+        if self.num_kept:
+            qkv = x[..., :kept_dim].reshape(B, N, 3, self.num_kept, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            kept = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+            out = torch.cat([kept.transpose(1, 2).reshape(B, N, -1), out], dim=-1)
+        return self.proj_drop(self.proj(self.norm(out)))
+
+    def extra_repr(self) -> str:
+        return (f"conv_heads={list(self.conv_heads)}, num_heads={self.num_heads}, variant={self.variant!r}, "
+                f"kernel_size={self.kernel_size}, grid_size={self.grid_size}, "
+                f"num_prefix_tokens={self.num_prefix_tokens}")

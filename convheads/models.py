@@ -1,0 +1,133 @@
+"""timm models in and out: build (pretrained, local checkpoint or random), save and load.
+
+A saved file holds the timm model name and build arguments, the replacement structure and the
+state dict, so `load_model` rebuilds exactly the saved model (same outputs) without the code
+that made it.
+"""
+import difflib
+from pathlib import Path
+from typing import Optional, Union
+
+import timm
+import torch
+from torch import nn
+
+from .errors import ConvHeadsError
+from .files import atomic_path
+from .selection import Selection
+from .surgery import replace_heads, replacement_config
+from .vit import vit_info
+
+FORMAT = "convheads-model"
+FORMAT_VERSION = 1
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Union[str, Path]] = None,
+                 **kwargs) -> nn.Module:
+    """A timm ViT by name, with timm's pretrained weights, a local checkpoint's, or random weights.
+
+    kwargs go to timm.create_model (img_size, patch_size, num_classes, ...). The name and kwargs
+    are kept on the model (`model.convheads_spec`) so `save_model` can record how to rebuild it.
+    """
+    if checkpoint is None:
+        return _build(name, pretrained, kwargs)
+    model = _build(name, False, kwargs, device="meta")  # no point initialising weights we overwrite
+    load_checkpoint(model, checkpoint)
+    return model
+
+
+def _build(name: str, pretrained: bool, kwargs: dict, device: str = "cpu") -> nn.Module:
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ConvHeadsError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    try:
+        model = timm.create_model(name, pretrained=pretrained, device=device, **kwargs)
+    except TypeError as e:
+        raise ConvHeadsError(f"timm cannot build {name} with arguments {kwargs}: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- hub/network errors come in many types
+        if not pretrained:
+            raise
+        raise ConvHeadsError(
+            f"could not get the pretrained weights of {name} ({type(e).__name__}: {e}). Without network "
+            f"access, download them elsewhere and pass a local checkpoint file, or use pretrained=False") from None
+    info = vit_info(model)
+    for size, patch in zip(info.img_size, info.patch_size):
+        if size % patch:
+            raise ConvHeadsError(f"img_size {info.img_size} is not divisible by patch_size {info.patch_size}")
+    model.convheads_spec = {"name": name, "kwargs": dict(kwargs)}
+    return model
+
+
+def _read(path: Union[str, Path]) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConvHeadsError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch raises many types for unreadable files
+        raise ConvHeadsError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, Path]) -> None:
+    """Load a plain state dict (or {'state_dict' | 'model': state dict}) into `model`, strictly."""
+    state = _read(path)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        if state["replacement"]:
+            raise ConvHeadsError(f"{path} holds a model with replaced heads; load it with convheads.load_model")
+        state = state["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ConvHeadsError(f"{path} does not hold a state dict")
+    _load_state(model, state, str(path))
+
+
+def _load_state(model: nn.Module, state: dict, source: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = [f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                 for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches (file vs model)", wrong)) if keys]
+        raise ConvHeadsError(f"the checkpoint {source} does not fit the model ({'; '.join(parts)}); "
+                             f"check the model name and its img_size / patch_size / num_classes")
+    # assign=True materialises a model built on the meta device (and is harmless otherwise)
+    model.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in model.state_dict(keep_vars=True).values()):
+        raise ConvHeadsError(f"{source} left part of the model uninitialised")
+
+
+def save_model(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Save a (possibly replaced) model made by `create_model` so that `load_model` rebuilds it."""
+    spec = getattr(model, "convheads_spec", None)
+    if spec is None:
+        raise ConvHeadsError("the model carries no build spec; create it with convheads.create_model(name, ...) "
+                             "so it can be rebuilt on load")
+    vit_info(model)
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec,
+               "replacement": replacement_config(model),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_model(path: Union[str, Path]) -> nn.Module:
+    """Rebuild a model saved by `save_model` (on the CPU, in eval mode)."""
+    payload = _read(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ConvHeadsError(f"{path} is not a convheads model file (save one with convheads.save_model)")
+    if payload["version"] > FORMAT_VERSION:
+        raise ConvHeadsError(f"{path} was written by a newer convheads (format {payload['version']}); upgrade")
+    spec = payload["spec"]
+    model = _build(spec["name"], False, spec["kwargs"], device="meta")
+    info = vit_info(model)
+    for entry in payload["replacement"]:
+        replace_heads(model, Selection({entry["block"]: entry["heads"]}, info.depth, info.num_heads),
+                      kernel_size=entry["kernel_size"], variant=entry["variant"])
+    _load_state(model, payload["state_dict"], str(path))
+    return model.eval()

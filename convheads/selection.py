@@ -1,0 +1,120 @@
+"""Which heads to replace: by score (lowest Sigma first) or from an explicit mapping."""
+import json
+from typing import Dict, Iterable, List, Mapping, Optional
+
+import torch
+
+from .errors import ConvHeadsError
+from .scoring import HeadScores
+
+GRANULARITIES = ("head", "block")
+
+
+class Selection:
+    """A set of heads to replace: block index -> sorted head indices.
+
+    `depth` and `num_heads` record the model the selection was made for (select_heads fills them
+    in); when known, applying the selection to a model of another shape is an error. A mapping
+    written by hand (e.g. the paper's published block lists) is checked against the model on use.
+    """
+
+    def __init__(self, heads: Mapping[int, Iterable[int]], depth: Optional[int] = None,
+                 num_heads: Optional[int] = None):
+        clean: Dict[int, List[int]] = {}
+        for block, hs in heads.items():
+            hs = list(hs)
+            if not _is_index(block) or not all(_is_index(h) for h in hs):
+                raise ConvHeadsError(f"selection indices must be non-negative integers; got block {block!r}: {hs!r}")
+            if len(set(hs)) != len(hs):
+                raise ConvHeadsError(f"selection lists a head twice in block {block}: {hs}")
+            if hs:
+                clean[int(block)] = sorted(int(h) for h in hs)
+        self.heads = dict(sorted(clean.items()))
+        self.depth, self.num_heads = depth, num_heads
+
+    @classmethod
+    def from_blocks(cls, blocks: Iterable[int], num_heads: int, depth: Optional[int] = None) -> "Selection":
+        """Every head of each listed block (blockwise replacement)."""
+        blocks = list(blocks)
+        if len(set(blocks)) != len(blocks):
+            raise ConvHeadsError(f"selection lists a block twice: {blocks}")
+        return cls({b: range(num_heads) for b in blocks}, depth=depth, num_heads=num_heads)
+
+    @property
+    def num_replaced(self) -> int:
+        return sum(len(h) for h in self.heads.values())
+
+    def check(self, depth: int, num_heads: int) -> None:
+        """Raise if the selection does not fit a model with `depth` blocks of `num_heads` heads."""
+        if self.depth not in (None, depth) or self.num_heads not in (None, num_heads):
+            raise ConvHeadsError(
+                f"the selection was made for a model with {self.depth} blocks x {self.num_heads} heads, "
+                f"but this model has {depth} x {num_heads}; score and select on this model")
+        for block, hs in self.heads.items():
+            if block >= depth:
+                raise ConvHeadsError(
+                    f"the selection names block {block} but the model has {depth} blocks (0..{depth - 1}); "
+                    f"was it made for another model?")
+            if hs[-1] >= num_heads:
+                raise ConvHeadsError(
+                    f"the selection names head {hs[-1]} of block {block} but the model has {num_heads} heads "
+                    f"per block (0..{num_heads - 1}); was it made for another model?")
+
+    def to_dict(self) -> dict:
+        return {"heads": {str(b): h for b, h in self.heads.items()}, "depth": self.depth, "num_heads": self.num_heads}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Selection":
+        if "heads" not in d:
+            raise ConvHeadsError("a selection file needs a 'heads' mapping of block -> head indices")
+        try:
+            heads = {int(b): h for b, h in d["heads"].items()}
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ConvHeadsError(f"selection 'heads' must map block indices to lists of head indices: {e}") from None
+        return cls(heads, depth=d.get("depth"), num_heads=d.get("num_heads"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Selection) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Selection({self.heads})"
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def select_heads(
+        scores: HeadScores,
+        count: Optional[int] = None,
+        fraction: Optional[float] = None,
+        granularity: str = "head",
+) -> Selection:
+    """The `count` (or `fraction` of all) lowest-scoring heads ("head") or whole blocks ("block").
+
+    Ties are broken by index, so the result is deterministic.
+    """
+    if granularity not in GRANULARITIES:
+        raise ConvHeadsError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    depth, num_heads = scores.sigma_h.shape
+    units = depth * num_heads if granularity == "head" else depth
+    what = "heads" if granularity == "head" else "blocks"
+    if (count is None) == (fraction is None):
+        raise ConvHeadsError("give exactly one of count= or fraction=")
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ConvHeadsError(f"fraction must be in (0, 1]; got {fraction}")
+        count = max(1, round(fraction * units))
+    if not _is_index(count) or not 1 <= count <= units:
+        raise ConvHeadsError(f"count must be an integer from 1 to {units} (the model's {what}); got {count!r}")
+    if granularity == "block":
+        order = torch.argsort(scores.sigma_b, stable=True)[:count].tolist()
+        return Selection.from_blocks(order, num_heads=num_heads, depth=depth)
+    order = torch.argsort(scores.sigma_h.flatten(), stable=True)[:count].tolist()
+    heads: Dict[int, List[int]] = {}
+    for flat in order:
+        heads.setdefault(flat // num_heads, []).append(flat % num_heads)
+    return Selection(heads, depth=depth, num_heads=num_heads)

@@ -1,0 +1,86 @@
+"""Model surgery: swap the selected heads of a timm ViT for ConvHeadAttention, in place."""
+import functools
+from typing import List, Optional
+
+from torch import nn
+
+from .errors import ConvHeadsError
+from .layers import VARIANTS, ConvHeadAttention
+from .scoring import HeadScores
+from .selection import Selection
+from .vit import vit_info
+
+INITS = ("gaussian", "attention")
+
+
+def replace_heads(
+        model: nn.Module,
+        selection: Selection,
+        kernel_size: int = 3,
+        init: str = "gaussian",
+        variant: str = "depthwise",
+        scores: Optional[HeadScores] = None,
+) -> nn.Module:
+    """Replace the selected heads of `model` in place and return it.
+
+    init: "gaussian" (normalised 2-D Gaussian, sigma 1, on every channel) or "attention" (each
+    head's kernel fitted to its mean attention by relative offset; needs `scores`).
+    variant: "depthwise" (k x k depthwise convolution) or "identity" (no spatial mixing).
+    Everything is checked before the model is touched, so a bad call leaves it unchanged.
+    """
+    info = vit_info(model)
+    if not isinstance(selection, Selection):
+        raise ConvHeadsError(f"selection must be a convheads.Selection; got {type(selection).__name__}")
+    selection.check(info.depth, info.num_heads)
+    if variant not in VARIANTS:
+        raise ConvHeadsError(f"variant must be one of {VARIANTS}; got {variant!r}")
+    if init not in INITS:
+        raise ConvHeadsError(f"init must be one of {INITS}; got {init!r}")
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ConvHeadsError(f"kernel_size must be a positive odd integer ('same' padding); got {kernel_size!r}")
+    if init == "attention":
+        if scores is None:
+            raise ConvHeadsError('init="attention" needs the scores: replace_heads(..., scores=score_heads(...))')
+        if scores.sigma_h.shape != (info.depth, info.num_heads):
+            raise ConvHeadsError(
+                f"the scores are for a model with {tuple(scores.sigma_h.shape)} blocks x heads, but this model "
+                f"has ({info.depth}, {info.num_heads}); score this model")
+    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+        raise ConvHeadsError("patch dropout removes tokens from the patch grid; build the model with "
+                             "patch_drop_rate=0 before replacing heads")
+    for b in selection.heads:
+        if isinstance(model.blocks[b].attn, ConvHeadAttention):
+            raise ConvHeadsError(f"block {b} already has replaced heads; select heads on the original model")
+
+    kernels = scores.kernels(kernel_size) if init == "attention" else None
+    for b, heads in selection.heads.items():
+        layer = ConvHeadAttention(model.blocks[b].attn, heads, info.grid_size, info.num_prefix_tokens,
+                                  kernel_size=kernel_size, variant=variant)
+        if variant == "depthwise" and kernels is not None:  # the layer starts from the Gaussian
+            layer.init_kernels(kernels[b, heads])
+        model.blocks[b].attn = layer
+    if info.dynamic_img_size and not getattr(model, "_convheads_grid_hook", False):
+        # The patch grid follows the input size: tell every conv layer before the blocks run.
+        model.patch_embed.register_forward_pre_hook(functools.partial(_set_grid_size, model.blocks))
+        model._convheads_grid_hook = True
+    return model
+
+
+def _set_grid_size(blocks: nn.ModuleList, patch_embed: nn.Module, args) -> None:
+    grid = tuple(patch_embed.dynamic_feat_size(args[0].shape[-2:]))
+    for block in blocks:
+        if isinstance(block.attn, ConvHeadAttention):
+            block.attn.grid_size = grid
+
+
+def replaced_selection(model: nn.Module) -> Selection:
+    """The heads of `model` that are replaced, as a Selection."""
+    info = vit_info(model)
+    return Selection({i: b.attn.conv_heads for i, b in enumerate(model.blocks) if isinstance(b.attn, ConvHeadAttention)},
+                     depth=info.depth, num_heads=info.num_heads)
+
+
+def replacement_config(model: nn.Module) -> List[dict]:
+    """Per replaced block: what replace_heads needs to rebuild the same structure."""
+    return [dict(block=i, heads=list(b.attn.conv_heads), kernel_size=b.attn.kernel_size, variant=b.attn.variant)
+            for i, b in enumerate(model.blocks) if isinstance(b.attn, ConvHeadAttention)]

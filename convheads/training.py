@@ -1,0 +1,96 @@
+"""Fine-tuning loop (both stages of METHOD.md section 4): AdamW, warm-up + cosine schedule."""
+import math
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ConvHeadsError
+from .evaluation import evaluate
+from .layers import ConvHeadAttention
+
+TRAINABLE = ("all", "new")
+
+
+def new_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters replace_heads created: kernels and prefix-token scalars."""
+    params = []
+    for m in model.modules():
+        if isinstance(m, ConvHeadAttention) and m.variant == "depthwise":
+            params += [m.conv.weight] + ([m.alpha, m.beta] if m.num_prefix_tokens else [])
+    return params
+
+
+def train(
+        model: nn.Module,
+        train_loader: Iterable,
+        val_loader: Optional[Iterable] = None,
+        epochs: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        label_smoothing: float = 0.0,
+        trainable: str = "all",
+        device: str = "cpu",
+        progress: bool = True,
+        on_epoch: Optional[Callable[[Dict], None]] = None,
+) -> List[Dict]:
+    """Train `model` in place; return one metrics dict per epoch (also passed to `on_epoch`).
+
+    trainable: "all" parameters (default), or only the "new" ones that replace_heads created.
+    Kernels and the prefix scalars get no weight decay (they are few and shape the mixing).
+    """
+    if trainable not in TRAINABLE:
+        raise ConvHeadsError(f"trainable must be one of {TRAINABLE}; got {trainable!r}")
+    if epochs < 0:
+        raise ConvHeadsError(f"epochs must be >= 0; got {epochs}")
+    new = {id(p) for p in new_parameters(model)}
+    if trainable == "new" and not new:
+        raise ConvHeadsError('trainable="new" but the model has no replaced depthwise heads to train')
+    for p in model.parameters():
+        p.requires_grad_(trainable == "all" or id(p) in new)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and id(p) not in new]
+    no_decay = [p for p in model.parameters() if p.requires_grad and (p.ndim < 2 or id(p) in new)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    steps_per_epoch = len(train_loader)
+    total, warmup = max(1, epochs * steps_per_epoch), int(warmup_epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
+        (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))))
+    model.to(device)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
+        for images, labels in bar:
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            if not torch.isfinite(loss):
+                raise ConvHeadsError(f"training loss became {loss.item()} in epoch {epoch + 1}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(-1) == labels).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_top1": correct / max(1, seen),
+               "lr": schedule.get_last_lr()[0]}
+        if val_loader is not None:
+            row.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, progress=False).items()
+                        if k != "num_images"})
+        history.append(row)
+        if progress:
+            tqdm.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if on_epoch is not None:
+            on_epoch(row)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return history
