@@ -132,6 +132,14 @@ class ConvHeadAttention(nn.Module):
         w = kernels.to(self.conv.weight).repeat_interleave(self.head_dim, dim=0)
         self.conv.weight.copy_(w[:, None])
 
+    @torch.no_grad()
+    def init_from_attention(self, kernels: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor) -> None:
+        """Fit the layer to the heads' mean attention (kernels [Hr, k, k]; beta, alpha [P, Hr])."""
+        self.init_kernels(kernels)
+        if self.num_prefix_tokens:
+            self.beta.copy_(beta)
+            self.alpha.copy_(alpha)
+
     def _mix(self, v: torch.Tensor) -> torch.Tensor:
         """Spatially mix the replaced heads' values v [B, N, Cr] -> [B, N, Cr]."""
         if self.variant == "identity":

@@ -22,14 +22,17 @@ from .vit import vit_info
 @dataclass
 class HeadScores:
     """Scores of every head of a model, plus what the attention-fitted kernel init needs."""
-    sigma_h: torch.Tensor           # [depth, heads] float64: sum over (query, key) of the std of A
-    offset_attention: torch.Tensor  # [depth, heads, 2h-1, 2w-1] float64, see below
+    sigma_h: torch.Tensor            # [depth, heads] float64: sum over (query, key) of the std of A
+    offset_attention: torch.Tensor   # [depth, heads, 2h-1, 2w-1] float64, see below
+    patch_to_prefix: torch.Tensor    # [depth, heads, P]: mean attention from a patch to prefix token j
+    prefix_to_patches: torch.Tensor  # [depth, heads, P]: mean total attention from prefix token j to all patches
     num_images: int
     grid_size: Tuple[int, int]
     num_prefix_tokens: int
 
     # offset_attention[b, i, h-1+dy, w-1+dx] is the mean attention weight, over images and over
     # the query patches p whose neighbour p + (dy, dx) lies on the grid, from p to that neighbour.
+    # All means are over images too; together they fit ConvHeadAttention's kernel, beta and alpha.
 
     @property
     def sigma_b(self) -> torch.Tensor:
@@ -55,13 +58,17 @@ class HeadScores:
         return padded[..., h - 1: h + 2 * r, w - 1: w + 2 * r].float()
 
     def to_dict(self) -> dict:
-        return dict(sigma_h=self.sigma_h, offset_attention=self.offset_attention, num_images=self.num_images,
-                    grid_size=list(self.grid_size), num_prefix_tokens=self.num_prefix_tokens)
+        return dict(sigma_h=self.sigma_h, offset_attention=self.offset_attention,
+                    patch_to_prefix=self.patch_to_prefix, prefix_to_patches=self.prefix_to_patches,
+                    num_images=self.num_images, grid_size=list(self.grid_size),
+                    num_prefix_tokens=self.num_prefix_tokens)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadScores":
-        return cls(sigma_h=d["sigma_h"], offset_attention=d["offset_attention"], num_images=int(d["num_images"]),
-                   grid_size=tuple(d["grid_size"]), num_prefix_tokens=int(d["num_prefix_tokens"]))
+        return cls(sigma_h=d["sigma_h"], offset_attention=d["offset_attention"],
+                   patch_to_prefix=d["patch_to_prefix"], prefix_to_patches=d["prefix_to_patches"],
+                   num_images=int(d["num_images"]), grid_size=tuple(d["grid_size"]),
+                   num_prefix_tokens=int(d["num_prefix_tokens"]))
 
 
 class _RunningMoments:
@@ -171,7 +178,11 @@ def score_heads(
     if seen < 2:
         raise ConvHeadsError(
             f"scoring needs at least 2 images and the batches yielded {seen}; pass a non-empty dataset")
+    P = info.num_prefix_tokens
+    means = torch.stack([m.mean for m in moments])  # [depth, H, N, N]
     return HeadScores(
         sigma_h=torch.stack([m.std().sum(dim=(-2, -1)) for m in moments]).cpu(),
-        offset_attention=torch.stack([_offset_means(m.mean, grid, info.num_prefix_tokens) for m in moments]).cpu(),
-        num_images=seen, grid_size=grid, num_prefix_tokens=info.num_prefix_tokens)
+        offset_attention=torch.stack([_offset_means(m, grid, P) for m in means]).cpu(),
+        patch_to_prefix=means[..., P:, :P].mean(dim=-2).cpu(),
+        prefix_to_patches=means[..., :P, P:].sum(dim=-1).cpu(),
+        num_images=seen, grid_size=grid, num_prefix_tokens=P)

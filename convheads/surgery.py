@@ -23,8 +23,11 @@ def replace_heads(
 ) -> nn.Module:
     """Replace the selected heads of `model` in place and return it.
 
-    init: "gaussian" (normalised 2-D Gaussian, sigma 1, on every channel) or "attention" (each
-    head's kernel fitted to its mean attention by relative offset; needs `scores`).
+    init: "gaussian" (normalised 2-D Gaussian, sigma 1, on every channel; alpha, beta uniform in
+    [0, 1) as in the reference) or "attention" (fitted to each head's mean attention, from
+    `scores`: kernel[delta] = mean weight from a patch to its neighbour at offset delta,
+    beta[j] = mean weight from a patch to prefix token j, alpha[j] = prefix token j's total
+    weight on the patches).
     variant: "depthwise" (k x k depthwise convolution) or "identity" (no spatial mixing).
     Everything is checked before the model is touched, so a bad call leaves it unchanged.
     """
@@ -57,7 +60,8 @@ def replace_heads(
         layer = ConvHeadAttention(model.blocks[b].attn, heads, info.grid_size, info.num_prefix_tokens,
                                   kernel_size=kernel_size, variant=variant)
         if variant == "depthwise" and kernels is not None:  # the layer starts from the Gaussian
-            layer.init_kernels(kernels[b, heads])
+            layer.init_from_attention(kernels[b, heads], scores.patch_to_prefix[b, heads].T,
+                                      scores.prefix_to_patches[b, heads].T)
         model.blocks[b].attn = layer
     if info.dynamic_img_size and not getattr(model, "_convheads_grid_hook", False):
         # The patch grid follows the input size: tell every conv layer before the blocks run.

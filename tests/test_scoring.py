@@ -32,6 +32,9 @@ def test_sigma_equals_the_sum_of_per_element_standard_deviations():
     assert scores.sigma_h.dtype == torch.float64 and scores.sigma_h.shape == (3, 4)
     torch.testing.assert_close(scores.sigma_b, expected.mean(dim=1))
     assert scores.num_images == 8
+    mean = maps.mean(dim=0)  # [D, H, N, N]; token 0 is the CLS token
+    torch.testing.assert_close(scores.patch_to_prefix, mean[..., 1:, :1].mean(dim=-2), atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(scores.prefix_to_patches, mean[..., :1, 1:].sum(dim=-1), atol=1e-7, rtol=1e-6)
 
 
 def test_scores_do_not_depend_on_how_images_are_batched():
@@ -106,8 +109,8 @@ def test_offset_means_average_over_queries_whose_neighbour_exists():
 
 def test_kernels_are_centred_crops_zero_padded_beyond_the_grid():
     off = torch.arange(5 * 3, dtype=torch.float64).reshape(1, 1, 5, 3)  # grid (3, 2)
-    scores = HeadScores(sigma_h=torch.zeros(1, 1), offset_attention=off, num_images=2, grid_size=(3, 2),
-                        num_prefix_tokens=1)
+    scores = HeadScores(sigma_h=torch.zeros(1, 1), offset_attention=off, patch_to_prefix=torch.zeros(1, 1, 1),
+                        prefix_to_patches=torch.zeros(1, 1, 1), num_images=2, grid_size=(3, 2), num_prefix_tokens=1)
     k3 = scores.kernels(3)
     assert k3.shape == (1, 1, 3, 3)
     torch.testing.assert_close(k3[0, 0], off[0, 0, 1:4, 0:3].float())
@@ -119,8 +122,22 @@ def test_kernels_are_centred_crops_zero_padded_beyond_the_grid():
 def test_scores_round_trip_through_a_dict():
     scores = score_heads(tiny_vit(), [torch.randn(3, 3, 32, 32)], progress=False)
     again = HeadScores.from_dict(scores.to_dict())
-    torch.testing.assert_close(again.sigma_h, scores.sigma_h)
+    for field in ("sigma_h", "offset_attention", "patch_to_prefix", "prefix_to_patches"):
+        torch.testing.assert_close(getattr(again, field), getattr(scores, field))
     assert again.grid_size == scores.grid_size == (4, 4)
+
+
+def test_attention_init_fits_kernels_beta_and_alpha_from_the_scores():
+    model = tiny_vit(reg_tokens=2)  # 3 prefix tokens
+    scores = score_heads(model, [torch.randn(4, 3, 32, 32)], progress=False)
+    convheads.replace_heads(model, convheads.Selection({1: [0, 3]}), init="attention", scores=scores)
+    layer = model.blocks[1].attn
+    d = layer.head_dim
+    kernels = scores.kernels(3)[1, [0, 3]]
+    torch.testing.assert_close(layer.conv.weight[:, 0], kernels.repeat_interleave(d, dim=0))
+    torch.testing.assert_close(layer.beta, scores.patch_to_prefix[1, [0, 3]].T.float())
+    torch.testing.assert_close(layer.alpha, scores.prefix_to_patches[1, [0, 3]].T.float())
+    assert layer.beta.shape == (3, 2)
 
 
 @pytest.mark.parametrize("batches, match", [

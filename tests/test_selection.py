@@ -8,6 +8,7 @@ from convheads.scoring import HeadScores
 def scores_of(sigma):
     sigma = torch.tensor(sigma, dtype=torch.float64)
     return HeadScores(sigma_h=sigma, offset_attention=torch.zeros(*sigma.shape, 3, 3, dtype=torch.float64),
+                      patch_to_prefix=torch.zeros(*sigma.shape, 1), prefix_to_patches=torch.zeros(*sigma.shape, 1),
                       num_images=10, grid_size=(2, 2), num_prefix_tokens=1)
 
 
