@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -114,9 +113,9 @@ def image_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
 
 
 def make_loader(root: Path, split: str, image_size: int, batch_size: int, mean: Sequence[float],
-                std: Sequence[float], train: bool = False, seed: int = 0, num_workers: int = 0,
+                std: Sequence[float], train: bool = False, augment: bool = True, num_workers: int = 0,
                 classes: Optional[List[str]] = None) -> DataLoader:
-    """A DataLoader over one split; shuffled with a seeded generator when `train`."""
-    dataset = ImageFolderSplit(root, split, image_transform(image_size, mean, std, train), classes)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed) if train else None)
+    """A DataLoader over one split; when `train`, shuffled (from the global torch RNG, which
+    convheads.training.train reseeds every epoch) and augmented if `augment`."""
+    dataset = ImageFolderSplit(root, split, image_transform(image_size, mean, std, train and augment), classes)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers)

@@ -28,11 +28,12 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Union
 
     kwargs go to timm.create_model (img_size, patch_size, num_classes, ...). The name and kwargs
     are kept on the model (`model.convheads_spec`) so `save_model` can record how to rebuild it.
+    A checkpoint whose classifier has another number of classes loads without it (the new
+    classifier keeps its fresh init), as timm does for pretrained weights.
     """
-    if checkpoint is None:
-        return _build(name, pretrained, kwargs)
-    model = _build(name, False, kwargs, device="meta")  # no point initialising weights we overwrite
-    load_checkpoint(model, checkpoint)
+    model = _build(name, pretrained and checkpoint is None, kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, new_classifier=True)
     return model
 
 
@@ -68,8 +69,11 @@ def _read(path: Union[str, Path]) -> dict:
         raise ConvHeadsError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
-def load_checkpoint(model: nn.Module, path: Union[str, Path]) -> None:
-    """Load a plain state dict (or {'state_dict' | 'model': state dict}) into `model`, strictly."""
+def load_checkpoint(model: nn.Module, path: Union[str, Path], new_classifier: bool = False) -> None:
+    """Load a plain state dict (or {'state_dict' | 'model': state dict}) into `model`, strictly.
+
+    new_classifier: skip classifier weights whose shape differs (fine-tuning on other classes).
+    """
     state = _read(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         if state["replacement"]:
@@ -80,6 +84,12 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path]) -> None:
             state = state[key]
     if not isinstance(state, dict):
         raise ConvHeadsError(f"{path} does not hold a state dict")
+    if new_classifier:
+        heads = model.pretrained_cfg.get("classifier", "head")
+        own = model.state_dict()
+        for key in [k for k in state if k.startswith(tuple(heads) if isinstance(heads, (list, tuple)) else heads)]:
+            if key in own and getattr(state[key], "shape", None) != own[key].shape:
+                state = {**state, key: own[key]}
     _load_state(model, state, str(path))
 
 

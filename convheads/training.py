@@ -1,6 +1,7 @@
 """Fine-tuning loop (both stages of METHOD.md section 4): AdamW, warm-up + cosine schedule."""
 import math
-from typing import Callable, Dict, Iterable, List, Optional
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConvHeadsError
 from .evaluation import evaluate
+from .files import atomic_path
 from .layers import ConvHeadAttention
 
 TRAINABLE = ("all", "new")
@@ -36,11 +38,17 @@ def train(
         device: str = "cpu",
         progress: bool = True,
         on_epoch: Optional[Callable[[Dict], None]] = None,
+        checkpoint: Optional[Union[str, Path]] = None,
+        seed: int = 0,
 ) -> List[Dict]:
     """Train `model` in place; return one metrics dict per epoch (also passed to `on_epoch`).
 
     trainable: "all" parameters (default), or only the "new" ones that replace_heads created.
     Kernels and the prefix scalars get no weight decay (they are few and shape the mixing).
+    checkpoint: a file written after every epoch (model, optimiser, schedule); if it exists when
+    training starts, training resumes after its epoch.
+    seed: the global torch RNG is reseeded from (seed, epoch) at every epoch, so shuffling,
+    augmentation and dropout are reproducible and a resumed run equals an uninterrupted one.
     """
     if trainable not in TRAINABLE:
         raise ConvHeadsError(f"trainable must be one of {TRAINABLE}; got {trainable!r}")
@@ -60,8 +68,15 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
         (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))))
     model.to(device)
-    history = []
-    for epoch in range(epochs):
+    history: List[Dict] = []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        history = state["history"]
+    for epoch in range(len(history), epochs):
+        torch.manual_seed(seed * 100_003 + epoch)
         model.train()
         seen = correct = 0
         loss_sum = 0.0
@@ -86,6 +101,10 @@ def train(
             row.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, progress=False).items()
                         if k != "num_images"})
         history.append(row)
+        if checkpoint is not None:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "history": history}, tmp)
         if progress:
             tqdm.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if on_epoch is not None:

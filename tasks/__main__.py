@@ -1,0 +1,43 @@
+"""Command line for single stages (what dvc.yaml runs) and for logging a finished pipeline.
+
+    python -m tasks run STAGE [--params params.yaml] [--force] [key=value ...]
+    python -m tasks track [--params params.yaml] [key=value ...]   # all stage outputs -> one MLflow run
+
+Stages: data, baseline, score, select, replace, recover, evaluate, benchmark.
+"""
+import argparse
+import sys
+
+from convheads import ConvHeadsError
+
+from .config import load_config
+from .stage import execute
+from .stages import STAGES
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tasks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["run", "track"])
+    p.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
+    p.add_argument("--force", action="store_true", help="run: rerun even if the stage's inputs did not change")
+    args, rest = p.parse_known_args(argv)
+    stage = rest.pop(0) if args.command == "run" and rest else None
+    if args.command == "run" and stage not in STAGES:
+        p.error(f"run needs a stage name, one of: {', '.join(STAGES)}")
+    try:
+        cfg = load_config(args.params, rest)
+        if stage:
+            outcome = execute(STAGES[stage], cfg, force=args.force)
+            print(f"{stage}: {'up to date' if outcome.skipped else f'done in {outcome.seconds:.1f} s'} -> {outcome.path}")
+        else:
+            from .tracking import track_outputs
+            print(f"logged to MLflow run {track_outputs(cfg)}")
+    except ConvHeadsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The one configuration schema: params.yaml, Prefect flow parameters and command lines all
+validate through `PipelineConfig`, so a typo or an impossible value fails before any work."""
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from convheads import ConvHeadsError
+from convheads.layers import VARIANTS
+from convheads.selection import GRANULARITIES
+from convheads.surgery import INITS
+from convheads.training import TRAINABLE
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(Section):
+    data: str = "data/dataset"   # the materialised dataset (tracked by DVC)
+    outputs: str = "outputs"     # one folder per stage
+
+
+class DataConfig(Section):
+    source: Literal["digits", "folder", "torchvision"] = "digits"
+    path: Optional[str] = None              # source=folder: <path>/<class>/<image> or <path>/{train,val,test}/<class>/
+    torchvision_name: Optional[str] = None  # source=torchvision: a torchvision.datasets class, e.g. "CIFAR10"
+    download_dir: str = "data/downloads"    # where torchvision datasets are downloaded to
+    image_size: PositiveInt = 32            # images are stored at this size (square)
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _source_needs(self):
+        if self.source == "folder" and not self.path:
+            raise ValueError("data.source=folder needs data.path (a class-per-subfolder image folder)")
+        if self.source == "torchvision" and not self.torchvision_name:
+            raise ValueError("data.source=torchvision needs data.torchvision_name (e.g. CIFAR10)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("data.val_fraction + data.test_fraction must be below 1")
+        return self
+
+
+class ModelConfig(Section):
+    name: str = "vit_tiny_patch16_224"
+    pretrained: bool = False            # timm's pretrained weights (needs network access)
+    checkpoint: Optional[str] = None    # or a local state-dict file
+    # timm.create_model arguments; num_classes is set from the dataset. The default is a small
+    # ViT for 32 x 32 digits: an 8 x 8 patch grid, 6 blocks of 8 heads.
+    kwargs: Dict[str, Any] = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 8}
+    mean: Optional[Tuple[float, float, float]] = None  # input normalisation; None: the model's default
+    std: Optional[Tuple[float, float, float]] = None
+
+
+class TrainConfig(Section):
+    epochs: int = Field(40, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: PositiveInt = 32
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = True
+
+
+class RecoverConfig(TrainConfig):
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(5e-4, gt=0)
+    trainable: Literal[TRAINABLE] = "all"   # "new": only kernels and prefix scalars train
+
+
+class ScoreConfig(Section):
+    max_images: int = Field(1000, ge=2)   # training images used for Sigma_h
+    batch_size: PositiveInt = 8
+
+
+class SelectConfig(Section):
+    """What to replace; the first rule that is set wins: blocks, then count, then fraction."""
+    granularity: Literal[GRANULARITIES] = "head"
+    blocks: Optional[List[int]] = None      # exactly these whole blocks (e.g. a published list)
+    count: Optional[PositiveInt] = None     # this many heads (or blocks, by granularity)
+    fraction: Optional[float] = Field(0.5, gt=0, le=1)  # this fraction of all heads (or blocks)
+
+    @model_validator(mode="after")
+    def _some_rule(self):
+        if self.blocks is None and self.count is None and self.fraction is None:
+            raise ValueError("set one of select.blocks, select.count, select.fraction")
+        return self
+
+
+class ReplaceConfig(Section):
+    kernel_size: PositiveInt = 3
+    init: Literal[INITS] = "attention"
+    variant: Literal[VARIANTS] = "depthwise"
+
+
+class EvaluateConfig(Section):
+    batch_size: PositiveInt = 256
+
+
+class BenchmarkConfig(Section):
+    batch_sizes: List[PositiveInt] = [1, 64]
+    repeats: PositiveInt = 20
+    warmup: int = Field(3, ge=0)
+    threads: Optional[PositiveInt] = None   # None: torch's default for this machine
+
+
+class TrackingConfig(Section):
+    tracking_uri: Optional[str] = None      # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "convheads"
+
+
+class PipelineConfig(Section):
+    seed: int = 0
+    device: str = "cpu"
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    baseline: TrainConfig = TrainConfig()
+    score: ScoreConfig = ScoreConfig()
+    select: SelectConfig = SelectConfig()
+    replace: ReplaceConfig = ReplaceConfig()
+    recover: RecoverConfig = RecoverConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _kernel_odd(self):
+        if self.replace.kernel_size % 2 == 0:
+            raise ValueError("replace.kernel_size must be odd ('same' padding)")
+        return self
+
+    def section(self, *names: str) -> dict:
+        """The named sections as plain data (what a stage's fingerprint depends on)."""
+        return {n: getattr(self, n).model_dump(mode="json") if isinstance(getattr(self, n), BaseModel)
+                else getattr(self, n) for n in names}
+
+
+def _explain(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
+                                         and not isinstance(err["input"], dict) else ""))
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def validate(data: dict) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data or {})
+    except ValidationError as e:
+        raise ConvHeadsError(_explain(e)) from None
+
+
+def parse_overrides(items: List[str]) -> Dict[str, Any]:
+    """["recover.epochs=3", "select.blocks=[1, 2]"] -> nested dict (values parsed as YAML)."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConvHeadsError(f"override {item!r} is not key=value (e.g. recover.epochs=3)")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(params_file: Optional[str] = "params.yaml", overrides: Optional[List[str]] = None) -> PipelineConfig:
+    """params.yaml (if it exists) + key=value overrides, validated."""
+    data: dict = {}
+    if params_file and Path(params_file).exists():
+        try:
+            data = yaml.safe_load(Path(params_file).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConvHeadsError(f"{params_file} is not valid YAML: {e}") from None
+    return validate(merge(data, parse_overrides(overrides or [])))

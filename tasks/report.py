@@ -1,0 +1,41 @@
+"""The summary a person reads at the end of a run: accuracy, size and speed, and where the run is."""
+from typing import Dict
+
+import pandas as pd
+
+from .config import PipelineConfig
+from .stage import read_record
+
+
+def summary(cfg: PipelineConfig) -> Dict:
+    """Headline numbers from the evaluate, benchmark, select and replace stages."""
+    ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
+    sel, rep = read_record(cfg, "select")["summary"], read_record(cfg, "replace")["summary"]
+    b1, bn = cfg.benchmark.batch_sizes[0], cfg.benchmark.batch_sizes[-1]
+    return {
+        "baseline_top1": ev["baseline"]["top1"], "replaced_top1": ev["replaced"]["top1"],
+        "compressed_top1": ev["compressed"]["top1"], "top1_drop": ev["top1_drop"],
+        "heads_replaced": sel["heads_replaced"], "heads_total": sel["heads_total"],
+        "params_baseline": rep["params_before"], "params_compressed": rep["params_after"],
+        "gmacs_baseline": rep["gmacs_before"], "gmacs_compressed": rep["gmacs_after"],
+        "latency_ms_baseline": bench[f"baseline_b{b1}_ms"], "latency_ms_compressed": bench[f"compressed_b{b1}_ms"],
+        "latency_batch_size": b1, f"speedup_b{b1}": bench[f"speedup_b{b1}"], f"speedup_b{bn}": bench[f"speedup_b{bn}"],
+        "largest_batch_size": bn, "threads": bench["threads"],
+    }
+
+
+def table(s: Dict) -> str:
+    b1, bn = s["latency_batch_size"], s["largest_batch_size"]
+    rows = [
+        ("test top-1", f"{s['baseline_top1']:.2%}", f"{s['compressed_top1']:.2%}",
+         f"{-s['top1_drop'] * 100:+.2f} pts (before recovery: {s['replaced_top1']:.2%})"),
+        ("heads replaced", "-", f"{s['heads_replaced']} of {s['heads_total']}", ""),
+        ("parameters", f"{s['params_baseline']:,}", f"{s['params_compressed']:,}",
+         f"{s['params_compressed'] / s['params_baseline'] - 1:+.1%}"),
+        ("GMACs / image", f"{s['gmacs_baseline']:.4g}", f"{s['gmacs_compressed']:.4g}",
+         f"{s['gmacs_compressed'] / s['gmacs_baseline'] - 1:+.1%}"),
+        (f"latency, batch {b1} (ms)", f"{s['latency_ms_baseline']:.2f}", f"{s['latency_ms_compressed']:.2f}",
+         f"speedup {s[f'speedup_b{b1}']:.3f}x ({s['threads']} threads)"),
+        (f"speedup, batch {bn}", "", "", f"{s[f'speedup_b{bn}']:.3f}x"),
+    ]
+    return pd.DataFrame(rows, columns=["", "baseline", "compressed", "change"]).to_string(index=False)

@@ -1,0 +1,151 @@
+"""MLflow: one run per pipeline run, a nested run per stage, everything read from stage outputs.
+
+Logging reads the files a stage wrote, so the Prefect flow (which logs each stage as it
+finishes) and `python -m tasks track` (the last DVC stage, which logs them all at the end) log
+the same things. The parent run holds the configuration as params, the tags (git commit, data
+version, config hash), the headline metrics as `<stage>/<name>`, and both models (MLflow
+PyTorch models with signature and input example).
+"""
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import mlflow
+import yaml
+from mlflow.models import infer_signature
+
+from .config import PipelineConfig
+from .inputs import MODEL_FILE, loader, stage_model
+from .stage import PROJECT, STAGE_FILE, output_dir, read_record
+from .stages import STAGES
+from .train import HISTORY
+
+# Which stage's model is logged under which name on the parent run.
+LOGGED_MODELS = {"baseline": "baseline_model", "recover": "compressed_model"}
+DATA_FILES = ("manifest.csv", "meta.json", STAGE_FILE)  # the data stage: not every image
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    """The configured URI, else $MLFLOW_TRACKING_URI, else a SQLite store in the project."""
+    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT / 'mlflow.db'}"
+
+
+def setup(cfg: PipelineConfig) -> str:
+    """Point MLflow at the store and experiment; return the experiment id."""
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside a local database, not in the working directory
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
+def flatten(data: Dict, prefix: str = "", sep: str = ".") -> Dict:
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{sep}{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key, sep))
+        else:
+            out[key] = v
+    return out
+
+
+def numeric(data: Dict, sep: str = "/") -> Dict[str, float]:
+    return {k: float(v) for k, v in flatten(data, sep=sep).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "convheads", "tasks", "flows"], cwd=PROJECT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: PipelineConfig, run_name: Optional[str] = None, tags: Optional[Dict] = None) -> Iterator[str]:
+    """Open the pipeline's MLflow run (FAILED if the body raises); yield its id."""
+    experiment_id = setup(cfg)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        mlflow.set_tags({"git_commit": git_commit(), "config_hash": config_hash(cfg), **(tags or {})})
+        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+        mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "params.yaml")
+        yield run.info.run_id
+
+
+def log_stage(cfg: PipelineConfig, stage: str, run_id: str, skipped: bool = False) -> None:
+    """Log a finished stage's outputs: a nested run with its files, params, metrics and history;
+    its headline numbers, tags and model on the pipeline run `run_id`."""
+    record = read_record(cfg, stage)
+    summary, folder = record["summary"], output_dir(cfg, stage)
+    with _inside(run_id):
+        parent = mlflow.active_run().info
+        with mlflow.start_run(run_name=stage, nested=True, experiment_id=parent.experiment_id):
+            mlflow.set_tags({"stage": stage, "skipped": str(skipped), "fingerprint": record["fingerprint"]})
+            mlflow.log_params(flatten(cfg.section(*STAGES[stage].sections)))
+            mlflow.log_metrics(numeric(summary))
+            if (folder / HISTORY).is_file():
+                for row in _history_rows(folder / HISTORY):
+                    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            for f in sorted(folder.iterdir()):
+                if f.is_file() and f.name != MODEL_FILE and (stage != "data" or f.name in DATA_FILES):
+                    mlflow.log_artifact(str(f))
+        mlflow.log_metrics({f"{stage}/{k}": v for k, v in numeric(summary).items()})
+        if stage == "data":
+            mlflow.set_tag("data_version", summary["data_version"])
+        if stage in LOGGED_MODELS:
+            log_model(cfg, stage, LOGGED_MODELS[stage])
+
+
+@contextlib.contextmanager
+def _inside(run_id: str) -> Iterator[None]:
+    """Make `run_id` the active run (it may already be, e.g. in the thread that opened it)."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+    else:
+        with mlflow.start_run(run_id=run_id):
+            yield
+
+
+def _history_rows(path: Path):
+    import pandas as pd
+
+    return pd.read_csv(path).to_dict("records")
+
+
+def log_model(cfg: PipelineConfig, stage: str, name: str):
+    """An MLflow PyTorch model (safe pt2 format) with signature and a real input example.
+
+    The example holds two test images so the exported graph keeps a dynamic batch size."""
+    model = stage_model(cfg, stage)
+    images, _ = next(iter(loader(cfg, model, "test", batch_size=2)))
+    logits = model(images).detach().numpy()
+    example = images.numpy()
+    return mlflow.pytorch.log_model(model, name=name, signature=infer_signature(example, logits),
+                                    input_example=example, serialization_format="pt2")
+
+
+def track_outputs(cfg: PipelineConfig, run_name: Optional[str] = None) -> str:
+    """Log every finished stage to a new pipeline run (what the last DVC stage does)."""
+    with pipeline_run(cfg, run_name=run_name, tags={"runner": "dvc"}) as run_id:
+        for stage in STAGES:
+            if read_record(cfg, stage) is not None:
+                log_stage(cfg, stage, run_id)
+    return run_id

@@ -1,0 +1,46 @@
+"""Stages 2 and 6: fine-tune the baseline ViT on the task, and recover accuracy after replacement."""
+from pathlib import Path
+from typing import Dict
+
+import pandas as pd
+
+from convheads import create_model, count_params, save_model
+from convheads.training import train
+
+from .config import PipelineConfig, TrainConfig
+from .data import read_meta
+from .inputs import MODEL_FILE, loader, stage_model
+from .stage import output_dir
+
+HISTORY = "history.csv"
+
+
+def _fit(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainable: str = "all") -> Dict:
+    resume = out / "resume.pt"  # the stage's work folder survives an interruption: resume there
+    history = train(model, loader(cfg, model, "train", tcfg.batch_size, train=True, augment=tcfg.augment),
+                    loader(cfg, model, "val", cfg.evaluate.batch_size), epochs=tcfg.epochs, lr=tcfg.lr,
+                    weight_decay=tcfg.weight_decay, warmup_epochs=tcfg.warmup_epochs,
+                    label_smoothing=tcfg.label_smoothing, trainable=trainable, device=cfg.device,
+                    checkpoint=resume, seed=cfg.seed)
+    save_model(model.cpu(), out / MODEL_FILE)
+    pd.DataFrame(history).to_csv(out / HISTORY, index=False)
+    resume.unlink(missing_ok=True)
+    last = history[-1] if history else {}
+    return {"epochs": len(history), "params": count_params(model),
+            **{k: v for k, v in last.items() if k.startswith("val_")}}
+
+
+def run_baseline(cfg: PipelineConfig, out: Path) -> Dict:
+    m = cfg.model
+    kwargs = {**m.kwargs, "num_classes": len(read_meta(cfg)["classes"])}
+    model = create_model(m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, **kwargs)
+    return _fit(cfg, cfg.baseline, model, out)
+
+
+def run_recover(cfg: PipelineConfig, out: Path) -> Dict:
+    model = stage_model(cfg, "replace")
+    return _fit(cfg, cfg.recover, model, out, trainable=cfg.recover.trainable)
+
+
+def history(cfg: PipelineConfig, stage: str) -> pd.DataFrame:
+    return pd.read_csv(output_dir(cfg, stage) / HISTORY)
