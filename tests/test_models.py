@@ -88,6 +88,7 @@ def test_bad_build_arguments_and_sizes():
 
 
 def test_pretrained_weights_offline_fail_with_advice(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, not after timeouts
     with pytest.raises(ConvHeadsError, match="could not get the pretrained weights.*local checkpoint"):
         create_model("vit_tiny_patch16_224", pretrained=True)
