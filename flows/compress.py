@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from convheads import ConvHeadsError
+from tasks import preflight
 from tasks.config import PipelineConfig, load_config
 from tasks.report import summary, table
 from tasks.stages import STAGES
@@ -28,6 +29,7 @@ from tasks.tracking import pipeline_run, tracking_uri
 def compress(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] = None) -> Dict:
     """Run every stage, log to MLflow, return the headline numbers (with the MLflow run id)."""
     logger = get_run_logger()
+    preflight.check(config)  # also here: deployments pass parameters without main()
     tags = {"runner": "prefect", "prefect_flow_run_id": str(flow_run.get_id())}
     with pipeline_run(config, run_name=run_name or flow_run.get_name(), tags=tags) as run_id:
         skipped = []
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         config = load_config(args.params, args.overrides)
+        preflight.check(config)  # fail in seconds, before the Prefect server starts
     except ConvHeadsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

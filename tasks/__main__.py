@@ -10,6 +10,7 @@ import sys
 
 from convheads import ConvHeadsError
 
+from . import preflight
 from .config import load_config
 from .stage import execute
 from .stages import STAGES
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
         p.error(f"run needs a stage name, one of: {', '.join(STAGES)}")
     try:
         cfg = load_config(args.params, rest)
+        if stage == "data":  # the first stage: check the whole configuration before any work
+            preflight.check(cfg)
         if stage:
             outcome = execute(STAGES[stage], cfg, force=args.force)
             print(f"{stage}: {'up to date' if outcome.skipped else f'done in {outcome.seconds:.1f} s'} -> {outcome.path}")

@@ -19,7 +19,6 @@ SCORES, SCORES_TABLE, SELECTION, HEATMAP = "scores.pt", "scores.csv", "selection
 
 def run_score(cfg: PipelineConfig, out: Path) -> Dict:
     model = stage_model(cfg, "baseline").to(cfg.device)
-    torch.manual_seed(cfg.seed)  # which random training images are scored
     batches = loader(cfg, model, "train", cfg.score.batch_size, train=True, augment=False)
     scores = score_heads(model, batches, max_images=cfg.score.max_images)
     torch.save(scores.to_dict(), out / SCORES)

@@ -177,11 +177,13 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def load_config(params_file: Optional[str] = "params.yaml", overrides: Optional[List[str]] = None) -> PipelineConfig:
-    """params.yaml (if it exists) + key=value overrides, validated."""
+    """params.yaml (if it exists; missing keys take their defaults), then key=value overrides
+    applied on top of the result, validated."""
     data: dict = {}
     if params_file and Path(params_file).exists():
         try:
             data = yaml.safe_load(Path(params_file).read_text()) or {}
         except yaml.YAMLError as e:
             raise ConvHeadsError(f"{params_file} is not valid YAML: {e}") from None
-    return validate(merge(data, parse_overrides(overrides or [])))
+    base = validate(data).model_dump(mode="json")
+    return validate(merge(base, parse_overrides(overrides or [])))

@@ -11,11 +11,15 @@ record (dvc.lock) on top.
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
 
 from convheads import ConvHeadsError
 
@@ -89,6 +93,10 @@ def execute(stage: Stage, cfg: PipelineConfig, force: bool = False) -> Outcome:
     record = read_record(cfg, stage.name)
     if not force and record is not None and record["fingerprint"] == fp:
         return Outcome(stage.name, out, record["summary"], fp, True, 0.0)
+    # Same seed, same machine, same results: every stage starts from the configured seed.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     work = out.parent / f".{out.name}.{fp}.partial"
     work.mkdir(parents=True, exist_ok=True)  # may hold an interrupted attempt's checkpoint
     summary = stage.run(cfg, work)

@@ -99,10 +99,10 @@ def log_stage(cfg: PipelineConfig, stage: str, run_id: str, skipped: bool = Fals
         with mlflow.start_run(run_name=stage, nested=True, experiment_id=parent.experiment_id):
             mlflow.set_tags({"stage": stage, "skipped": str(skipped), "fingerprint": record["fingerprint"]})
             mlflow.log_params(flatten(cfg.section(*STAGES[stage].sections)))
-            mlflow.log_metrics(numeric(summary))
-            if (folder / HISTORY).is_file():
-                for row in _history_rows(folder / HISTORY):
-                    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            history = _history_rows(folder / HISTORY) if (folder / HISTORY).is_file() else []
+            for row in history:  # per-epoch curves; their last values need no second copy at step 0
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            mlflow.log_metrics({k: v for k, v in numeric(summary).items() if not history or k not in history[0]})
             for f in sorted(folder.iterdir()):
                 if f.is_file() and f.name != MODEL_FILE and (stage != "data" or f.name in DATA_FILES):
                     mlflow.log_artifact(str(f))

@@ -14,3 +14,26 @@ def tiny_vit(**kwargs):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def tiny_params(root) -> dict:
+    """A pipeline configuration that runs end to end in seconds, everything under `root`."""
+    from tasks.config import PipelineConfig
+
+    cfg = PipelineConfig().model_dump(mode="json")
+    cfg["paths"] = {"data": f"{root}/data/dataset", "outputs": f"{root}/outputs"}
+    cfg["data"]["image_size"] = 16
+    cfg["model"]["kwargs"] = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 4}
+    cfg["baseline"].update(epochs=2, batch_size=64)
+    cfg["recover"].update(epochs=1, batch_size=64)
+    cfg["score"]["max_images"] = 32
+    cfg["benchmark"].update(batch_sizes=[1, 4], repeats=2, warmup=1)
+    cfg["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+    return cfg
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    from tasks.config import validate
+
+    return validate(tiny_params(tmp_path))

@@ -1,0 +1,69 @@
+"""The DVC pipeline, reproduced for real (`dvc repro` in a temporary git repository)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import tiny_params
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def sh(cwd, *args):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(cwd)}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture
+def repo(tmp_path):
+    for name in ("convheads", "tasks"):
+        shutil.copytree(PROJECT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT / "dvc.yaml", tmp_path)
+    params = tiny_params(".")  # paths relative to the repository, as in the real params.yaml
+    params["paths"] = {"data": "data/dataset", "outputs": "outputs"}
+    params["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(tmp_path, "git", "init", "-q")
+    sh(tmp_path, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
+    sh(tmp_path, "dvc", "init", "-q")
+    return tmp_path
+
+
+def ran(log):
+    return [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")]
+
+
+def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(repo):
+    assert ran(sh(repo, "dvc", "repro")) == ["data", "baseline", "score", "select", "replace", "recover",
+                                            "evaluate", "benchmark", "track"]
+    assert (repo / "dvc.lock").is_file() and (repo / "outputs/recover/model.pt").is_file()
+    shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json"))
+    metrics = next(iter(shown.values()))["data"]["outputs/evaluate/metrics.json"]["data"]
+    assert 0 <= metrics["compressed"]["top1"] <= 1 and "speedup_b1" in \
+        next(iter(shown.values()))["data"]["outputs/benchmark/benchmark.json"]["data"]
+
+    assert ran(sh(repo, "dvc", "repro")) == []  # nothing changed
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["recover"]["lr"] = 0.002
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(sh(repo, "dvc", "repro")) == ["recover", "evaluate", "benchmark", "track"]
+
+    runs = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db").search_runs(
+        [mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db").get_experiment_by_name("convheads").experiment_id],
+        "tags.runner = 'dvc'")
+    assert len(runs) == 2 and {r.data.params["recover.lr"] for r in runs} == {"0.0005", "0.002"}
+
+    # an experiment with one parameter set on the command line reruns from the stage that reads it
+    assert ran(sh(repo, "dvc", "exp", "run", "-S", "select.fraction=0.25"))[0] == "select"
+    selection = json.loads((repo / "outputs/select/selection.json").read_text())
+    assert sum(len(h) for h in selection["heads"].values()) == 2  # a quarter of 2 blocks x 4 heads

@@ -1,0 +1,189 @@
+"""The stages, run as the Prefect flow and DVC run them: outputs, skipping, resuming, errors."""
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from convheads import ConvHeadsError, load_model
+from tasks import preflight
+from tasks.config import PipelineConfig, load_config, validate
+from tasks.stage import execute, read_record
+from tasks.stages import STAGES
+from conftest import tiny_params
+
+
+def run_all(cfg):
+    return {name: execute(stage, cfg) for name, stage in STAGES.items()}
+
+
+def with_changes(cfg, **sections):
+    data = cfg.model_dump(mode="json")
+    for section, values in sections.items():
+        data[section].update(values)
+    return validate(data)
+
+
+def test_the_pipeline_writes_every_output_and_reruns_only_what_changed(tiny_config):
+    first = run_all(tiny_config)
+    assert not any(o.skipped for o in first.values())
+    out = tiny_config.paths.outputs
+    meta = json.loads(open(f"{tiny_config.paths.data}/meta.json").read())
+    assert meta["counts"] == {"train": 1257, "val": 270, "test": 270} and meta["classes"] == list("0123456789")
+    manifest = pd.read_csv(f"{tiny_config.paths.data}/manifest.csv")
+    assert len(manifest) == 1797 and set(manifest.split) == {"train", "val", "test"}
+    assert len(first["data"].summary["data_version"]) == 64
+
+    selection = json.loads(open(f"{out}/select/selection.json").read())
+    assert sum(len(h) for h in selection["heads"].values()) == 4  # half of 2 blocks x 4 heads
+    assert open(f"{out}/select/heatmap.png", "rb").read(4) == b"\x89PNG"
+    scores = pd.read_csv(f"{out}/score/scores.csv")
+    assert list(scores.columns) == ["block", "head", "sigma_h", "sigma_b"] and len(scores) == 8
+    metrics = json.loads(open(f"{out}/evaluate/metrics.json").read())
+    assert set(metrics) >= {"baseline", "replaced", "compressed", "top1_drop"}
+    assert metrics["top1_drop"] == pytest.approx(metrics["baseline"]["top1"] - metrics["compressed"]["top1"])
+    bench = pd.read_csv(f"{out}/benchmark/benchmark.csv")
+    assert set(bench.model) == {"baseline", "compressed"} and set(bench.batch_size) == {1, 4}
+    assert {"infer_samples_per_sec", "infer_step_time", "param_count", "infer_gmacs"} <= set(bench.columns)
+    assert len(pd.read_csv(f"{out}/baseline/history.csv")) == 2
+    assert load_model(f"{out}/recover/model.pt").blocks[0].attn is not None
+
+    again = run_all(tiny_config)
+    assert all(o.skipped for o in again.values())
+
+    changed = run_all(with_changes(tiny_config, recover={"lr": 1e-3}))
+    assert [n for n, o in changed.items() if not o.skipped] == ["recover", "evaluate", "benchmark"]
+
+
+def test_same_params_same_seed_same_metrics(tmp_path):
+    results = []
+    for run in ("a", "b"):
+        cfg = validate(tiny_params(tmp_path / run))
+        run_all(cfg)
+        results.append((read_record(cfg, "evaluate")["summary"], read_record(cfg, "data")["summary"]["data_version"],
+                        open(f"{cfg.paths.outputs}/select/selection.json").read()))
+    assert results[0] == results[1]
+
+
+def test_an_interrupted_stage_leaves_no_outputs_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import tasks.train
+
+    cfg = validate({**tiny_params(tmp_path / "x"), "recover": {"epochs": 2, "batch_size": 64}})
+    for name in ("data", "baseline", "score", "select", "replace"):
+        execute(STAGES[name], cfg)
+    real_train = tasks.train.train
+
+    def interrupted(*args, **kwargs):
+        def stop(row):
+            if row["epoch"] == 1:
+                raise KeyboardInterrupt
+        return real_train(*args, on_epoch=stop, **kwargs)
+
+    monkeypatch.setattr(tasks.train, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        execute(STAGES["recover"], cfg)
+    assert not (tmp_path / "x/outputs/recover").exists()
+    assert list((tmp_path / "x/outputs").glob(".recover.*.partial/resume.pt"))
+
+    epochs_run = []
+    monkeypatch.setattr(tasks.train, "train", lambda *a, **k: real_train(*a, on_epoch=epochs_run.append, **k))
+    resumed = execute(STAGES["recover"], cfg)
+    assert [r["epoch"] for r in epochs_run] == [2]  # epoch 1 came from the checkpoint
+    assert not list((tmp_path / "x/outputs").glob(".recover.*"))
+
+    straight = validate({**tiny_params(tmp_path / "y"), "recover": {"epochs": 2, "batch_size": 64}})
+    run_all(straight)
+    assert resumed.summary == read_record(straight, "recover")["summary"]
+    a, b = (load_model(f"{c.paths.outputs}/recover/model.pt").state_dict() for c in (cfg, straight))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def folder_dataset(root, classes=("cat", "dog"), per_class=6):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (20, 24), (40 * i, 100, 0 if c == "cat" else 255)).save(root / c / f"{i}.png")
+
+
+def test_an_image_folder_is_materialised_through_the_same_stage(tmp_path):
+    folder_dataset(tmp_path / "src")
+    cfg = validate({**tiny_params(tmp_path), "data": {"source": "folder", "path": str(tmp_path / "src"),
+                                                      "image_size": 16, "val_fraction": 0.25, "test_fraction": 0.25}})
+    summary = execute(STAGES["data"], cfg).summary
+    assert summary["classes"] == ["cat", "dog"] and summary["counts"] == {"train": 6, "val": 3, "test": 3}
+    img = Image.open(next((tmp_path / "data/dataset/train/cat").iterdir()))
+    assert img.size == (16, 16) and img.mode == "RGB"
+    # a changed source folder is a new input: the stage reruns
+    Image.new("RGB", (20, 24)).save(tmp_path / "src/cat/extra.png")
+    assert not execute(STAGES["data"], cfg).skipped
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image"])
+def test_empty_or_corrupt_images_are_named(tmp_path, content):
+    folder_dataset(tmp_path / "src")
+    (tmp_path / "src/dog/broken.png").write_bytes(content)
+    cfg = validate({**tiny_params(tmp_path), "data": {"source": "folder", "path": str(tmp_path / "src")}})
+    with pytest.raises(ConvHeadsError, match=r"cannot read image .*dog/broken.png"):
+        execute(STAGES["data"], cfg)
+    assert not (tmp_path / "data/dataset").exists()
+
+
+def test_preflight_names_the_bad_key_or_file(tmp_path):
+    base = tiny_params(tmp_path)
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pt")
+    for change, match in [
+        ({"model": {"name": "vit_tiny_patch16_22"}}, "model: unknown timm model"),
+        ({"model": {"checkpoint": str(tmp_path / "missing.pt")}}, "checkpoint file not found"),
+        ({"model": {"checkpoint": str(tmp_path / "wrong.pt")}}, r"model.checkpoint .*wrong.pt does not fit"),
+        ({"data": {"source": "folder", "path": str(tmp_path / "nowhere")}}, "data.path: .*nowhere is not a folder"),
+        ({"select": {"blocks": [5]}}, r"select.blocks: \[5\] out of range"),
+        ({"select": {"count": 9, "fraction": None}}, "select.count: 9 is more than the model's 8 heads"),
+    ]:
+        data = json.loads(json.dumps(base))
+        for section, values in change.items():
+            data[section].update(values)
+        with pytest.raises(ConvHeadsError, match=match):
+            preflight.check(validate(data))
+
+
+def test_a_checkpoint_with_another_classifier_fine_tunes_from_its_body(tmp_path):
+    from convheads import create_model
+    cfg = validate(tiny_params(tmp_path))
+    donor = create_model(cfg.model.name, **{**cfg.model.kwargs, "num_classes": 1000})
+    torch.save(donor.state_dict(), tmp_path / "donor.pt")
+    cfg = validate({**tiny_params(tmp_path), "model": {**cfg.model.model_dump(), "checkpoint": str(tmp_path / "donor.pt")}})
+    preflight.check(cfg)
+    model = create_model(cfg.model.name, checkpoint=cfg.model.checkpoint, **{**cfg.model.kwargs, "num_classes": 10})
+    assert torch.equal(model.blocks[1].attn.qkv.weight, donor.blocks[1].attn.qkv.weight)
+    assert model.head.weight.shape == (10, 32)
+
+
+def test_configuration_errors_name_the_key():
+    for overrides, match in [
+        (["recover.epoch=3"], "recover.epoch: unknown key"),
+        (["recover.epochs=three"], "recover.epochs: Input should be a valid integer"),
+        (["recover.lr=0"], "recover.lr: Input should be greater than 0"),
+        (["select.granularity=layer"], "select.granularity: Input should be 'head' or 'block'"),
+        (["data.source=folder"], "data.source=folder needs data.path"),
+        (["replace.kernel_size=4"], "replace.kernel_size must be odd"),
+        (["recover.epochs"], "is not key=value"),
+    ]:
+        with pytest.raises(ConvHeadsError, match=match):
+            load_config(None, overrides)
+
+
+def test_overrides_apply_on_top_of_the_file(tmp_path):
+    (tmp_path / "p.yaml").write_text("model:\n  name: vit_small_patch16_224\n  kwargs: {img_size: 64}\n")
+    cfg = load_config(tmp_path / "p.yaml", ["model.kwargs.patch_size=8", "select.blocks=[0, 2]"])
+    assert cfg.model.kwargs == {"img_size": 64, "patch_size": 8}  # the file's kwargs replace the defaults
+    assert cfg.select.blocks == [0, 2] and cfg.recover.epochs == PipelineConfig().recover.epochs
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConvHeadsError, match="bad.yaml is not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_the_shipped_params_file_is_the_default_configuration():
+    from pathlib import Path
+    assert load_config(Path(__file__).parent.parent / "params.yaml") == PipelineConfig()
