@@ -110,6 +110,34 @@ class TrackingConfig(Section):
     experiment: str = "convheads"
 
 
+class RegistryConfig(Section):
+    """Every run registers its compressed model; the gate decides whether it becomes champion."""
+    enabled: bool = True
+    model_name: Optional[str] = None          # None: convheads-<model.name>
+    max_top1_drop: float = Field(0.02, ge=0, le=1)   # vs the run's baseline, as a fraction (0.02 = 2 points)
+    min_speedup: float = Field(1.0, gt=0)     # compressed vs baseline latency ...
+    speedup_batch_size: Optional[PositiveInt] = None  # ... at this benchmark batch size (None: the largest)
+    must_beat_champion: bool = True           # higher test top-1 than the champion, on this run's test data
+
+
+class ScheduleConfig(Section):
+    """`python -m flows.serve`: the compression flow as a Prefect deployment on a cron schedule."""
+    deployment: str = "scheduled"
+    cron: str = "0 3 * * *"                   # every day at 03:00
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _valid_schedule(self):
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=self.cron, timezone=self.timezone)
+        except ValueError:
+            raise ValueError(f"schedule.cron {self.cron!r} with timezone {self.timezone!r} is not a valid "
+                             f"cron schedule (e.g. '0 3 * * *')") from None
+        return self
+
+
 class PipelineConfig(Section):
     seed: int = 0
     device: str = "cpu"
@@ -124,12 +152,25 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @model_validator(mode="after")
-    def _kernel_odd(self):
+    def _consistent(self):
         if self.replace.kernel_size % 2 == 0:
             raise ValueError("replace.kernel_size must be odd ('same' padding)")
+        if self.registry.speedup_batch_size not in (None, *self.benchmark.batch_sizes):
+            raise ValueError(f"registry.speedup_batch_size must be one of benchmark.batch_sizes "
+                             f"{self.benchmark.batch_sizes}")
         return self
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.registry.model_name or f"convheads-{self.model.name}"
+
+    @property
+    def gate_batch_size(self) -> int:
+        return self.registry.speedup_batch_size or max(self.benchmark.batch_sizes)
 
     def section(self, *names: str) -> dict:
         """The named sections as plain data (what a stage's fingerprint depends on)."""

@@ -85,6 +85,17 @@ def fingerprint(stage: Stage, cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def up_to_date(stages, cfg: PipelineConfig) -> Optional[str]:
+    """If every stage has finished with its current inputs, the combined fingerprint; else None."""
+    fps = []
+    for stage in stages:
+        record = read_record(cfg, stage.name)
+        if record is None or record["fingerprint"] != fingerprint(stage, cfg):
+            return None
+        fps.append(record["fingerprint"])
+    return hashlib.sha256("".join(fps).encode()).hexdigest()[:16]
+
+
 def execute(stage: Stage, cfg: PipelineConfig, force: bool = False) -> Outcome:
     """Run `stage` unless its finished outputs match its inputs; replace its outputs atomically."""
     start = time.perf_counter()

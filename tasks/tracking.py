@@ -18,11 +18,15 @@ import mlflow
 import yaml
 from mlflow.models import infer_signature
 
+from convheads import ConvHeadsError
+
 from .config import PipelineConfig
 from .inputs import MODEL_FILE, loader, stage_model
-from .stage import PROJECT, STAGE_FILE, output_dir, read_record
+from .stage import PROJECT, STAGE_FILE, output_dir, read_record, up_to_date
 from .stages import STAGES
 from .train import HISTORY
+
+FINGERPRINT_TAG = "pipeline_fingerprint"  # all stage fingerprints: equal means nothing changed
 
 # Which stage's model is logged under which name on the parent run.
 LOGGED_MODELS = {"baseline": "baseline_model", "recover": "compressed_model"}
@@ -142,10 +146,25 @@ def log_model(cfg: PipelineConfig, stage: str, name: str):
                                     input_example=example, serialization_format="pt2")
 
 
+def last_run_with(cfg: PipelineConfig, pipeline_fingerprint: str) -> Optional[mlflow.entities.Run]:
+    """The newest finished run that computed the pipeline with this fingerprint."""
+    setup(cfg)
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list", max_results=1,
+                              filter_string=f"tags.{FINGERPRINT_TAG} = '{pipeline_fingerprint}' "
+                                            f"AND attributes.status = 'FINISHED'", order_by=["start_time DESC"])
+    return runs[0] if runs else None
+
+
 def track_outputs(cfg: PipelineConfig, run_name: Optional[str] = None) -> str:
-    """Log every finished stage to a new pipeline run (what the last DVC stage does)."""
+    """Log every finished stage to a new pipeline run and register its model (the last DVC stage)."""
+    from .registry import register
+
     with pipeline_run(cfg, run_name=run_name, tags={"runner": "dvc"}) as run_id:
         for stage in STAGES:
-            if read_record(cfg, stage) is not None:
-                log_stage(cfg, stage, run_id)
+            if read_record(cfg, stage) is None:
+                raise ConvHeadsError(f"stage {stage!r} has not finished; run dvc repro")
+            log_stage(cfg, stage, run_id)
+        mlflow.set_tag(FINGERPRINT_TAG, up_to_date(STAGES.values(), cfg))
+        if cfg.registry.enabled:
+            register(cfg, run_id)
     return run_id

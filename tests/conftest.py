@@ -37,3 +37,35 @@ def tiny_config(tmp_path):
     from tasks.config import validate
 
     return validate(tiny_params(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real, temporary Prefect server for the whole session (started once: it takes seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def _finished_pipeline(tmp_path_factory):
+    from tasks.config import validate
+    from tasks.stage import execute
+    from tasks.stages import STAGES
+
+    root = tmp_path_factory.mktemp("finished")
+    cfg = validate(tiny_params(root))
+    for stage in STAGES.values():
+        execute(stage, cfg)
+    return root
+
+
+@pytest.fixture
+def finished_pipeline(_finished_pipeline, tmp_path):
+    """A copy, under tmp_path, of the tiny pipeline's finished outputs (computed once per session)."""
+    import shutil
+
+    for part in ("data", "outputs"):
+        shutil.copytree(_finished_pipeline / part, tmp_path / part)
+    return tmp_path
