@@ -23,24 +23,19 @@ FORMAT_VERSION = 1
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Union[str, Path]] = None,
-                 **kwargs) -> nn.Module:
+                 device: str = "cpu", **kwargs) -> nn.Module:
     """A timm ViT by name, with timm's pretrained weights, a local checkpoint's, or random weights.
 
     kwargs go to timm.create_model (img_size, patch_size, num_classes, ...). The name and kwargs
     are kept on the model (`model.convheads_spec`) so `save_model` can record how to rebuild it.
     A checkpoint whose classifier has another number of classes loads without it (the new
-    classifier keeps its fresh init), as timm does for pretrained weights.
+    classifier keeps its fresh init), as timm does for pretrained weights. device="meta" builds
+    the structure alone (no memory, no init): a cheap way to check a configuration.
     """
-    model = _build(name, pretrained and checkpoint is None, kwargs)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, new_classifier=True)
-    return model
-
-
-def _build(name: str, pretrained: bool, kwargs: dict, device: str = "cpu") -> nn.Module:
     if name not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise ConvHeadsError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    pretrained = pretrained and checkpoint is None
     try:
         model = timm.create_model(name, pretrained=pretrained, device=device, **kwargs)
     except TypeError as e:
@@ -56,10 +51,12 @@ def _build(name: str, pretrained: bool, kwargs: dict, device: str = "cpu") -> nn
         if size % patch:
             raise ConvHeadsError(f"img_size {info.img_size} is not divisible by patch_size {info.patch_size}")
     model.convheads_spec = {"name": name, "kwargs": dict(kwargs)}
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, new_classifier=True)
     return model
 
 
-def _read(path: Union[str, Path]) -> dict:
+def _read(path: Union[str, Path]):
     path = Path(path)
     if not path.is_file():
         raise ConvHeadsError(f"checkpoint file not found: {path}")
@@ -69,11 +66,8 @@ def _read(path: Union[str, Path]) -> dict:
         raise ConvHeadsError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
-def load_checkpoint(model: nn.Module, path: Union[str, Path], new_classifier: bool = False) -> None:
-    """Load a plain state dict (or {'state_dict' | 'model': state dict}) into `model`, strictly.
-
-    new_classifier: skip classifier weights whose shape differs (fine-tuning on other classes).
-    """
+def read_state_dict(path: Union[str, Path]) -> dict:
+    """The state dict in a checkpoint file: plain, or under 'state_dict' / 'model'."""
     state = _read(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         if state["replacement"]:
@@ -84,17 +78,20 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path], new_classifier: bo
             state = state[key]
     if not isinstance(state, dict):
         raise ConvHeadsError(f"{path} does not hold a state dict")
+    return state
+
+
+def check_state_dict(model: nn.Module, state: dict, source: str, new_classifier: bool = False) -> dict:
+    """Raise, naming the keys, unless `state` fits `model`; return what to load.
+
+    new_classifier: classifier weights whose shape differs are not an error; the model keeps its own.
+    """
+    own = model.state_dict()
     if new_classifier:
         heads = model.pretrained_cfg.get("classifier", "head")
-        own = model.state_dict()
-        for key in [k for k in state if k.startswith(tuple(heads) if isinstance(heads, (list, tuple)) else heads)]:
-            if key in own and getattr(state[key], "shape", None) != own[key].shape:
-                state = {**state, key: own[key]}
-    _load_state(model, state, str(path))
-
-
-def _load_state(model: nn.Module, state: dict, source: str) -> None:
-    own = model.state_dict()
+        heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,)
+        state = {k: own[k] if k.startswith(heads) and k in own and getattr(v, "shape", None) != own[k].shape else v
+                 for k, v in state.items()}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -105,10 +102,19 @@ def _load_state(model: nn.Module, state: dict, source: str) -> None:
                                     ("shape mismatches (file vs model)", wrong)) if keys]
         raise ConvHeadsError(f"the checkpoint {source} does not fit the model ({'; '.join(parts)}); "
                              f"check the model name and its img_size / patch_size / num_classes")
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, Path], new_classifier: bool = False) -> None:
+    """Load a checkpoint file's state dict into `model`, strictly (see check_state_dict)."""
+    _assign(model, check_state_dict(model, read_state_dict(path), str(path), new_classifier))
+
+
+def _assign(model: nn.Module, state: dict) -> None:
     # assign=True materialises a model built on the meta device (and is harmless otherwise)
     model.load_state_dict(state, assign=True)
     if any(t.is_meta for t in model.state_dict(keep_vars=True).values()):
-        raise ConvHeadsError(f"{source} left part of the model uninitialised")
+        raise ConvHeadsError("part of the model was left uninitialised (built on the meta device)")
 
 
 def save_model(model: nn.Module, path: Union[str, Path]) -> Path:
@@ -134,10 +140,10 @@ def load_model(path: Union[str, Path]) -> nn.Module:
     if payload["version"] > FORMAT_VERSION:
         raise ConvHeadsError(f"{path} was written by a newer convheads (format {payload['version']}); upgrade")
     spec = payload["spec"]
-    model = _build(spec["name"], False, spec["kwargs"], device="meta")
+    model = create_model(spec["name"], device="meta", **spec["kwargs"])
     info = vit_info(model)
     for entry in payload["replacement"]:
         replace_heads(model, Selection({entry["block"]: entry["heads"]}, info.depth, info.num_heads),
                       kernel_size=entry["kernel_size"], variant=entry["variant"])
-    _load_state(model, payload["state_dict"], str(path))
+    _assign(model, check_state_dict(model, payload["state_dict"], str(path)))
     return model.eval()
