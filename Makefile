@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench repro serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	@echo "The pipeline arrives with the pipeline issue; for now this sets up the environment."
+	$(BIN)/python -m flows.compress
+
+repro: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+serve: $(STAMP)
+	$(BIN)/python -m flows.serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
