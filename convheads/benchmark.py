@@ -1,14 +1,40 @@
 """Latency measurement: several models timed interleaved in one process, so that drift in the
-machine's speed (thermal, other load) hits every model alike and the ratios stay honest."""
-import statistics
-import time
-from typing import Dict, List, Mapping
+machine's speed (thermal, other load) hits every model alike and the ratios stay honest.
 
+The measurements of the benchmark suite (benchmarks/suite.py) live here so a pipeline can log
+their rows: `benchmark_setting` (the variants of one model), `sweep_blocks` (speedup against the
+number of replaced blocks), `compare_modes` (eager, channels_last, torch.compile), `compare_onnx`
+(onnxruntime beside PyTorch) and `scoring_memory` (the head-scoring pass). Each returns a list of
+flat dicts, one per row. Models have random weights: speed does not depend on their values.
+"""
+import concurrent.futures
+import copy
+import multiprocessing
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cost import model_cost
+from .ensemble import fold_ensembles
 from .errors import ConvHeadsError
+from .export import OnnxModel, check_onnx, export_onnx
+from .models import create_model
+from .scoring import score_heads
+from .selection import Selection
+from .surgery import replace_heads
+from .vit import vit_info
+
+VARIANTS = ("original", "depthwise", "identity", "ensemble")
+MODES = ("eager", "channels_last", "compile")
 
 
 def _sync(device: torch.device) -> None:
@@ -24,14 +50,20 @@ def percentile(values: List[float], q: float) -> float:
     return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
 
 
-@torch.inference_mode()
-def time_models(models: Mapping[str, nn.Module], inputs: torch.Tensor, warmup: int = 3, repeats: int = 7,
-                progress: bool = False) -> Dict[str, List[float]]:
-    """Seconds per forward pass of each model on `inputs`, `repeats` rounds, models interleaved."""
-    if repeats < 1 or warmup < 0:
+def check_repeats(repeats: int, warmup: int) -> None:
+    if not isinstance(repeats, int) or not isinstance(warmup, int) or repeats < 1 or warmup < 0:
         raise ConvHeadsError(f"repeats must be >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}")
+
+
+@torch.inference_mode()
+def time_models(models: Mapping[str, Callable], inputs: torch.Tensor, warmup: int = 3, repeats: int = 7,
+                progress: bool = False) -> Dict[str, List[float]]:
+    """Seconds per forward pass of each model (a module or any callable) on `inputs`, `repeats`
+    rounds, models interleaved."""
+    check_repeats(repeats, warmup)
     for m in models.values():
-        m.eval()
+        if isinstance(m, nn.Module):
+            m.eval()
     times: Dict[str, List[float]] = {name: [] for name in models}
     for r in tqdm(range(warmup + repeats), desc="timing", unit="round", disable=not progress, leave=False):
         for name, model in models.items():
@@ -49,3 +81,230 @@ def latency_stats(times: List[float], batch_size: int) -> Dict[str, float]:
     median = statistics.median(times)
     return {"batch_size": batch_size, "infer_step_time": median * 1e3,
             "infer_step_time_p90": percentile(times, 90) * 1e3, "infer_samples_per_sec": batch_size / median}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A benchmarked model: timm name, square input size, and how many blocks have every head
+    replaced (the first `blocks`: all blocks cost the same, so which ones does not change the speed)."""
+    model: str
+    img_size: int
+    blocks: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Setting":
+        """'vit_large_patch14_dinov2:336:12' -> Setting."""
+        parts = text.split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            raise ConvHeadsError(f"a setting is MODEL:IMG_SIZE:BLOCKS, e.g. vit_large_patch14_dinov2:336:12; "
+                                 f"got {text!r}")
+        return cls(parts[0], int(parts[1]), int(parts[2]))
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.img_size}:{self.blocks}"
+
+    def check(self) -> None:
+        """Raise ConvHeadsError unless the setting can run; builds no weights (meta device)."""
+        info = vit_info(create_model(self.model, device="meta", img_size=self.img_size))
+        if not 0 <= self.blocks <= info.depth:
+            raise ConvHeadsError(f"{self}: {self.model} has {info.depth} blocks; replace 0 to {info.depth} of them")
+
+    def build(self, variants: Sequence[str] = VARIANTS, device: str = "cpu",
+              dtype: torch.dtype = torch.float32) -> Dict[str, nn.Module]:
+        """The original model and its replaced variants, in eval mode, ensembles folded for inference."""
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ConvHeadsError(f"unknown variants {unknown}; choose from {VARIANTS}")
+        with torch.random.fork_rng(devices=[]):  # the same random weights every time
+            torch.manual_seed(0)
+            original = create_model(self.model, img_size=self.img_size).eval()
+        info = vit_info(original)
+        selection = Selection.from_blocks(range(self.blocks), info.num_heads, info.depth)
+        models = {}
+        for v in variants:
+            m = original if v == "original" else replace_heads(copy.deepcopy(original), selection, variant=v)
+            models[v] = fold_ensembles(m).to(device, dtype)
+        return models
+
+    def row(self, **fields) -> dict:
+        return {"model": self.model, "img_size": self.img_size, "blocks": self.blocks, **fields,
+                "threads": torch.get_num_threads()}
+
+
+def _inputs(batch_size: int, img_size: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+
+
+def benchmark_setting(setting: Setting, batch_sizes: Sequence[int] = (1, 8), variants: Sequence[str] = VARIANTS,
+                      repeats: int = 7, warmup: int = 2, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                      progress: bool = False) -> List[dict]:
+    """Latency (median, p90), throughput, speedup over the original and analytic cost of each
+    variant, timed interleaved per batch size: one row per (batch size, variant)."""
+    check_repeats(repeats, warmup)
+    models = setting.build(variants, device, dtype)
+    costs = {v: model_cost(m) for v, m in models.items()}
+    rows = []
+    for batch_size in batch_sizes:
+        times = time_models(models, _inputs(batch_size, setting.img_size, device, dtype), warmup, repeats, progress)
+        stats = {v: latency_stats(t, batch_size) for v, t in times.items()}
+        base = stats.get("original")
+        for v, s in stats.items():
+            rows.append(setting.row(
+                depth=len(models[v].blocks), variant=v, **s, device=str(device), dtype=str(dtype).split(".")[-1],
+                repeats=repeats, warmup=warmup,
+                speedup=base["infer_step_time"] / s["infer_step_time"] if base else None,
+                params=costs[v].params, gmacs=costs[v].gmacs,
+                macs_ratio=costs["original"].macs / costs[v].macs if "original" in costs else None))
+    return rows
+
+
+def sweep_blocks(model: str, img_size: int, batch_size: int = 1, variant: str = "depthwise", repeats: int = 5,
+                 warmup: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 progress: bool = False) -> List[dict]:
+    """Speedup against the number of replaced blocks k = 0 .. depth (the first k, all heads), each
+    k timed interleaved with the original, beside the analytic MACs ratio original / replaced."""
+    check_repeats(repeats, warmup)
+    if variant not in VARIANTS[1:]:
+        raise ConvHeadsError(f"variant must be one of {VARIANTS[1:]}; got {variant!r}")
+    Setting(model, img_size, 0).check()
+    original = create_model(model, img_size=img_size).eval().to(device, dtype)
+    replaced = copy.deepcopy(original)
+    info = vit_info(original)
+    base = model_cost(original).macs
+    x = _inputs(batch_size, img_size, device, dtype)
+    rows = []
+    for k in tqdm(range(info.depth + 1), desc="sweep", unit="step", disable=not progress):
+        if k:  # one more block replaced, in place
+            fold_ensembles(replace_heads(replaced, Selection.from_blocks([k - 1], info.num_heads), variant=variant))
+        times = time_models({"original": original, "replaced": replaced}, x, warmup, repeats)
+        t0, t1 = statistics.median(times["original"]), statistics.median(times["replaced"])
+        rows.append(Setting(model, img_size, k).row(
+            depth=info.depth, variant=variant, batch_size=batch_size, original_ms=t0 * 1e3, replaced_ms=t1 * 1e3,
+            speedup=t0 / t1, macs_ratio=base / model_cost(replaced).macs, repeats=repeats))
+    return rows
+
+
+def compare_modes(setting: Setting, batch_size: int = 1, variants: Sequence[str] = ("original", "depthwise"),
+                  modes: Sequence[str] = MODES, repeats: int = 7, warmup: int = 2, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, progress: bool = False) -> List[dict]:
+    """Each variant eager, with channels_last weights and inputs, and torch.compile'd (inductor),
+    all timed interleaved; each mode's outputs are checked against eager (max_abs_diff)."""
+    check_repeats(repeats, warmup)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ConvHeadsError(f"unknown modes {unknown}; choose from {MODES}")
+    x = _inputs(batch_size, setting.img_size, device, dtype)
+    runners, extra = {}, {}
+    with torch.inference_mode():
+        for v, model in setting.build(variants, device, dtype).items():
+            expected = model(x)
+            for mode in modes:
+                start = time.perf_counter()
+                if mode == "eager":
+                    run = model
+                elif mode == "channels_last":
+                    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+                    run = lambda inp, cl=cl: cl(inp.contiguous(memory_format=torch.channels_last))  # noqa: E731
+                else:
+                    run = torch.compile(model)
+                out = run(x)  # compiles on the first call
+                extra[v, mode] = dict(max_abs_diff=float((out - expected).abs().max()),
+                                      first_call_s=time.perf_counter() - start)
+                runners[v, mode] = run
+    times = time_models({f"{v}/{m}": r for (v, m), r in runners.items()}, x, warmup, repeats, progress)
+    med = {key: statistics.median(times[f"{key[0]}/{key[1]}"]) for key in runners}
+    rows = []
+    for (v, mode), t in med.items():
+        rows.append(setting.row(
+            variant=v, mode=mode, **latency_stats(times[f"{v}/{mode}"], batch_size),
+            speedup_vs_original=med["original", mode] / t if ("original", mode) in med else None,
+            speedup_vs_eager=med[v, "eager"] / t if (v, "eager") in med else None, **extra[v, mode]))
+    return rows
+
+
+def compare_onnx(setting: Setting, batch_size: int = 1, variants: Sequence[str] = ("original", "depthwise", "ensemble"),
+                 repeats: int = 7, warmup: int = 2, workdir: Optional[Path] = None,
+                 progress: bool = False) -> List[dict]:
+    """Each variant exported to ONNX, checked numerically against PyTorch in onnxruntime, and both
+    timed interleaved on the CPU (fp32, onnxruntime with PyTorch's thread count)."""
+    check_repeats(repeats, warmup)
+    models = setting.build(variants)
+    runners, extra = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for v, model in models.items():
+            path = Path(workdir or tmp) / f"{setting.model}_{setting.img_size}_{setting.blocks}_{v}_b{batch_size}.onnx"
+            start = time.perf_counter()
+            export_onnx(model, path, batch_size=batch_size)
+            extra[v] = dict(export_s=time.perf_counter() - start, onnx_max_abs_diff=check_onnx(model, path),
+                            onnx_mb=path.stat().st_size / 2**20)
+            runners[v, "pytorch"], runners[v, "onnxruntime"] = model, OnnxModel(path)
+        times = time_models({f"{v}/{r}": m for (v, r), m in runners.items()},
+                            _inputs(batch_size, setting.img_size), warmup, repeats, progress)
+    med = {key: statistics.median(times[f"{key[0]}/{key[1]}"]) for key in runners}
+    return [setting.row(variant=v, runtime=r, **latency_stats(times[f"{v}/{r}"], batch_size),
+                        speedup_vs_original=med["original", r] / t if ("original", r) in med else None,
+                        speedup_vs_pytorch=med[v, "pytorch"] / t, **extra[v])
+            for (v, r), t in med.items()]
+
+
+class _PeakMemory:
+    """The largest resident memory (MiB) of this process while the block runs, sampled by a thread
+    (torch ops release the GIL, so it keeps sampling while they run)."""
+
+    def __init__(self, every_s: float = 0.002):
+        self.every_s, self.peak_mb, self._done = every_s, 0.0, threading.Event()
+        self._process = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> "_PeakMemory":
+        self.before_mb = self._process.memory_info().rss / 2**20
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
+
+
+def measure_scoring(model: str, img_size: int, num_images: int, batch_size: int = 8,
+                    threads: Optional[int] = None) -> dict:
+    """score_heads on `num_images` random images, in this process: images/s and how far the
+    process's resident memory rose above its level before the scoring pass (the model is built
+    and run once before)."""
+    if not isinstance(num_images, int) or num_images < 2:
+        raise ConvHeadsError(f"num_images must be an integer >= 2; got {num_images!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    net = create_model(model, img_size=img_size).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = (torch.randn(batch_size, 3, img_size, img_size, generator=g)
+               for _ in range(-(-num_images // batch_size)))
+    with torch.inference_mode():
+        net(torch.randn(batch_size, 3, img_size, img_size, generator=g))  # warm-up: allocator, kernels
+    with _PeakMemory() as memory:
+        start = time.perf_counter()
+        score_heads(net, batches, max_images=num_images, progress=False)
+        seconds = time.perf_counter() - start
+    return {"model": model, "img_size": img_size, "num_images": num_images, "batch_size": batch_size,
+            "seconds": seconds, "images_per_s": num_images / seconds, "rss_before_mb": memory.before_mb,
+            "peak_rss_mb": memory.peak_mb, "peak_growth_mb": memory.peak_mb - memory.before_mb,
+            "threads": torch.get_num_threads()}
+
+
+def scoring_memory(model: str, img_size: int, counts: Sequence[int] = (100, 1000), batch_size: int = 8,
+                   threads: Optional[int] = None) -> List[dict]:
+    """measure_scoring for each image count, each in a fresh process, so one run's peak memory
+    cannot hide another's: the peak growth must not depend on the count."""
+    Setting(model, img_size, 0).check()
+    rows = []
+    for n in counts:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows.append(pool.submit(measure_scoring, model, img_size, n, batch_size,
+                                    threads or torch.get_num_threads()).result())
+    return rows

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from timm.layers import Attention
 
-from .layers import ConvHeadAttention
+from .ensemble import EnsembleHeadAttention
+from .layers import ReplacedAttention
 from .vit import vit_info
 
 
@@ -46,12 +47,16 @@ def model_cost(model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> 
             kh, kw = module.kernel_size
             totals["macs"] += output.numel() * (module.in_channels // module.groups) * kh * kw
         else:  # attention: Q K^T and A V for every attending head
-            B, N, _ = inputs[0].shape
-            heads = module.num_kept if isinstance(module, ConvHeadAttention) else module.num_heads
+            B, N, C = inputs[0].shape
+            heads = module.num_kept if isinstance(module, ReplacedAttention) else module.num_heads
             totals["attention"] += 2 * B * heads * N * N * module.head_dim
+            if isinstance(module, EnsembleHeadAttention) and not module.folded:
+                # its training form calls F.linear with merged weights, which the Linear hooks miss;
+                # merging the weights is per forward, not per image, so it is not counted
+                totals["macs"] += 2 * B * N * C * module.head_dim
 
     hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d, Attention, ConvHeadAttention))]
+             if isinstance(m, (nn.Linear, nn.Conv2d, Attention, ReplacedAttention))]
     was_training = model.training
     model.eval()
     try:

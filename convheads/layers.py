@@ -1,10 +1,12 @@
-"""The replacement layer: attention where some heads are a fixed local mixing of their values.
+"""The replacement layers: attention where some heads are a fixed local mixing of their values.
 
 For a head whose attention matrix A is a fixed band around each query patch, A @ V is exactly a
 depthwise convolution of V laid out on the patch grid (METHOD.md section 1). `ConvHeadAttention`
 keeps the pretrained value rows of W_V and the columns of W_O for the replaced heads, drops their
 W_Q / W_K rows, and mixes their values with a depthwise k x k convolution ("depthwise") or not at
-all ("identity", the speed limit of removing attention).
+all ("identity", the speed limit of removing attention). `EnsembleHeadAttention` (ensemble.py)
+merges all heads of a block into one and mixes it the same way; `ReplacedAttention` holds what
+the two share.
 """
 import copy
 from typing import Optional, Sequence, Tuple
@@ -15,8 +17,6 @@ from torch import nn
 from timm.layers import Attention
 
 from .errors import ConvHeadsError
-
-VARIANTS = ("depthwise", "identity")
 
 
 def gaussian_kernel(kernel_size: int, sigma: float = 1.0) -> torch.Tensor:
@@ -41,18 +41,102 @@ def _permute_norm(norm: nn.Module, perm: torch.Tensor) -> nn.Module:
     return norm
 
 
-class ConvHeadAttention(nn.Module):
+class ReplacedAttention(nn.Module):
+    """Base of the replacement layers: their bookkeeping and the spatial mixing of mixed heads.
+
+    Prefix tokens (CLS, distillation, register tokens; P of them) are handled per mixed head i and
+    prefix token j with two learnable scalars, generalising the reference's CLS handling:
+        prefix_out[j] = v_prefix[j] + alpha[j, i] * mean(V_i over patches)
+        V_i(patches) += sum_j beta[j, i] * v_prefix[j]      (before the convolution)
+    With P = 1 this is exactly the reference. Patch values are then convolved depthwise (k x k,
+    stride 1, zero "same" padding) on the h x w patch grid.
+    """
+
+    def __init__(self, attn: Attention, conv_heads: Sequence[int], grid_size: Tuple[int, int],
+                 num_prefix_tokens: int, kernel_size: int, variant: str):
+        super().__init__()
+        if getattr(attn, "gate", None) is not None:
+            raise ConvHeadsError("gated attention (timm Attention(gated=True)) is not supported")
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.conv_heads = tuple(sorted(conv_heads))
+        self.kept_heads = tuple(h for h in range(self.num_heads) if h not in self.conv_heads)
+        self.num_kept = len(self.kept_heads)
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.kernel_size = kernel_size
+        self.variant = variant
+        self.proj_drop = attn.proj_drop
+
+    def _init_mixing(self, heads: int, **dd) -> None:
+        """The depthwise conv on `heads` x head_dim channels (Gaussian init) and alpha, beta [P, heads]."""
+        channels, k = heads * self.head_dim, self.kernel_size
+        self.conv = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, bias=False, **dd)
+        self.init_kernels(gaussian_kernel(k).expand(heads, -1, -1))
+        if self.num_prefix_tokens:
+            # Reference init: uniform in [0, 1).
+            self.alpha = nn.Parameter(torch.rand(self.num_prefix_tokens, heads, **dd))
+            self.beta = nn.Parameter(torch.rand(self.num_prefix_tokens, heads, **dd))
+
+    @torch.no_grad()
+    def init_kernels(self, kernels: torch.Tensor) -> None:
+        """Set each mixed head's k x k kernel (kernels: [heads, k, k]) on all its channels."""
+        w = kernels.to(self.conv.weight).repeat_interleave(self.head_dim, dim=0)
+        self.conv.weight.copy_(w[:, None])
+
+    @torch.no_grad()
+    def init_from_attention(self, kernels: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor) -> None:
+        """Fit the mixing to the heads' mean attention (kernels [heads, k, k]; beta, alpha [P, heads])."""
+        self.init_kernels(kernels)
+        if self.num_prefix_tokens:
+            self.beta.copy_(beta)
+            self.alpha.copy_(alpha)
+
+    def _mix(self, v: torch.Tensor) -> torch.Tensor:
+        """Spatially mix the mixed heads' values v [B, N, Cr] -> [B, N, Cr] (Cr = heads x head_dim)."""
+        B, N, Cr = v.shape
+        P, (h, w) = self.num_prefix_tokens, self.grid_size
+        if N != P + h * w:
+            raise ConvHeadsError(
+                f"got {N} tokens but the convolution heads expect {P} prefix tokens + a {h} x {w} "
+                f"patch grid; run the model at the resolution it was built for (or build it with "
+                f"dynamic_img_size=True)")
+        patches = v[:, P:]                                            # [B, hw, Cr]
+        if P:
+            # Per-head views [B, tokens, heads, d]: alpha, beta [P, heads] broadcast without copies.
+            heads = v.unflatten(-1, (-1, self.head_dim))
+            prefix, patch_heads = heads[:, :P], heads[:, P:]
+            shift = (self.beta[..., None] * prefix).sum(dim=1, keepdim=True)             # [B, 1, heads, d]
+            prefix = prefix + self.alpha[..., None] * patch_heads.mean(dim=1, keepdim=True)
+            patches = (patch_heads + shift).flatten(2)
+        # [B, hw, Cr] -> [B, Cr, h, w] as a channels-last view: no copy on the way in or out.
+        y = self.conv(patches.reshape(B, h, w, Cr).permute(0, 3, 1, 2))
+        y = y.permute(0, 2, 3, 1).reshape(B, h * w, Cr)
+        return torch.cat([prefix.flatten(2), y], dim=1) if P else y
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ConvHeadsError("convolution heads mix the full patch grid: attention masks and "
+                                 "causal attention are not supported")
+        return self.proj_drop(self._attend(x))  # _attend: [B, N, C] -> [B, N, C], defined by each layer
+
+    def extra_repr(self) -> str:
+        return (f"conv_heads={list(self.conv_heads)}, num_heads={self.num_heads}, variant={self.variant!r}, "
+                f"kernel_size={self.kernel_size}, grid_size={self.grid_size}, "
+                f"num_prefix_tokens={self.num_prefix_tokens}")
+
+
+class ConvHeadAttention(ReplacedAttention):
     """Drop-in for timm's `Attention` in which the heads `conv_heads` are a depthwise convolution.
 
     Kept heads run fused scaled-dot-product attention with their original Q/K/V weights. Inside
     the layer the kept heads' channels come first, then the replaced heads'; W_O's columns are
-    permuted to match, so the function is the original one for the kept heads.
-
-    Prefix tokens (CLS, distillation, register tokens; P of them) are handled per replaced head
-    i and prefix token j with two learnable scalars, generalising the reference's CLS handling:
-        prefix_out[j] = v_prefix[j] + alpha[j, i] * mean(V_i over patches)
-        V_i(patches) += sum_j beta[j, i] * v_prefix[j]      (before the convolution)
-    With P = 1 this is exactly the reference. The "identity" variant passes values through
+    permuted to match, so the function is the original one for the kept heads. Replaced heads mix
+    prefix tokens as ReplacedAttention says. The "identity" variant passes values through
     unchanged (prefix tokens included); a block whose heads are all identity heads folds W_V and
     W_O into one Linear(C -> C).
     """
@@ -66,22 +150,11 @@ class ConvHeadAttention(nn.Module):
             kernel_size: int = 3,
             variant: str = "depthwise",
     ):
-        super().__init__()
-        if getattr(attn, "gate", None) is not None:
-            raise ConvHeadsError("gated attention (timm Attention(gated=True)) is not supported")
-        H, d = attn.num_heads, attn.head_dim
+        super().__init__(attn, conv_heads, grid_size, num_prefix_tokens, kernel_size, variant)
+        H, d = self.num_heads, self.head_dim
         C = attn.qkv.in_features
-        self.num_heads, self.head_dim = H, d
-        self.conv_heads = tuple(sorted(conv_heads))
-        self.kept_heads = tuple(h for h in range(H) if h not in self.conv_heads)
-        self.num_kept = len(self.kept_heads)
-        self.grid_size = tuple(grid_size)
-        self.num_prefix_tokens = num_prefix_tokens
-        self.kernel_size = kernel_size
-        self.variant = variant
         self.attn_drop = attn.attn_drop.p
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
-        self.proj_drop = attn.proj_drop
 
         def head_rows(part: int, heads: Sequence[int]) -> list:  # part: 0 = q, 1 = k, 2 = v
             return [part * H * d + h * d + j for h in heads for j in range(d)]
@@ -117,73 +190,19 @@ class ConvHeadAttention(nn.Module):
                 self.proj.bias.data.copy_(b_out)
 
         if variant == "depthwise":
-            channels = len(self.conv_heads) * d
-            self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
-                                  groups=channels, bias=False, **dd)
-            self.init_kernels(gaussian_kernel(kernel_size).expand(len(self.conv_heads), -1, -1))
-            if num_prefix_tokens:
-                # Reference init: uniform in [0, 1).
-                self.alpha = nn.Parameter(torch.rand(num_prefix_tokens, len(self.conv_heads), **dd))
-                self.beta = nn.Parameter(torch.rand(num_prefix_tokens, len(self.conv_heads), **dd))
+            self._init_mixing(len(self.conv_heads), **dd)
 
-    @torch.no_grad()
-    def init_kernels(self, kernels: torch.Tensor) -> None:
-        """Set each replaced head's k x k kernel (kernels: [replaced heads, k, k]) on all its channels."""
-        w = kernels.to(self.conv.weight).repeat_interleave(self.head_dim, dim=0)
-        self.conv.weight.copy_(w[:, None])
-
-    @torch.no_grad()
-    def init_from_attention(self, kernels: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor) -> None:
-        """Fit the layer to the heads' mean attention (kernels [Hr, k, k]; beta, alpha [P, Hr])."""
-        self.init_kernels(kernels)
-        if self.num_prefix_tokens:
-            self.beta.copy_(beta)
-            self.alpha.copy_(alpha)
-
-    def _mix(self, v: torch.Tensor) -> torch.Tensor:
-        """Spatially mix the replaced heads' values v [B, N, Cr] -> [B, N, Cr]."""
-        if self.variant == "identity":
-            return v
-        B, N, Cr = v.shape
-        P, (h, w) = self.num_prefix_tokens, self.grid_size
-        if N != P + h * w:
-            raise ConvHeadsError(
-                f"got {N} tokens but the convolution heads expect {P} prefix tokens + a {h} x {w} "
-                f"patch grid; run the model at the resolution it was built for (or build it with "
-                f"dynamic_img_size=True)")
-        prefix, patches = v[:, :P], v[:, P:]
-        if P:
-            alpha = self.alpha.repeat_interleave(self.head_dim, dim=1)  # [P, Cr]
-            beta = self.beta.repeat_interleave(self.head_dim, dim=1)
-            prefix = prefix + alpha * patches.mean(dim=1, keepdim=True)
-            patches = patches + (beta * v[:, :P]).sum(dim=1, keepdim=True)
-        # [B, hw, Cr] -> [B, Cr, h, w] as a channels-last view: no copy on the way in or out.
-        y = self.conv(patches.reshape(B, h, w, Cr).permute(0, 3, 1, 2))
-        y = y.permute(0, 2, 3, 1).reshape(B, h * w, Cr)
-        return torch.cat([prefix, y], dim=1) if P else y
-
-    def forward(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ConvHeadsError("convolution heads mix the full patch grid: attention masks and "
-                                 "causal attention are not supported")
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         x = self.in_proj(x)
         kept_dim = 3 * self.num_kept * self.head_dim
-        out = self._mix(x[..., kept_dim:])
+        out = x[..., kept_dim:]
+        if self.variant == "depthwise":
+            out = self._mix(out)
         if self.num_kept:
             qkv = x[..., :kept_dim].reshape(B, N, 3, self.num_kept, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             kept = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
             out = torch.cat([kept.transpose(1, 2).reshape(B, N, -1), out], dim=-1)
-        return self.proj_drop(self.proj(self.norm(out)))
-
-    def extra_repr(self) -> str:
-        return (f"conv_heads={list(self.conv_heads)}, num_heads={self.num_heads}, variant={self.variant!r}, "
-                f"kernel_size={self.kernel_size}, grid_size={self.grid_size}, "
-                f"num_prefix_tokens={self.num_prefix_tokens}")
+        return self.proj(self.norm(out))

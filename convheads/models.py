@@ -6,10 +6,11 @@ that made it.
 """
 import difflib
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from .errors import ConvHeadsError
@@ -133,17 +134,50 @@ def save_model(model: nn.Module, path: Union[str, Path]) -> Path:
 
 
 def load_model(path: Union[str, Path]) -> nn.Module:
-    """Rebuild a model saved by `save_model` (on the CPU, in eval mode)."""
+    """Rebuild a model saved by `save_model` (on the CPU, in eval mode).
+
+    A folded ensemble layer is saved folded (its state dict has the folded projections) and is
+    rebuilt folded; an unfolded one comes back unfolded, ready to train on.
+    """
     payload = _read(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConvHeadsError(f"{path} is not a convheads model file (save one with convheads.save_model)")
     if payload["version"] > FORMAT_VERSION:
         raise ConvHeadsError(f"{path} was written by a newer convheads (format {payload['version']}); upgrade")
-    spec = payload["spec"]
+    return _rebuild(payload["spec"], payload["replacement"], payload["state_dict"], str(path))
+
+
+def _rebuild(spec: dict, replacement: List[dict], state: dict, source: str) -> nn.Module:
+    """Build `spec` on the meta device, replay the replacement, then load `state` into it."""
     model = create_model(spec["name"], device="meta", **spec["kwargs"])
     info = vit_info(model)
-    for entry in payload["replacement"]:
+    for entry in replacement:
         replace_heads(model, Selection({entry["block"]: entry["heads"]}, info.depth, info.num_heads),
                       kernel_size=entry["kernel_size"], variant=entry["variant"])
-    _assign(model, check_state_dict(model, payload["state_dict"], str(path)))
+        if entry.get("folded"):  # files from before the ensemble variant have no "folded"
+            model.blocks[entry["block"]].attn.fold()
+    _assign(model, check_state_dict(model, state, source))
     return model.eval()
+
+
+def at_resolution(model: nn.Module, img_size: Union[int, Tuple[int, int]]) -> nn.Module:
+    """A copy of a `create_model` model (replaced or not) built for `img_size` with a fixed grid.
+
+    The position embedding is resampled to the new patch grid the way timm does when it loads
+    weights at another size (bicubic), and frozen there (dynamic_img_size=False); every other
+    weight is shared by value. This is how to export or deploy at one resolution.
+    """
+    spec = getattr(model, "convheads_spec", None)
+    if spec is None:
+        raise ConvHeadsError("the model carries no build spec; create it with convheads.create_model(name, ...) "
+                             "so it can be rebuilt at another resolution")
+    info = vit_info(model)
+    size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+    grid = info.patch_grid(*size)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if getattr(model, "pos_embed", None) is not None:
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=grid, old_size=info.grid_size,
+            num_prefix_tokens=0 if model.no_embed_class else info.num_prefix_tokens)
+    new_spec = {"name": spec["name"], "kwargs": {**spec["kwargs"], "img_size": size, "dynamic_img_size": False}}
+    return _rebuild(new_spec, replacement_config(model), state, "the model")

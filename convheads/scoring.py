@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConvHeadsError
-from .layers import ConvHeadAttention
+from .layers import ReplacedAttention
 from .vit import vit_info
 
 
@@ -141,7 +141,7 @@ def score_heads(
     The model runs in eval mode; its previous mode is restored afterwards.
     """
     info = vit_info(model)
-    if any(isinstance(b.attn, ConvHeadAttention) for b in model.blocks):
+    if any(isinstance(b.attn, ReplacedAttention) for b in model.blocks):
         raise ConvHeadsError("the model already has replaced heads; score the model before replace_heads")
     if max_images is not None and max_images < 2:
         raise ConvHeadsError(f"max_images must be at least 2 (a variance needs two images); got {max_images}")

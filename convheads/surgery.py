@@ -1,16 +1,18 @@
-"""Model surgery: swap the selected heads of a timm ViT for ConvHeadAttention, in place."""
+"""Model surgery: swap the selected heads of a timm ViT for replacement layers, in place."""
 import functools
 from typing import List, Optional
 
 from torch import nn
 
 from .errors import ConvHeadsError
-from .layers import VARIANTS, ConvHeadAttention
+from .ensemble import EnsembleHeadAttention
+from .layers import ConvHeadAttention, ReplacedAttention
 from .scoring import HeadScores
 from .selection import Selection
 from .vit import vit_info
 
 INITS = ("gaussian", "attention")
+VARIANTS = ("depthwise", "identity", "ensemble")
 
 
 def replace_heads(
@@ -27,8 +29,9 @@ def replace_heads(
     [0, 1) as in the reference) or "attention" (fitted to each head's mean attention, from
     `scores`: kernel[delta] = mean weight from a patch to its neighbour at offset delta,
     beta[j] = mean weight from a patch to prefix token j, alpha[j] = prefix token j's total
-    weight on the patches).
-    variant: "depthwise" (k x k depthwise convolution) or "identity" (no spatial mixing).
+    weight on the patches; the ensemble variant starts from their means over the block's heads).
+    variant: "depthwise" (k x k depthwise convolution), "identity" (no spatial mixing) or "ensemble"
+    (all heads of a block merged into one depthwise-convolution head; whole blocks only, see ensemble.py).
     Everything is checked before the model is touched, so a bad call leaves it unchanged.
     """
     info = vit_info(model)
@@ -48,20 +51,33 @@ def replace_heads(
             raise ConvHeadsError(
                 f"the scores are for a model with {tuple(scores.sigma_h.shape)} blocks x heads, but this model "
                 f"has ({info.depth}, {info.num_heads}); score this model")
+    if variant == "ensemble":
+        partial = {b: hs for b, hs in selection.heads.items() if len(hs) != info.num_heads}
+        if partial:
+            raise ConvHeadsError(
+                f"variant='ensemble' merges all heads of a block, but the selection names only some heads of "
+                f"blocks {sorted(partial)}; select whole blocks (select_heads(..., granularity='block') or "
+                f"Selection.from_blocks)")
     if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
         raise ConvHeadsError("patch dropout removes tokens from the patch grid; build the model with "
                              "patch_drop_rate=0 before replacing heads")
     for b in selection.heads:
-        if isinstance(model.blocks[b].attn, ConvHeadAttention):
+        if isinstance(model.blocks[b].attn, ReplacedAttention):
             raise ConvHeadsError(f"block {b} already has replaced heads; select heads on the original model")
 
     kernels = scores.kernels(kernel_size) if init == "attention" else None
-    for b, heads in selection.heads.items():
-        layer = ConvHeadAttention(model.blocks[b].attn, heads, info.grid_size, info.num_prefix_tokens,
-                                  kernel_size=kernel_size, variant=variant)
-        if variant == "depthwise" and kernels is not None:  # the layer starts from the Gaussian
-            layer.init_from_attention(kernels[b, heads], scores.patch_to_prefix[b, heads].T,
-                                      scores.prefix_to_patches[b, heads].T)
+    layers = {}
+    for b, heads in selection.heads.items():  # build every layer first: a bad block leaves the model as it was
+        attn = model.blocks[b].attn
+        if variant == "ensemble":
+            layers[b] = EnsembleHeadAttention(attn, info.grid_size, info.num_prefix_tokens, kernel_size=kernel_size)
+        else:
+            layers[b] = ConvHeadAttention(attn, heads, info.grid_size, info.num_prefix_tokens,
+                                          kernel_size=kernel_size, variant=variant)
+        if variant != "identity" and kernels is not None:  # the layer starts from the Gaussian
+            layers[b].init_from_attention(kernels[b, heads], scores.patch_to_prefix[b, heads].T,
+                                          scores.prefix_to_patches[b, heads].T)
+    for b, layer in layers.items():
         model.blocks[b].attn = layer
     if info.dynamic_img_size and not getattr(model, "_convheads_grid_hook", False):
         # The patch grid follows the input size: tell every conv layer before the blocks run.
@@ -73,18 +89,20 @@ def replace_heads(
 def _set_grid_size(blocks: nn.ModuleList, patch_embed: nn.Module, args) -> None:
     grid = tuple(patch_embed.dynamic_feat_size(args[0].shape[-2:]))
     for block in blocks:
-        if isinstance(block.attn, ConvHeadAttention):
+        if isinstance(block.attn, ReplacedAttention):
             block.attn.grid_size = grid
 
 
 def replaced_selection(model: nn.Module) -> Selection:
     """The heads of `model` that are replaced, as a Selection."""
     info = vit_info(model)
-    return Selection({i: b.attn.conv_heads for i, b in enumerate(model.blocks) if isinstance(b.attn, ConvHeadAttention)},
+    return Selection({i: b.attn.conv_heads for i, b in enumerate(model.blocks) if isinstance(b.attn, ReplacedAttention)},
                      depth=info.depth, num_heads=info.num_heads)
 
 
 def replacement_config(model: nn.Module) -> List[dict]:
-    """Per replaced block: what replace_heads needs to rebuild the same structure."""
-    return [dict(block=i, heads=list(b.attn.conv_heads), kernel_size=b.attn.kernel_size, variant=b.attn.variant)
-            for i, b in enumerate(model.blocks) if isinstance(b.attn, ConvHeadAttention)]
+    """Per replaced block: what replace_heads (and, for a folded ensemble, fold) needs to rebuild the
+    same structure."""
+    return [dict(block=i, heads=list(b.attn.conv_heads), kernel_size=b.attn.kernel_size, variant=b.attn.variant,
+                 folded=getattr(b.attn, "folded", False))
+            for i, b in enumerate(model.blocks) if isinstance(b.attn, ReplacedAttention)]

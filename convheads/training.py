@@ -10,18 +10,21 @@ from tqdm.auto import tqdm
 
 from .errors import ConvHeadsError
 from .evaluation import evaluate
+from .ensemble import EnsembleHeadAttention
 from .files import atomic_path
-from .layers import ConvHeadAttention
+from .layers import ReplacedAttention
 
 TRAINABLE = ("all", "new")
 
 
 def new_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """The parameters replace_heads created: kernels and prefix-token scalars."""
+    """The parameters replace_heads created: kernels, prefix-token scalars and ensemble head logits."""
     params = []
     for m in model.modules():
-        if isinstance(m, ConvHeadAttention) and m.variant == "depthwise":
+        if isinstance(m, ReplacedAttention) and m.variant != "identity":
             params += [m.conv.weight] + ([m.alpha, m.beta] if m.num_prefix_tokens else [])
+        if isinstance(m, EnsembleHeadAttention) and not m.folded:
+            params.append(m.logits)
     return params
 
 
@@ -56,7 +59,7 @@ def train(
         raise ConvHeadsError(f"epochs must be >= 0; got {epochs}")
     new = {id(p) for p in new_parameters(model)}
     if trainable == "new" and not new:
-        raise ConvHeadsError('trainable="new" but the model has no replaced depthwise heads to train')
+        raise ConvHeadsError('trainable="new" but the model has no replaced depthwise heads or ensemble blocks to train')
     for p in model.parameters():
         p.requires_grad_(trainable == "all" or id(p) in new)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and id(p) not in new]

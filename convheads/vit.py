@@ -7,7 +7,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from .errors import ConvHeadsError
-from .layers import ConvHeadAttention
+from .layers import ReplacedAttention
 
 
 @dataclass(frozen=True)
@@ -21,18 +21,23 @@ class VitInfo:
     img_size: Tuple[int, int]
     dynamic_img_size: bool
 
-    def grid_for(self, height: int, width: int) -> Tuple[int, int]:
-        """The patch grid for an input image; errors on sizes the model cannot take."""
+    def patch_grid(self, height: int, width: int) -> Tuple[int, int]:
+        """The patch grid of a height x width image; errors if the patch size does not divide it."""
         ph, pw = self.patch_size
         if height % ph or width % pw:
             raise ConvHeadsError(
                 f"image size {height} x {width} is not divisible by the patch size {ph} x {pw}; "
                 f"resize or crop the images to a multiple of the patch size")
+        return height // ph, width // pw
+
+    def grid_for(self, height: int, width: int) -> Tuple[int, int]:
+        """The patch grid for an input image; errors on sizes the model cannot take."""
+        grid = self.patch_grid(height, width)
         if not self.dynamic_img_size and (height, width) != self.img_size:
             raise ConvHeadsError(
                 f"the model was built for {self.img_size[0]} x {self.img_size[1]} images but got "
                 f"{height} x {width}; resize the images or build the model with img_size=({height}, {width})")
-        return height // ph, width // pw
+        return grid
 
 
 def vit_info(model: nn.Module) -> VitInfo:
@@ -44,7 +49,7 @@ def vit_info(model: nn.Module) -> VitInfo:
     heads = set()
     for i, block in enumerate(model.blocks):
         attn = getattr(block, "attn", None)
-        if not isinstance(attn, (Attention, ConvHeadAttention)):
+        if not isinstance(attn, (Attention, ReplacedAttention)):
             raise ConvHeadsError(
                 f"block {i} ({type(block).__name__}) has no standard timm Attention module "
                 f"(found {type(attn).__name__}); only standard ViT blocks are supported")

@@ -7,9 +7,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from convheads import ConvHeadsError
-from convheads.layers import VARIANTS
 from convheads.selection import GRANULARITIES
-from convheads.surgery import INITS
+from convheads.surgery import INITS, VARIANTS
 from convheads.training import TRAINABLE
 
 class Section(BaseModel):
@@ -159,6 +158,9 @@ class PipelineConfig(Section):
     def _consistent(self):
         if self.replace.kernel_size % 2 == 0:
             raise ValueError("replace.kernel_size must be odd ('same' padding)")
+        if self.replace.variant == "ensemble" and self.select.blocks is None and self.select.granularity != "block":
+            raise ValueError("replace.variant=ensemble merges whole blocks; set select.granularity=block "
+                             "(or select.blocks)")
         if self.registry.speedup_batch_size not in (None, *self.benchmark.batch_sizes):
             raise ValueError(f"registry.speedup_batch_size must be one of benchmark.batch_sizes "
                              f"{self.benchmark.batch_sizes}")

@@ -49,7 +49,9 @@ def run_benchmark(cfg: PipelineConfig, out: Path) -> Dict:
     table.to_csv(out / BENCHMARK_TABLE, index=False)
     result = {"threads": torch.get_num_threads(), "device": cfg.device, "repeats": b.repeats,
               "params_ratio": costs["compressed"].params / costs["baseline"].params,
-              "macs_ratio": costs["compressed"].macs / costs["baseline"].macs}
+              "macs_ratio": costs["compressed"].macs / costs["baseline"].macs,
+              **{f"{name}_params": c.params for name, c in costs.items()},
+              **{f"{name}_gmacs": c.gmacs for name, c in costs.items()}}
     for batch_size in b.batch_sizes:
         t = table[table.batch_size == batch_size].set_index("model")
         result[f"speedup_b{batch_size}"] = t.infer_step_time["baseline"] / t.infer_step_time["compressed"]

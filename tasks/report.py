@@ -8,16 +8,16 @@ from .stage import read_record
 
 
 def summary(cfg: PipelineConfig) -> Dict:
-    """Headline numbers from the evaluate, benchmark, select and replace stages."""
+    """Headline numbers from the evaluate, benchmark and select stages."""
     ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
-    sel, rep = read_record(cfg, "select")["summary"], read_record(cfg, "replace")["summary"]
+    sel = read_record(cfg, "select")["summary"]
     b1, bn = cfg.benchmark.batch_sizes[0], cfg.benchmark.batch_sizes[-1]
     return {
         "baseline_top1": ev["baseline"]["top1"], "replaced_top1": ev["replaced"]["top1"],
         "compressed_top1": ev["compressed"]["top1"], "top1_drop": ev["top1_drop"],
         "heads_replaced": sel["heads_replaced"], "heads_total": sel["heads_total"],
-        "params_baseline": rep["params_before"], "params_compressed": rep["params_after"],
-        "gmacs_baseline": rep["gmacs_before"], "gmacs_compressed": rep["gmacs_after"],
+        "params_baseline": bench["baseline_params"], "params_compressed": bench["compressed_params"],
+        "gmacs_baseline": bench["baseline_gmacs"], "gmacs_compressed": bench["compressed_gmacs"],
         "latency_ms_baseline": bench[f"baseline_b{b1}_ms"], "latency_ms_compressed": bench[f"compressed_b{b1}_ms"],
         "latency_batch_size": b1, f"speedup_b{b1}": bench[f"speedup_b{b1}"], f"speedup_b{bn}": bench[f"speedup_b{bn}"],
         "largest_batch_size": bn, "threads": bench["threads"],

@@ -4,7 +4,7 @@ from typing import Dict
 
 import pandas as pd
 
-from convheads import create_model, count_params, save_model
+from convheads import count_params, create_model, fold_ensembles, save_model
 from convheads.training import train
 
 from .config import PipelineConfig, TrainConfig
@@ -15,13 +15,15 @@ from .stage import output_dir
 HISTORY = "history.csv"
 
 
-def _fit(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainable: str = "all") -> Dict:
+def _fit(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainable: str = "all", fold: bool = False) -> Dict:
     resume = out / "resume.pt"  # the stage's work folder survives an interruption: resume there
     history = train(model, loader(cfg, model, "train", tcfg.batch_size, train=True, augment=tcfg.augment),
                     loader(cfg, model, "val", cfg.evaluate.batch_size), epochs=tcfg.epochs, lr=tcfg.lr,
                     weight_decay=tcfg.weight_decay, warmup_epochs=tcfg.warmup_epochs,
                     label_smoothing=tcfg.label_smoothing, trainable=trainable, device=cfg.device,
                     checkpoint=resume, seed=cfg.seed)
+    if fold:  # the compressed model is the inference form: ensembles folded into thin linear maps
+        fold_ensembles(model)
     save_model(model.cpu(), out / MODEL_FILE)
     pd.DataFrame(history).to_csv(out / HISTORY, index=False)
     resume.unlink(missing_ok=True)
@@ -39,7 +41,7 @@ def run_baseline(cfg: PipelineConfig, out: Path) -> Dict:
 
 def run_recover(cfg: PipelineConfig, out: Path) -> Dict:
     model = stage_model(cfg, "replace")
-    return _fit(cfg, cfg.recover, model, out, trainable=cfg.recover.trainable)
+    return _fit(cfg, cfg.recover, model, out, trainable=cfg.recover.trainable, fold=True)
 
 
 def history(cfg: PipelineConfig, stage: str) -> pd.DataFrame:

@@ -11,6 +11,46 @@ def tiny_vit(**kwargs):
     return convheads.create_model("vit_tiny_patch16_224", **args).eval()
 
 
+def prefixed_vit(prefix: int, **kwargs):
+    """tiny_vit on a 5 x 3 patch grid with `prefix` prefix tokens (a CLS token, then registers)."""
+    return tiny_vit(img_size=(40, 24), class_token=prefix > 0, reg_tokens=max(0, prefix - 1),
+                    global_pool="token" if prefix else "avg", **kwargs)
+
+
+def value_and_output_weights(attn):
+    """Copies of an attention module's W_V, b_V (the value rows of qkv) and W_O, b_O."""
+    C = attn.qkv.in_features
+    return (attn.qkv.weight[2 * C:].detach().clone(), attn.qkv.bias[2 * C:].detach().clone(),
+            attn.proj.weight.detach().clone(), attn.proj.bias.detach().clone())
+
+
+def banded_attention(kernel: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The fixed [hw, hw] attention matrix A with A[p, p + delta] = kernel[centre + delta]."""
+    k = kernel.shape[-1]
+    r = k // 2
+    A = torch.zeros(h * w, h * w)
+    for py in range(h):
+        for px in range(w):
+            for dy in range(-r, r + 1):
+                for dx in range(-r, r + 1):
+                    qy, qx = py + dy, px + dx
+                    if 0 <= qy < h and 0 <= qx < w:
+                        A[py * w + px, qy * w + qx] = kernel[r + dy, r + dx]
+    return A
+
+
+def replaced_tiny(**kwargs):
+    """Every kind of replaced block, 3 prefix tokens: scattered depthwise heads (block 0), an identity
+    block (1), an original block (2) and an unfolded ensemble with unequal head weights (3)."""
+    model = tiny_vit(depth=4, reg_tokens=2, **kwargs)
+    convheads.replace_heads(model, convheads.Selection({0: [1, 2]}))
+    convheads.replace_heads(model, convheads.Selection.from_blocks([1], 4), variant="identity")
+    convheads.replace_heads(model, convheads.Selection.from_blocks([3], 4), variant="ensemble")
+    with torch.no_grad():
+        model.blocks[3].attn.logits.normal_(std=0.02)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,33 +5,16 @@ import torch.nn.functional as F
 
 import convheads
 from convheads import ConvHeadAttention, Selection, gaussian_kernel, replace_heads
-from conftest import tiny_vit
-
-
-def banded_attention(kernel: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The fixed [hw, hw] attention matrix A with A[p, p + delta] = kernel[centre + delta]."""
-    k = kernel.shape[-1]
-    r = k // 2
-    A = torch.zeros(h * w, h * w)
-    for py in range(h):
-        for px in range(w):
-            for dy in range(-r, r + 1):
-                for dx in range(-r, r + 1):
-                    qy, qx = py + dy, px + dx
-                    if 0 <= qy < h and 0 <= qx < w:
-                        A[py * w + px, qy * w + qx] = kernel[r + dy, r + dx]
-    return A
+from conftest import banded_attention, prefixed_vit, tiny_vit, value_and_output_weights
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 5])
 @pytest.mark.parametrize("kernel_size", [3, 5])
 def test_depthwise_heads_equal_attention_with_a_fixed_banded_matrix(prefix, kernel_size):
-    model = tiny_vit(img_size=(40, 24), class_token=prefix > 0, reg_tokens=max(0, prefix - 1),
-                     global_pool="token" if prefix else "avg")
+    model = prefixed_vit(prefix)
     attn = model.blocks[1].attn
     H, d, C = attn.num_heads, attn.head_dim, attn.qkv.in_features
-    w_v, b_v = attn.qkv.weight[2 * C:].detach().clone(), attn.qkv.bias[2 * C:].detach().clone()
-    w_o, b_o = attn.proj.weight.detach().clone(), attn.proj.bias.detach().clone()
+    w_v, b_v, w_o, b_o = value_and_output_weights(attn)
     replace_heads(model, Selection({1: range(H)}))
     layer = model.blocks[1].attn
     kernels = torch.randn(H, kernel_size, kernel_size)

@@ -187,3 +187,19 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
 def test_the_shipped_params_file_is_the_default_configuration():
     from pathlib import Path
     assert load_config(Path(__file__).parent.parent / "params.yaml") == PipelineConfig()
+
+
+def test_the_ensemble_variant_replaces_whole_blocks_and_ships_folded(finished_pipeline):
+    from convheads import EnsembleHeadAttention
+    params = tiny_params(finished_pipeline)
+    with pytest.raises(ConvHeadsError, match="replace.variant=ensemble merges whole blocks"):
+        validate({**params, "replace": {"variant": "ensemble"}})
+    cfg = validate({**params, "replace": {"variant": "ensemble"}, "select": {"granularity": "block", "count": 1,
+                                                                            "fraction": None}})
+    ran = [n for n, o in run_all(cfg).items() if not o.skipped]
+    assert ran == ["select", "replace", "recover", "evaluate", "benchmark"]
+    layers = [m for m in load_model(f"{cfg.paths.outputs}/recover/model.pt").modules()
+              if isinstance(m, EnsembleHeadAttention)]
+    assert len(layers) == 1 and layers[0].folded
+    bench = read_record(cfg, "benchmark")["summary"]
+    assert bench["compressed_params"] < bench["baseline_params"]

@@ -1,0 +1,187 @@
+"""The speed benchmark suite: every number the speed claims rest on, in one run.
+
+    python -m benchmarks.suite            # all sections, paper settings: tens of minutes on 2 CPU cores
+    python -m benchmarks.suite --quick    # smoke run: a small model, few repeats, no torch.compile
+    python -m benchmarks.suite --sections latency sweep --settings vit_base_patch14_dinov2:518:6
+
+Sections (the sweep, modes and onnx sections use the first setting):
+  latency  original / depthwise / identity / ensemble variants of each setting, per batch size
+  sweep    speedup against the number of replaced blocks 0 .. depth, beside the analytic MACs ratio (+ plot)
+  modes    eager vs channels_last vs torch.compile, for the original and the depthwise variant
+  onnx     ONNX export (checked in onnxruntime) timed beside PyTorch
+  scoring  head-scoring throughput and peak memory for 100 and 1,000 images, each in a fresh process
+
+Models have random weights (speed does not depend on them). All models of a table are timed
+interleaved in one process after warm-up; the thread count is fixed and recorded in every row.
+Results: a table per section on the terminal, and <out>/<section>.csv and .json (+ sweep.png).
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pandas as pd
+import torch
+
+from convheads import ConvHeadsError
+from convheads.benchmark import (MODES, VARIANTS, Setting, benchmark_setting, check_repeats, compare_modes,
+                                 compare_onnx, scoring_memory, sweep_blocks)
+from convheads.files import atomic_path
+
+SECTIONS = ("latency", "sweep", "modes", "onnx", "scoring")
+PAPER_SETTINGS = ["vit_large_patch14_dinov2:336:12", "vit_base_patch14_dinov2:518:6", "vit_small_patch16_224:224:6"]
+FULL = dict(settings=PAPER_SETTINGS, batch_sizes=[1, 8], repeats=7, warmup=2, sweep_repeats=5,
+            scoring_model="vit_small_patch16_224:224", scoring_images=[100, 1000], modes=list(MODES))
+QUICK = dict(settings=["vit_tiny_patch16_224:224:6"], batch_sizes=[1, 2], repeats=3, warmup=1, sweep_repeats=3,
+             scoring_model="vit_tiny_patch16_224:112", scoring_images=[20, 100], modes=["eager", "channels_last"])
+PROGRESS = sys.stderr.isatty()  # progress bars only where someone watches
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHOWN = {  # column -> format, for the terminal tables
+    "model": "{}", "img_size": "{}", "blocks": "{}", "batch_size": "{}", "variant": "{}", "mode": "{}",
+    "runtime": "{}", "num_images": "{}", "infer_step_time": "{:.1f}", "infer_step_time_p90": "{:.1f}",
+    "infer_samples_per_sec": "{:.2f}", "speedup": "{:.3f}", "speedup_vs_original": "{:.3f}",
+    "speedup_vs_eager": "{:.3f}", "speedup_vs_pytorch": "{:.3f}", "original_ms": "{:.1f}", "replaced_ms": "{:.1f}",
+    "macs_ratio": "{:.3f}", "gmacs": "{:.1f}", "max_abs_diff": "{:.1e}", "onnx_max_abs_diff": "{:.1e}",
+    "first_call_s": "{:.1f}", "images_per_s": "{:.2f}", "peak_growth_mb": "{:.0f}", "peak_rss_mb": "{:.0f}",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run; its defaults: " + str(QUICK))
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--settings", nargs="+", metavar="MODEL:IMG_SIZE:BLOCKS", help="models to time")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--batch-sizes", nargs="+", type=int)
+    p.add_argument("--repeats", type=int, help="timed rounds per table (median, p90 over them)")
+    p.add_argument("--warmup", type=int, help="untimed rounds first")
+    p.add_argument("--sweep-repeats", type=int, help="timed rounds per step of the sweep")
+    p.add_argument("--modes", nargs="+", choices=MODES)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (fixed)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, float16 on GPU")
+    p.add_argument("--scoring-model", metavar="MODEL:IMG_SIZE")
+    p.add_argument("--scoring-images", nargs="+", type=int)
+    p.add_argument("--out", type=Path, default=Path("results/bench"))
+    p.epilog = "defaults: " + str(FULL)
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():  # what the command line leaves unset
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> List[Setting]:
+    """Every argument checked before anything heavy runs."""
+    check_repeats(args.repeats, args.warmup)
+    check_repeats(args.sweep_repeats, 0)
+    if args.threads < 1 or any(b < 1 for b in args.batch_sizes) or any(n < 2 for n in args.scoring_images):
+        raise ConvHeadsError("--threads and --batch-sizes must be >= 1 and --scoring-images >= 2")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConvHeadsError("--device cuda but no GPU is visible; use --device cpu")
+    args.dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
+    settings = [Setting.parse(s) for s in args.settings]
+    scoring = args.scoring_model.rsplit(":", 1)
+    if len(scoring) != 2 or not scoring[1].isdigit():
+        raise ConvHeadsError(f"--scoring-model is MODEL:IMG_SIZE; got {args.scoring_model!r}")
+    for s in settings + [Setting(scoring[0], int(scoring[1]), 0)]:
+        s.check()
+    return settings
+
+
+def show(rows: List[dict]) -> None:
+    table = pd.DataFrame(rows)
+    table = table[[c for c in SHOWN if c in table]]
+    print(table.to_string(index=False, formatters={c: SHOWN[c].format for c in table}, na_rep="-"), flush=True)
+
+
+def write(out: Path, name: str, rows: List[dict]) -> pd.DataFrame:
+    """<out>/<name>.csv and .json, atomically."""
+    table = pd.DataFrame(rows)
+    with atomic_path(out / f"{name}.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(rows, indent=1, default=str))
+    return table
+
+
+def section(out: Path, name: str, rows: List[dict]) -> pd.DataFrame:
+    show(rows)
+    return write(out, name, rows)
+
+
+def plot_sweep(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = table.iloc[0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(table.blocks, table.speedup, "o-", label="measured latency ratio")
+    ax.plot(table.blocks, table.macs_ratio, "s--", label="analytic MACs ratio")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xlabel=f"blocks replaced ({r.variant}, all heads)", ylabel="speedup over the original",
+           title=f"{r.model} {r.img_size}px, batch {r.batch_size}, {r.threads} threads")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> Dict[str, pd.DataFrame]:
+    """Run the chosen sections; return their tables (also written under args.out)."""
+    settings = check_args(args)
+    torch.set_num_threads(args.threads)
+    device, dtype, first = args.device, args.dtype, settings[0]
+    meta = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv, threads=torch.get_num_threads(),
+                device=device, dtype=str(dtype), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                python=platform.python_version(), settings=[str(s) for s in settings])
+    with atomic_path(args.out / "run.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
+    print(f"threads {meta['threads']}, {device}, {meta['dtype']}, torch {torch.__version__}; results in {args.out}")
+    tables = {}
+    if "latency" in args.sections:
+        rows = []
+        for s in settings:
+            print(f"\n== latency: {s} (batch sizes {args.batch_sizes}, {args.repeats} interleaved rounds)", flush=True)
+            new = benchmark_setting(s, args.batch_sizes, args.variants, args.repeats, args.warmup, device, dtype,
+                                    progress=PROGRESS)
+            show(new)
+            rows += new
+            tables["latency"] = write(args.out, "latency", rows)  # after each setting: a crash keeps the rest
+    if "sweep" in args.sections:
+        print(f"\n== sweep: {first.model} {first.img_size}px, blocks 0..depth, batch 1", flush=True)
+        tables["sweep"] = section(args.out, "sweep", sweep_blocks(
+            first.model, first.img_size, 1, "depthwise", args.sweep_repeats, 1, device, dtype, progress=PROGRESS))
+        plot_sweep(tables["sweep"], args.out / "sweep.png")
+    if "modes" in args.sections:
+        print(f"\n== modes: {first}, batch 1, {args.modes}", flush=True)
+        tables["modes"] = section(args.out, "modes", compare_modes(
+            first, 1, ("original", "depthwise"), args.modes, args.repeats, args.warmup, device, dtype, progress=PROGRESS))
+    if "onnx" in args.sections:
+        print(f"\n== onnx: {first}, batch 1, CPU float32", flush=True)
+        tables["onnx"] = section(args.out, "onnx", compare_onnx(
+            first, 1, args.variants, args.repeats, args.warmup, progress=PROGRESS))
+    if "scoring" in args.sections:
+        model, size = args.scoring_model.rsplit(":", 1)
+        print(f"\n== scoring: {model} {size}px, {args.scoring_images} images, batch 8, fresh process each", flush=True)
+        tables["scoring"] = section(args.out, "scoring", scoring_memory(model, int(size), args.scoring_images, 8,
+                                                                      args.threads))
+    return tables
+
+
+def main() -> None:
+    try:
+        run(parse_args())
+    except ConvHeadsError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Replaced models under torch.compile and channels_last; the benchmark suite's rows and errors.
+
+The compile test uses the aot_eager backend: dynamo and AOTAutograd trace the whole model
+(fullgraph=True fails on any graph break) without inductor's C++ code generation, which alone
+takes 13-20 s for a tiny model on a cold cache on 2 CPU cores. The suite's `modes` section checks
+inductor's outputs against eager at the real settings.
+"""
+import json
+
+import pytest
+import torch
+
+from benchmarks import suite
+from convheads import ConvHeadsError
+from convheads.benchmark import Setting, benchmark_setting, compare_modes, sweep_blocks, time_models
+from conftest import replaced_tiny, tiny_vit
+
+
+def test_torch_compile_traces_every_replaced_layer_in_one_graph_with_the_same_outputs():
+    model = replaced_tiny()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    model.train()
+    compiled(x).sum().backward()  # training through the compiled graph reaches the new parameters
+    assert model.blocks[3].attn.logits.grad.abs().sum() > 0 and model.blocks[0].attn.conv.weight.grad.abs().sum() > 0
+
+
+def test_channels_last_weights_and_inputs_give_the_same_outputs():
+    model = replaced_tiny()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    model.to(memory_format=torch.channels_last)
+    assert model.blocks[0].attn.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), expected,
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_a_setting_gives_one_row_per_batch_size_and_variant_with_exact_cost_ratios():
+    rows = benchmark_setting(Setting("vit_tiny_patch16_224", 64, 6), batch_sizes=(1, 2), repeats=1, warmup=0)
+    assert [(r["batch_size"], r["variant"]) for r in rows] == [(b, v) for b in (1, 2) for v in
+                                                               ("original", "depthwise", "identity", "ensemble")]
+    by = {r["variant"]: r for r in rows[:4]}
+    assert by["original"]["speedup"] == 1.0 and by["original"]["macs_ratio"] == 1.0
+    # every variant removes more work than the one before it
+    assert 1 < by["depthwise"]["macs_ratio"] < by["identity"]["macs_ratio"] < by["ensemble"]["macs_ratio"]
+    assert by["original"]["params"] > by["depthwise"]["params"] > by["identity"]["params"] > by["ensemble"]["params"]
+    assert all(r["threads"] == torch.get_num_threads() and r["infer_step_time_p90"] >= r["infer_step_time"]
+               for r in rows)
+
+
+def test_the_sweep_replaces_one_more_block_per_step():
+    rows = sweep_blocks("vit_tiny_patch16_224", 32, repeats=1, warmup=0)
+    assert [r["blocks"] for r in rows] == list(range(13))
+    ratios = [r["macs_ratio"] for r in rows]
+    assert ratios[0] == 1.0 and all(a < b for a, b in zip(ratios, ratios[1:]))
+
+
+def test_modes_check_outputs_against_eager():
+    rows = compare_modes(Setting("vit_tiny_patch16_224", 32, 2), modes=("eager", "channels_last"), repeats=1,
+                         warmup=0)
+    assert [(r["variant"], r["mode"]) for r in rows] == [(v, m) for v in ("original", "depthwise")
+                                                         for m in ("eager", "channels_last")]
+    assert all(r["max_abs_diff"] < 1e-5 for r in rows)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: Setting.parse("vit_large_patch14_dinov2:336"), "MODEL:IMG_SIZE:BLOCKS"),
+    (lambda: Setting("vit_large_patch14_dinov", 336, 12).check(), "unknown timm model .*did you mean"),
+    (lambda: Setting("vit_tiny_patch16_224", 224, 13).check(), "has 12 blocks; replace 0 to 12"),
+    (lambda: Setting("vit_tiny_patch16_224", 100, 1).check(), "not divisible by patch_size"),
+    (lambda: Setting("resnet18", 224, 1).check(), "cannot build resnet18"),
+    (lambda: Setting("vit_tiny_patch16_224", 32, 1).build(["nop"]), "unknown variants"),
+    (lambda: time_models({"m": tiny_vit()}, torch.randn(1, 3, 32, 32), repeats=0), "repeats must be >= 1"),
+    (lambda: benchmark_setting(Setting("vit_tiny_patch16_224", 32, 1), repeats=-1), "repeats must be >= 1"),
+    (lambda: sweep_blocks("vit_tiny_patch16_224", 32, variant="original"), "variant must be one of"),
+])
+def test_bad_benchmark_arguments_get_clear_errors(call, match):
+    with pytest.raises(ConvHeadsError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--settings", "vit_huge_patch99:224:1"], "unknown timm model 'vit_huge_patch99'"),
+    (["--repeats", "0"], "repeats must be >= 1"),
+    (["--sweep-repeats", "-2"], "repeats must be >= 1"),
+    (["--batch-sizes", "0"], "batch-sizes must be >= 1"),
+    (["--scoring-model", "vit_small_patch16_224"], "MODEL:IMG_SIZE"),
+])
+def test_the_suite_checks_its_arguments_before_running_anything(argv, match, tmp_path):
+    with pytest.raises(ConvHeadsError, match=match):
+        suite.run(suite.parse_args(["--quick", "--out", str(tmp_path)] + argv))
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_suite_writes_tables_and_the_sweep_plot(tmp_path):
+    tables = suite.run(suite.parse_args(["--quick", "--settings", "vit_tiny_patch16_224:32:2", "--sections",
+                                         "latency", "sweep", "--out", str(tmp_path)]))
+    assert set(tables) == {"latency", "sweep"}
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"run.json", "latency.csv", "latency.json", "sweep.csv", "sweep.json", "sweep.png"}
+    assert len(json.loads((tmp_path / "latency.json").read_text())) == 2 * 4  # quick: batch sizes 1, 2
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
