@@ -75,7 +75,7 @@ class ScoreConfig(Section):
 
 class SelectConfig(Section):
     """What to replace; the first rule that is set wins: blocks, then count, then fraction."""
-    granularity: Literal[GRANULARITIES] = "head"
+    granularity: Literal[GRANULARITIES] = "block"
     blocks: Optional[List[int]] = None      # exactly these whole blocks (e.g. a published list)
     count: Optional[PositiveInt] = None     # this many heads (or blocks, by granularity)
     fraction: Optional[float] = Field(0.5, gt=0, le=1)  # this fraction of all heads (or blocks)

@@ -64,6 +64,7 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(repo):
     assert len(runs) == 2 and {r.data.params["recover.lr"] for r in runs} == {"0.0005", "0.002"}
 
     # an experiment with one parameter set on the command line reruns from the stage that reads it
-    assert ran(sh(repo, "dvc", "exp", "run", "-S", "select.fraction=0.25"))[0] == "select"
+    assert ran(sh(repo, "dvc", "exp", "run", "-S", "select.granularity=head", "-S", "select.fraction=0.25"))[0] \
+        == "select"
     selection = json.loads((repo / "outputs/select/selection.json").read_text())
     assert sum(len(h) for h in selection["heads"].values()) == 2  # a quarter of 2 blocks x 4 heads

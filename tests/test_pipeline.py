@@ -139,7 +139,8 @@ def test_preflight_names_the_bad_key_or_file(tmp_path):
         ({"model": {"checkpoint": str(tmp_path / "wrong.pt")}}, r"model.checkpoint .*wrong.pt does not fit"),
         ({"data": {"source": "folder", "path": str(tmp_path / "nowhere")}}, "data.path: .*nowhere is not a folder"),
         ({"select": {"blocks": [5]}}, r"select.blocks: \[5\] out of range"),
-        ({"select": {"count": 9, "fraction": None}}, "select.count: 9 is more than the model's 8 heads"),
+        ({"select": {"count": 9, "granularity": "head"}}, "select.count: 9 is more than the model's 8 heads"),
+        ({"select": {"count": 3}}, "select.count: 3 is more than the model's 2 blocks"),
     ]:
         data = json.loads(json.dumps(base))
         for section, values in change.items():
@@ -193,9 +194,8 @@ def test_the_ensemble_variant_replaces_whole_blocks_and_ships_folded(finished_pi
     from convheads import EnsembleHeadAttention
     params = tiny_params(finished_pipeline)
     with pytest.raises(ConvHeadsError, match="replace.variant=ensemble merges whole blocks"):
-        validate({**params, "replace": {"variant": "ensemble"}})
-    cfg = validate({**params, "replace": {"variant": "ensemble"}, "select": {"granularity": "block", "count": 1,
-                                                                            "fraction": None}})
+        validate({**params, "replace": {"variant": "ensemble"}, "select": {"granularity": "head"}})
+    cfg = validate({**params, "replace": {"variant": "ensemble"}, "select": {"granularity": "block", "count": 1}})
     ran = [n for n, o in run_all(cfg).items() if not o.skipped]
     assert ran == ["select", "replace", "recover", "evaluate", "benchmark"]
     layers = [m for m in load_model(f"{cfg.paths.outputs}/recover/model.pt").modules()
