@@ -49,7 +49,8 @@ def run_select(cfg: PipelineConfig, out: Path) -> Dict:
     (out / SELECTION).write_text(selection.to_json() + "\n")
     plot_scores(scores, selection, out / HEATMAP)
     return {"heads_replaced": selection.num_replaced, "heads_total": depth * num_heads,
-            "blocks_touched": len(selection.heads)}
+            "blocks_touched": len(selection.heads),
+            "whole_blocks": sorted(b for b, h in selection.heads.items() if len(h) == num_heads)}
 
 
 def load_selection(cfg: PipelineConfig) -> Selection:

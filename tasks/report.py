@@ -16,6 +16,7 @@ def summary(cfg: PipelineConfig) -> Dict:
         "baseline_top1": ev["baseline"]["top1"], "replaced_top1": ev["replaced"]["top1"],
         "compressed_top1": ev["compressed"]["top1"], "top1_drop": ev["top1_drop"],
         "heads_replaced": sel["heads_replaced"], "heads_total": sel["heads_total"],
+        "whole_blocks": sel["whole_blocks"],
         "params_baseline": bench["baseline_params"], "params_compressed": bench["compressed_params"],
         "gmacs_baseline": bench["baseline_gmacs"], "gmacs_compressed": bench["compressed_gmacs"],
         "latency_ms_baseline": bench[f"baseline_b{b1}_ms"], "latency_ms_compressed": bench[f"compressed_b{b1}_ms"],
@@ -29,7 +30,8 @@ def table(s: Dict) -> str:
     rows = [
         ("test top-1", f"{s['baseline_top1']:.2%}", f"{s['compressed_top1']:.2%}",
          f"{-s['top1_drop'] * 100:+.2f} pts (before recovery: {s['replaced_top1']:.2%})"),
-        ("heads replaced", "-", f"{s['heads_replaced']} of {s['heads_total']}", ""),
+        ("heads replaced", "-", f"{s['heads_replaced']} of {s['heads_total']}",
+         f"whole blocks {', '.join(map(str, s['whole_blocks']))}" if s["whole_blocks"] else "scattered"),
         ("parameters", f"{s['params_baseline']:,}", f"{s['params_compressed']:,}",
          f"{s['params_compressed'] / s['params_baseline'] - 1:+.1%}"),
         ("GMACs / image", f"{s['gmacs_baseline']:.4g}", f"{s['gmacs_compressed']:.4g}",

@@ -203,3 +203,16 @@ def test_the_ensemble_variant_replaces_whole_blocks_and_ships_folded(finished_pi
     assert len(layers) == 1 and layers[0].folded
     bench = read_record(cfg, "benchmark")["summary"]
     assert bench["compressed_params"] < bench["baseline_params"]
+
+
+def test_the_closing_summary_reports_what_the_stages_measured(finished_pipeline):
+    from tasks.report import summary, table
+    cfg = validate(tiny_params(finished_pipeline))
+    s = summary(cfg)
+    metrics = json.loads(open(f"{cfg.paths.outputs}/evaluate/metrics.json").read())
+    selection = json.loads(open(f"{cfg.paths.outputs}/select/selection.json").read())
+    assert s["compressed_top1"] == metrics["compressed"]["top1"] and s["top1_drop"] == metrics["top1_drop"]
+    assert (s["heads_replaced"], s["heads_total"]) == (4, 8) and s["whole_blocks"] == [int(b) for b in selection["heads"]]
+    text = table(s)
+    assert f"{metrics['compressed']['top1']:.2%}" in text and "4 of 8" in text
+    assert f"whole blocks {s['whole_blocks'][0]}" in text and f"{s['speedup_b4']:.3f}x" in text
