@@ -20,6 +20,7 @@ from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
 from convheads import ConvHeadsError
+from flows import exit_status
 from tasks import preflight
 from tasks.config import PipelineConfig, load_config
 from tasks.registry import register
@@ -86,14 +87,7 @@ def main(argv=None) -> int:
     except ConvHeadsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    state = compress(config=config, run_name=args.run_name, force=args.force, return_state=True)
-    if state.is_failed():
-        try:
-            state.result()
-        except ConvHeadsError as e:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(compress(config=config, run_name=args.run_name, force=args.force, return_state=True))
 
 
 if __name__ == "__main__":

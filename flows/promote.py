@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 from prefect import flow, get_run_logger
 
-from convheads import ConvHeadsError
+from flows import exit_status
 from tasks.config import load_config
 from tasks.registry import client_for, set_champion
 
@@ -41,12 +41,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     state = promote(args.version, args.model_name, args.tracking_uri, args.reason, args.params, return_state=True)
     if state.is_failed():
-        try:
-            state.result()
-        except ConvHeadsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 1
+        return exit_status(state)
     result = state.result()
     print(f"{result['model_name']}: champion -> version {result['version']} (was {result['previous_champion']})")
     return 0

@@ -1,11 +1,9 @@
-import torch
-
 from convheads import model_cost
 from conftest import tiny_vit
 
 
 def test_macs_of_an_unmodified_vit_follow_the_formula():
-    C, D, H, N, p = 32, 3, 4, 17, 8           # tiny_vit: 4 x 4 patches + CLS, 5 classes, MLP ratio 4
+    C, D, N, p = 32, 3, 17, 8                 # tiny_vit: 4 x 4 patches + CLS, 5 classes, MLP ratio 4
     cost = model_cost(tiny_vit())
     patch_embed = 16 * C * 3 * p * p
     per_block = N * (3 * C * C + C * C + 2 * 4 * C * C) + 2 * N * N * C

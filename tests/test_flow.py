@@ -17,7 +17,7 @@ from prefect.settings import PREFECT_API_URL
 
 from convheads import ConvHeadsError, load_model
 from flows.compress import compress
-from flows.promote import promote
+from flows.promote import main as promote_main, promote
 from tasks.config import validate
 from tasks.registry import CHALLENGER, CHAMPION
 from tasks.stages import STAGES
@@ -26,7 +26,8 @@ from conftest import tiny_params
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def test_the_flow_logs_every_stage_to_one_mlflow_run_and_skips_when_up_to_date(prefect_api, tiny_config, tmp_path):
+def test_the_flow_logs_every_stage_to_one_mlflow_run_and_skips_when_up_to_date(prefect_api, tiny_config, tmp_path,
+                                                                                capsys):
     result = compress(config=tiny_config)
     client = mlflow.MlflowClient(tiny_config.tracking.tracking_uri)
     run = client.get_run(result["mlflow_run_id"])
@@ -90,6 +91,9 @@ def test_the_flow_logs_every_stage_to_one_mlflow_run_and_skips_when_up_to_date(p
     assert state.is_failed()
     with pytest.raises(ConvHeadsError, match="has no version '5'"):
         state.result()
+    assert promote_main(["5", "--params", str(params)]) == 2  # the command line: a message, no traceback
+    assert "has no version '5'" in capsys.readouterr().err
+    assert client.get_registered_model(registry["model_name"]).aliases[CHAMPION] in (1, "1")
 
 
 def test_the_command_line_rejects_bad_configuration_before_any_work(tmp_path):

@@ -1,10 +1,9 @@
 """The replacement layer computes what METHOD.md's derivation says it does."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import convheads
-from convheads import ConvHeadAttention, Selection, gaussian_kernel, replace_heads
+from convheads import Selection, gaussian_kernel, replace_heads
 from conftest import banded_attention, prefixed_vit, tiny_vit, value_and_output_weights
 
 

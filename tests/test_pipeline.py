@@ -1,6 +1,5 @@
 """The stages, run as the Prefect flow and DVC run them: outputs, skipping, resuming, errors."""
 import json
-import shutil
 
 import pandas as pd
 import pytest
