@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import psutil
 import torch
@@ -74,6 +74,13 @@ def time_models(models: Mapping[str, Callable], inputs: torch.Tensor, warmup: in
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def _time_pairs(runners: Mapping[Tuple[str, str], Callable], inputs: torch.Tensor, warmup: int, repeats: int,
+                progress: bool) -> Dict[Tuple[str, str], List[float]]:
+    """time_models for runners keyed by (variant, how it runs), interleaved, keyed the same way."""
+    times = time_models({f"{v}/{how}": r for (v, how), r in runners.items()}, inputs, warmup, repeats, progress)
+    return {key: times[f"{key[0]}/{key[1]}"] for key in runners}
 
 
 def latency_stats(times: List[float], batch_size: int) -> Dict[str, float]:
@@ -211,15 +218,12 @@ def compare_modes(setting: Setting, batch_size: int = 1, variants: Sequence[str]
                 extra[v, mode] = dict(max_abs_diff=float((out - expected).abs().max()),
                                       first_call_s=time.perf_counter() - start)
                 runners[v, mode] = run
-    times = time_models({f"{v}/{m}": r for (v, m), r in runners.items()}, x, warmup, repeats, progress)
-    med = {key: statistics.median(times[f"{key[0]}/{key[1]}"]) for key in runners}
-    rows = []
-    for (v, mode), t in med.items():
-        rows.append(setting.row(
-            variant=v, mode=mode, **latency_stats(times[f"{v}/{mode}"], batch_size),
-            speedup_vs_original=med["original", mode] / t if ("original", mode) in med else None,
-            speedup_vs_eager=med[v, "eager"] / t if (v, "eager") in med else None, **extra[v, mode]))
-    return rows
+    times = _time_pairs(runners, x, warmup, repeats, progress)
+    med = {key: statistics.median(t) for key, t in times.items()}
+    return [setting.row(variant=v, mode=mode, **latency_stats(times[v, mode], batch_size),
+                        speedup_vs_original=med["original", mode] / t if ("original", mode) in med else None,
+                        speedup_vs_eager=med[v, "eager"] / t if (v, "eager") in med else None, **extra[v, mode])
+            for (v, mode), t in med.items()]
 
 
 def compare_onnx(setting: Setting, batch_size: int = 1, variants: Sequence[str] = ("original", "depthwise", "ensemble"),
@@ -238,10 +242,9 @@ def compare_onnx(setting: Setting, batch_size: int = 1, variants: Sequence[str] 
             extra[v] = dict(export_s=time.perf_counter() - start, onnx_max_abs_diff=check_onnx(model, path),
                             onnx_mb=path.stat().st_size / 2**20)
             runners[v, "pytorch"], runners[v, "onnxruntime"] = model, OnnxModel(path)
-        times = time_models({f"{v}/{r}": m for (v, r), m in runners.items()},
-                            _inputs(batch_size, setting.img_size), warmup, repeats, progress)
-    med = {key: statistics.median(times[f"{key[0]}/{key[1]}"]) for key in runners}
-    return [setting.row(variant=v, runtime=r, **latency_stats(times[f"{v}/{r}"], batch_size),
+        times = _time_pairs(runners, _inputs(batch_size, setting.img_size), warmup, repeats, progress)
+    med = {key: statistics.median(t) for key, t in times.items()}
+    return [setting.row(variant=v, runtime=r, **latency_stats(times[v, r], batch_size),
                         speedup_vs_original=med["original", r] / t if ("original", r) in med else None,
                         speedup_vs_pytorch=med[v, "pytorch"] / t, **extra[v])
             for (v, r), t in med.items()]

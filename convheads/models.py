@@ -118,12 +118,18 @@ def _assign(model: nn.Module, state: dict) -> None:
         raise ConvHeadsError("part of the model was left uninitialised (built on the meta device)")
 
 
-def save_model(model: nn.Module, path: Union[str, Path]) -> Path:
-    """Save a (possibly replaced) model made by `create_model` so that `load_model` rebuilds it."""
+def _build_spec(model: nn.Module, purpose: str) -> dict:
+    """The timm name and kwargs create_model recorded on `model`, needed to rebuild it."""
     spec = getattr(model, "convheads_spec", None)
     if spec is None:
         raise ConvHeadsError("the model carries no build spec; create it with convheads.create_model(name, ...) "
-                             "so it can be rebuilt on load")
+                             f"so it can be rebuilt {purpose}")
+    return spec
+
+
+def save_model(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Save a (possibly replaced) model made by `create_model` so that `load_model` rebuilds it."""
+    spec = _build_spec(model, "on load")
     vit_info(model)
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec,
                "replacement": replacement_config(model),
@@ -154,7 +160,7 @@ def _rebuild(spec: dict, replacement: List[dict], state: dict, source: str) -> n
     for entry in replacement:
         replace_heads(model, Selection({entry["block"]: entry["heads"]}, info.depth, info.num_heads),
                       kernel_size=entry["kernel_size"], variant=entry["variant"])
-        if entry.get("folded"):  # files from before the ensemble variant have no "folded"
+        if entry["folded"]:
             model.blocks[entry["block"]].attn.fold()
     _assign(model, check_state_dict(model, state, source))
     return model.eval()
@@ -167,10 +173,7 @@ def at_resolution(model: nn.Module, img_size: Union[int, Tuple[int, int]]) -> nn
     weights at another size (bicubic), and frozen there (dynamic_img_size=False); every other
     weight is shared by value. This is how to export or deploy at one resolution.
     """
-    spec = getattr(model, "convheads_spec", None)
-    if spec is None:
-        raise ConvHeadsError("the model carries no build spec; create it with convheads.create_model(name, ...) "
-                             "so it can be rebuilt at another resolution")
+    spec = _build_spec(model, "at another resolution")
     info = vit_info(model)
     size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
     grid = info.patch_grid(*size)

@@ -87,6 +87,20 @@ def _is_index(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def _units(depth: int, num_heads: int, granularity: str) -> int:
+    """How many heads ("head") or blocks ("block") a model has to select from."""
+    if granularity not in GRANULARITIES:
+        raise ConvHeadsError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    return depth * num_heads if granularity == "head" else depth
+
+
+def check_count(count, depth: int, num_heads: int, granularity: str = "head") -> None:
+    """Raise unless `count` heads (or blocks) can be selected from a model of depth x num_heads."""
+    units = _units(depth, num_heads, granularity)
+    if not _is_index(count) or not 1 <= count <= units:
+        raise ConvHeadsError(f"count must be an integer from 1 to {units} (the model's {granularity}s); got {count!r}")
+
+
 def select_heads(
         scores: HeadScores,
         count: Optional[int] = None,
@@ -97,19 +111,15 @@ def select_heads(
 
     Ties are broken by index, so the result is deterministic.
     """
-    if granularity not in GRANULARITIES:
-        raise ConvHeadsError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
     depth, num_heads = scores.sigma_h.shape
-    units = depth * num_heads if granularity == "head" else depth
-    what = "heads" if granularity == "head" else "blocks"
+    units = _units(depth, num_heads, granularity)
     if (count is None) == (fraction is None):
         raise ConvHeadsError("give exactly one of count= or fraction=")
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise ConvHeadsError(f"fraction must be in (0, 1]; got {fraction}")
         count = max(1, round(fraction * units))
-    if not _is_index(count) or not 1 <= count <= units:
-        raise ConvHeadsError(f"count must be an integer from 1 to {units} (the model's {what}); got {count!r}")
+    check_count(count, depth, num_heads, granularity)
     if granularity == "block":
         order = torch.argsort(scores.sigma_b, stable=True)[:count].tolist()
         return Selection.from_blocks(order, num_heads=num_heads, depth=depth)

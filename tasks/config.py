@@ -11,6 +11,7 @@ from convheads.selection import GRANULARITIES
 from convheads.surgery import INITS, VARIANTS
 from convheads.training import TRAINABLE
 
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

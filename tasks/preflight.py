@@ -1,11 +1,13 @@
 """Checks that need no real work, run before the first stage: a bad configuration fails in
 seconds with a message naming the key or file, not an hour into training."""
+import contextlib
 from pathlib import Path
 
 import torch
 
-from convheads import ConvHeadsError, create_model, vit_info
+from convheads import ConvHeadsError, Selection, create_model, vit_info
 from convheads.models import check_state_dict, read_state_dict
+from convheads.selection import check_count
 
 from .config import PipelineConfig
 
@@ -16,21 +18,25 @@ def check(cfg: PipelineConfig) -> None:
     if cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
         raise ConvHeadsError(f"data.path: {cfg.data.path} is not a folder (expected <path>/<class>/<image>)")
     # The model as configured, built on the meta device (no memory, no init): name and kwargs.
-    try:
+    with _named("model"):
         model = create_model(cfg.model.name, device="meta", **{**cfg.model.kwargs, "num_classes": 2})
-    except ConvHeadsError as e:
-        raise ConvHeadsError(f"model: {e}") from None
     info = vit_info(model)
     if cfg.model.checkpoint is not None:
         check_state_dict(model, read_state_dict(cfg.model.checkpoint), f"model.checkpoint {cfg.model.checkpoint}",
                          new_classifier=True)
     s = cfg.select
     if s.blocks is not None:
-        bad = [b for b in s.blocks if not 0 <= b < info.depth]
-        if bad:
-            raise ConvHeadsError(f"select.blocks: {bad} out of range; {cfg.model.name} has blocks 0..{info.depth - 1}")
+        with _named("select.blocks"):
+            Selection.from_blocks(s.blocks, info.num_heads, info.depth).check(info.depth, info.num_heads)
     elif s.count is not None:
-        units = info.depth * info.num_heads if s.granularity == "head" else info.depth
-        if s.count > units:
-            raise ConvHeadsError(f"select.count: {s.count} is more than the model's {units} "
-                                 f"{'heads' if s.granularity == 'head' else 'blocks'}")
+        with _named("select.count"):
+            check_count(s.count, info.depth, info.num_heads, s.granularity)
+
+
+@contextlib.contextmanager
+def _named(key: str):
+    """Prefix a convheads error with the configuration key it came from."""
+    try:
+        yield
+    except ConvHeadsError as e:
+        raise ConvHeadsError(f"{key}: {e}") from None

@@ -137,9 +137,10 @@ def test_preflight_names_the_bad_key_or_file(tmp_path):
         ({"model": {"checkpoint": str(tmp_path / "missing.pt")}}, "checkpoint file not found"),
         ({"model": {"checkpoint": str(tmp_path / "wrong.pt")}}, r"model.checkpoint .*wrong.pt does not fit"),
         ({"data": {"source": "folder", "path": str(tmp_path / "nowhere")}}, "data.path: .*nowhere is not a folder"),
-        ({"select": {"blocks": [5]}}, r"select.blocks: \[5\] out of range"),
-        ({"select": {"count": 9, "granularity": "head"}}, "select.count: 9 is more than the model's 8 heads"),
-        ({"select": {"count": 3}}, "select.count: 3 is more than the model's 2 blocks"),
+        ({"select": {"blocks": [5]}}, r"select.blocks: the selection names block 5 but the model has 2 blocks"),
+        ({"select": {"blocks": [1, 1]}}, r"select.blocks: selection lists a block twice: \[1, 1\]"),
+        ({"select": {"count": 9, "granularity": "head"}}, r"select.count: .* from 1 to 8 \(the model's heads\); got 9"),
+        ({"select": {"count": 3}}, r"select.count: .* from 1 to 2 \(the model's blocks\); got 3"),
     ]:
         data = json.loads(json.dumps(base))
         for section, values in change.items():
