@@ -1,11 +1,26 @@
 """Prefect flows: the compression pipeline (compress), its schedule (serve) and promotion."""
 import os
 import sys
-
-from convheads import ConvHeadsError
+from typing import List, Optional
 
 # An offline or private machine should not try to phone home on every flow run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from convheads import ConvHeadsError  # noqa: E402
+from tasks import preflight  # noqa: E402
+from tasks.config import PipelineConfig, load_config  # noqa: E402
+
+
+def checked_config(params_file: str, overrides: List[str]) -> Optional[PipelineConfig]:
+    """The validated configuration for a command line, checked in seconds before the Prefect server
+    starts; None (and the message printed) if it is bad."""
+    try:
+        config = load_config(params_file, overrides)
+        preflight.check(config)
+    except ConvHeadsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    return config
 
 
 def exit_status(state) -> int:

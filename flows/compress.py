@@ -19,10 +19,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
-from convheads import ConvHeadsError
-from flows import exit_status
+from flows import checked_config, exit_status
 from tasks import preflight
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig
 from tasks.registry import register
 from tasks.report import summary, table
 from tasks.stage import code_version, up_to_date
@@ -81,11 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="log and register even if nothing changed")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
     args = p.parse_args(argv)
-    try:
-        config = load_config(args.params, args.overrides)
-        preflight.check(config)  # fail in seconds, before the Prefect server starts
-    except ConvHeadsError as e:
-        print(f"error: {e}", file=sys.stderr)
+    config = checked_config(args.params, args.overrides)
+    if config is None:
         return 2
     return exit_status(compress(config=config, run_name=args.run_name, force=args.force, return_state=True))
 

@@ -14,10 +14,9 @@ import sys
 from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 
-from convheads import ConvHeadsError
+from flows import checked_config
 from flows.compress import compress
-from tasks import preflight
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig
 
 
 def deployment(config: PipelineConfig):
@@ -36,11 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    try:
-        config = load_config(args.params, args.overrides)
-        preflight.check(config)
-    except (ConvHeadsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    config = checked_config(args.params, args.overrides)
+    if config is None:
         return 2
     serve(deployment(config))
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 import mlflow
+import pandas as pd
 import yaml
 from mlflow.models import infer_signature
 
@@ -129,8 +130,6 @@ def _inside(run_id: str) -> Iterator[None]:
 
 
 def _history_rows(path: Path):
-    import pandas as pd
-
     return pd.read_csv(path).to_dict("records")
 
 

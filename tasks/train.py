@@ -10,7 +10,6 @@ from convheads.training import train
 from .config import PipelineConfig, TrainConfig
 from .data import read_meta
 from .inputs import MODEL_FILE, loader, stage_model
-from .stage import output_dir
 
 HISTORY = "history.csv"
 
@@ -42,7 +41,3 @@ def run_baseline(cfg: PipelineConfig, out: Path) -> Dict:
 def run_recover(cfg: PipelineConfig, out: Path) -> Dict:
     model = stage_model(cfg, "replace")
     return _fit(cfg, cfg.recover, model, out, trainable=cfg.recover.trainable, fold=True)
-
-
-def history(cfg: PipelineConfig, stage: str) -> pd.DataFrame:
-    return pd.read_csv(output_dir(cfg, stage) / HISTORY)

@@ -103,6 +103,11 @@ def test_the_command_line_rejects_bad_configuration_before_any_work(tmp_path):
     assert "recover.epoch: unknown key" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "outputs").exists()
 
+    proc = subprocess.run([sys.executable, "-m", "flows.serve", "--params", str(tmp_path / "none.yaml"),
+                           "schedule.cron=every day"], cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "schedule.cron 'every day'" in proc.stderr and "Traceback" not in proc.stderr
+
 
 def test_the_scheduled_deployment_exists_and_runs_on_demand(prefect_api, tmp_path):
     params = tiny_params(tmp_path)
