@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import convheads
-from convheads.benchmark import latency_stats, time_models
+from benchmarks.timing import latency_stats, time_models
 
 
 class StraightforwardConvAttention(nn.Module):

@@ -27,8 +27,9 @@ import pandas as pd
 import torch
 
 from convheads import ConvHeadsError
-from convheads.benchmark import (MODES, VARIANTS, Setting, benchmark_setting, check_repeats, compare_modes,
-                                 compare_onnx, scoring_memory, sweep_blocks)
+from benchmarks.measure import (MODES, VARIANTS, Setting, benchmark_setting, compare_modes, compare_onnx,
+                                scoring_memory, sweep_blocks)
+from benchmarks.timing import check_repeats
 from convheads.files import atomic_path
 
 SECTIONS = ("latency", "sweep", "modes", "onnx", "scoring")

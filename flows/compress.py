@@ -24,10 +24,27 @@ from tasks import preflight
 from tasks.config import PipelineConfig
 from tasks.registry import register
 from tasks.report import summary, table
-from tasks.stage import code_version, up_to_date
-from tasks.stages import STAGES
-from tasks.steps import stage_task, track_stage
-from tasks.tracking import FINGERPRINT_TAG, config_hash, last_run_with, pipeline_run, tracking_uri
+from tasks.pipeline import STAGES
+from tasks.runner import Outcome, code_version, execute, up_to_date
+from tasks.tracking import FINGERPRINT_TAG, config_hash, last_run_with, log_stage, pipeline_run, tracking_uri
+
+# Only the data stage can fail transiently (downloads); training failures are not worth a retry.
+RETRIES = {"data": 2}
+
+
+@task(cache_policy=NONE)  # stages skip themselves by fingerprint; Prefect need not cache results
+def run_stage(name: str, cfg: PipelineConfig) -> Outcome:
+    return execute(STAGES[name], cfg)
+
+
+@task(cache_policy=NONE, retries=3, retry_delay_seconds=5)  # a tracking server may hiccup
+def track_stage(cfg: PipelineConfig, name: str, run_id: str, skipped: bool) -> None:
+    log_stage(cfg, name, run_id, skipped=skipped)
+
+
+def stage_task(name: str):
+    return run_stage.with_options(name=name, task_run_name=name, retries=RETRIES.get(name, 0),
+                                  retry_delay_seconds=10)
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)  # idempotent: a retry reuses the version

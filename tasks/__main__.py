@@ -12,8 +12,8 @@ from convheads import ConvHeadsError
 
 from . import preflight
 from .config import load_config
-from .stage import execute
-from .stages import STAGES
+from .runner import execute
+from .pipeline import STAGES
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ from convheads.data import make_loader
 
 from .config import PipelineConfig
 from .data import read_meta
-from .stage import output_dir
+from .runner import output_dir
 
 MODEL_FILE = "model.pt"
 

@@ -17,7 +17,7 @@ from convheads.evaluation import evaluate
 
 from .config import PipelineConfig
 from .inputs import loader, stage_model
-from .stage import read_record
+from .runner import read_record
 from .tracking import LOGGED_MODELS, git_commit, tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"

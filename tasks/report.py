@@ -4,7 +4,7 @@ from typing import Dict
 import pandas as pd
 
 from .config import PipelineConfig
-from .stage import read_record
+from .runner import read_record
 
 
 def summary(cfg: PipelineConfig) -> Dict:

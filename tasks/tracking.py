@@ -23,9 +23,9 @@ from convheads import ConvHeadsError
 
 from .config import PipelineConfig
 from .inputs import MODEL_FILE, loader, stage_model
-from .stage import PROJECT, STAGE_FILE, output_dir, read_record, up_to_date
-from .stages import STAGES
-from .train import HISTORY
+from .runner import PROJECT, STAGE_FILE, output_dir, read_record, up_to_date
+from .pipeline import STAGES
+from .baseline import HISTORY
 
 FINGERPRINT_TAG = "pipeline_fingerprint"  # all stage fingerprints: equal means nothing changed
 

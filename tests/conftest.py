@@ -91,8 +91,8 @@ def prefect_api():
 @pytest.fixture(scope="session")
 def _finished_pipeline(tmp_path_factory):
     from tasks.config import validate
-    from tasks.stage import execute
-    from tasks.stages import STAGES
+    from tasks.runner import execute
+    from tasks.pipeline import STAGES
 
     root = tmp_path_factory.mktemp("finished")
     cfg = validate(tiny_params(root))

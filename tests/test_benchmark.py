@@ -12,7 +12,8 @@ import torch
 
 from benchmarks import suite
 from convheads import ConvHeadsError
-from convheads.benchmark import Setting, benchmark_setting, compare_modes, sweep_blocks, time_models
+from benchmarks.measure import Setting, benchmark_setting, compare_modes, sweep_blocks
+from benchmarks.timing import time_models
 from conftest import replaced_tiny, tiny_vit
 
 

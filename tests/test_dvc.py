@@ -25,7 +25,7 @@ def sh(cwd, *args):
 
 @pytest.fixture
 def repo(tmp_path):
-    for name in ("convheads", "tasks"):
+    for name in ("convheads", "tasks", "benchmarks"):
         shutil.copytree(PROJECT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT / "dvc.yaml", tmp_path)
     params = tiny_params(".")  # paths relative to the repository, as in the real params.yaml

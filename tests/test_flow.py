@@ -20,7 +20,7 @@ from flows.compress import compress
 from flows.promote import main as promote_main, promote
 from tasks.config import validate
 from tasks.registry import CHALLENGER, CHAMPION
-from tasks.stages import STAGES
+from tasks.pipeline import STAGES
 from conftest import tiny_params
 
 PROJECT = Path(__file__).resolve().parent.parent

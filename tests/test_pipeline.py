@@ -9,8 +9,8 @@ from PIL import Image
 from convheads import ConvHeadsError, load_model
 from tasks import preflight
 from tasks.config import PipelineConfig, load_config, validate
-from tasks.stage import execute, read_record
-from tasks.stages import STAGES
+from tasks.runner import execute, read_record
+from tasks.pipeline import STAGES
 from conftest import tiny_params
 
 
@@ -67,12 +67,12 @@ def test_same_params_same_seed_same_metrics(tmp_path):
 
 
 def test_an_interrupted_stage_leaves_no_outputs_and_resumes_where_it_stopped(tmp_path, monkeypatch):
-    import tasks.train
+    import tasks.baseline
 
     cfg = validate({**tiny_params(tmp_path / "x"), "recover": {"epochs": 2, "batch_size": 64}})
     for name in ("data", "baseline", "score", "select", "replace"):
         execute(STAGES[name], cfg)
-    real_train = tasks.train.train
+    real_train = tasks.baseline.train
 
     def interrupted(*args, **kwargs):
         def stop(row):
@@ -80,14 +80,14 @@ def test_an_interrupted_stage_leaves_no_outputs_and_resumes_where_it_stopped(tmp
                 raise KeyboardInterrupt
         return real_train(*args, on_epoch=stop, **kwargs)
 
-    monkeypatch.setattr(tasks.train, "train", interrupted)
+    monkeypatch.setattr(tasks.baseline, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         execute(STAGES["recover"], cfg)
     assert not (tmp_path / "x/outputs/recover").exists()
     assert list((tmp_path / "x/outputs").glob(".recover.*.partial/resume.pt"))
 
     epochs_run = []
-    monkeypatch.setattr(tasks.train, "train", lambda *a, **k: real_train(*a, on_epoch=epochs_run.append, **k))
+    monkeypatch.setattr(tasks.baseline, "train", lambda *a, **k: real_train(*a, on_epoch=epochs_run.append, **k))
     resumed = execute(STAGES["recover"], cfg)
     assert [r["epoch"] for r in epochs_run] == [2]  # epoch 1 came from the checkpoint
     assert not list((tmp_path / "x/outputs").glob(".recover.*"))

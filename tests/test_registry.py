@@ -8,8 +8,8 @@ import torch
 from convheads import ConvHeadsError, load_model, save_model
 from tasks.config import validate
 from tasks.registry import CHALLENGER, CHAMPION, client_for, gate, load_champion, register, set_champion
-from tasks.stage import execute, output_dir
-from tasks.stages import STAGES
+from tasks.runner import execute, output_dir
+from tasks.pipeline import STAGES
 from tasks.tracking import LOGGED_MODELS, log_model, pipeline_run
 from conftest import tiny_params
 

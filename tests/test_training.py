@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from convheads import ConvHeadsError, Selection, replace_heads
-from convheads.benchmark import latency_stats, percentile, time_models
+from benchmarks.timing import latency_stats, percentile, time_models
 from convheads.data import ImageFolderSplit, digits_images, folder_hash, split_indices, write_split_folders
 from convheads.evaluation import evaluate
 from convheads.training import new_parameters, train

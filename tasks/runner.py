@@ -53,9 +53,9 @@ def output_dir(cfg: PipelineConfig, name: str) -> Path:
 
 
 def code_version() -> str:
-    """A hash of the library and stage code: changing either reruns the stages."""
+    """A hash of the library, stage and timing code: changing any reruns the stages."""
     h = hashlib.sha256()
-    for path in sorted([*(PROJECT / "convheads").rglob("*.py"), *(PROJECT / "tasks").rglob("*.py")]):
+    for path in sorted(p for part in ("convheads", "tasks", "benchmarks") for p in (PROJECT / part).rglob("*.py")):
         h.update(path.relative_to(PROJECT).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

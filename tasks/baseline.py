@@ -1,4 +1,4 @@
-"""Stages 2 and 6: fine-tune the baseline ViT on the task, and recover accuracy after replacement."""
+"""Stage 2: fine-tune the ViT on the task (step 1 of the method). `fine_tune` also serves recovery."""
 from pathlib import Path
 from typing import Dict
 
@@ -9,12 +9,14 @@ from convheads.training import train
 
 from .config import PipelineConfig, TrainConfig
 from .data import read_meta
-from .inputs import MODEL_FILE, loader, stage_model
+from .inputs import MODEL_FILE, loader
 
 HISTORY = "history.csv"
 
 
-def _fit(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainable: str = "all", fold: bool = False) -> Dict:
+def fine_tune(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainable: str = "all",
+              fold: bool = False) -> Dict:
+    """Train `model` with the `tcfg` settings; write model.pt and history.csv into `out`."""
     resume = out / "resume.pt"  # the stage's work folder survives an interruption: resume there
     history = train(model, loader(cfg, model, "train", tcfg.batch_size, train=True, augment=tcfg.augment),
                     loader(cfg, model, "val", cfg.evaluate.batch_size), epochs=tcfg.epochs, lr=tcfg.lr,
@@ -31,13 +33,8 @@ def _fit(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainable: st
             **{k: v for k, v in last.items() if k.startswith("val_")}}
 
 
-def run_baseline(cfg: PipelineConfig, out: Path) -> Dict:
+def run(cfg: PipelineConfig, out: Path) -> Dict:
     m = cfg.model
     kwargs = {**m.kwargs, "num_classes": len(read_meta(cfg)["classes"])}
     model = create_model(m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, **kwargs)
-    return _fit(cfg, cfg.baseline, model, out)
-
-
-def run_recover(cfg: PipelineConfig, out: Path) -> Dict:
-    model = stage_model(cfg, "replace")
-    return _fit(cfg, cfg.recover, model, out, trainable=cfg.recover.trainable, fold=True)
+    return fine_tune(cfg, cfg.baseline, model, out)

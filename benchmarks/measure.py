@@ -1,93 +1,31 @@
-"""Latency measurement: several models timed interleaved in one process, so that drift in the
-machine's speed (thermal, other load) hits every model alike and the ratios stay honest.
-
-The measurements of the benchmark suite (benchmarks/suite.py) live here so a pipeline can log
-their rows: `benchmark_setting` (the variants of one model), `sweep_blocks` (speedup against the
-number of replaced blocks), `compare_modes` (eager, channels_last, torch.compile), `compare_onnx`
-(onnxruntime beside PyTorch) and `scoring_memory` (the head-scoring pass). Each returns a list of
-flat dicts, one per row. Models have random weights: speed does not depend on their values.
+"""The measurements of the benchmark suite (benchmarks/suite.py), one function each, returning a
+list of flat dicts (one per row): `benchmark_setting` (the variants of one model), `sweep_blocks`
+(speedup against the number of replaced blocks), `compare_modes` (eager, channels_last,
+torch.compile), `compare_onnx` (onnxruntime beside PyTorch) and `scoring_memory` (the
+head-scoring pass). Models have random weights: speed does not depend on their values.
 """
 import concurrent.futures
 import copy
 import multiprocessing
 import statistics
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cost import model_cost
-from .ensemble import fold_ensembles
-from .errors import ConvHeadsError
-from .export import OnnxModel, check_onnx, export_onnx
-from .models import create_model
-from .scoring import score_heads
-from .selection import Selection
-from .surgery import replace_heads
-from .vit import vit_info
+from convheads import ConvHeadsError, Selection, create_model, fold_ensembles, model_cost, replace_heads, score_heads
+from convheads import vit_info
+from convheads.export import OnnxModel, check_onnx, export_onnx
+
+from .timing import PeakMemory, check_repeats, latency_stats, time_models, time_pairs
 
 VARIANTS = ("original", "depthwise", "identity", "ensemble")
 MODES = ("eager", "channels_last", "compile")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def percentile(values: List[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100])."""
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
-
-
-def check_repeats(repeats: int, warmup: int) -> None:
-    if not isinstance(repeats, int) or not isinstance(warmup, int) or repeats < 1 or warmup < 0:
-        raise ConvHeadsError(f"repeats must be >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}")
-
-
-@torch.inference_mode()
-def time_models(models: Mapping[str, Callable], inputs: torch.Tensor, warmup: int = 3, repeats: int = 7,
-                progress: bool = False) -> Dict[str, List[float]]:
-    """Seconds per forward pass of each model (a module or any callable) on `inputs`, `repeats`
-    rounds, models interleaved."""
-    check_repeats(repeats, warmup)
-    for m in models.values():
-        if isinstance(m, nn.Module):
-            m.eval()
-    times: Dict[str, List[float]] = {name: [] for name in models}
-    for r in tqdm(range(warmup + repeats), desc="timing", unit="round", disable=not progress, leave=False):
-        for name, model in models.items():
-            _sync(inputs.device)
-            start = time.perf_counter()
-            model(inputs)
-            _sync(inputs.device)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-def _time_pairs(runners: Mapping[Tuple[str, str], Callable], inputs: torch.Tensor, warmup: int, repeats: int,
-                progress: bool) -> Dict[Tuple[str, str], List[float]]:
-    """time_models for runners keyed by (variant, how it runs), interleaved, keyed the same way."""
-    times = time_models({f"{v}/{how}": r for (v, how), r in runners.items()}, inputs, warmup, repeats, progress)
-    return {key: times[f"{key[0]}/{key[1]}"] for key in runners}
-
-
-def latency_stats(times: List[float], batch_size: int) -> Dict[str, float]:
-    """timm benchmark field names: infer_step_time (ms, median), its p90, infer_samples_per_sec."""
-    median = statistics.median(times)
-    return {"batch_size": batch_size, "infer_step_time": median * 1e3,
-            "infer_step_time_p90": percentile(times, 90) * 1e3, "infer_samples_per_sec": batch_size / median}
 
 
 @dataclass(frozen=True)
@@ -218,7 +156,7 @@ def compare_modes(setting: Setting, batch_size: int = 1, variants: Sequence[str]
                 extra[v, mode] = dict(max_abs_diff=float((out - expected).abs().max()),
                                       first_call_s=time.perf_counter() - start)
                 runners[v, mode] = run
-    times = _time_pairs(runners, x, warmup, repeats, progress)
+    times = time_pairs(runners, x, warmup, repeats, progress)
     med = {key: statistics.median(t) for key, t in times.items()}
     return [setting.row(variant=v, mode=mode, **latency_stats(times[v, mode], batch_size),
                         speedup_vs_original=med["original", mode] / t if ("original", mode) in med else None,
@@ -242,37 +180,12 @@ def compare_onnx(setting: Setting, batch_size: int = 1, variants: Sequence[str] 
             extra[v] = dict(export_s=time.perf_counter() - start, onnx_max_abs_diff=check_onnx(model, path),
                             onnx_mb=path.stat().st_size / 2**20)
             runners[v, "pytorch"], runners[v, "onnxruntime"] = model, OnnxModel(path)
-        times = _time_pairs(runners, _inputs(batch_size, setting.img_size), warmup, repeats, progress)
+        times = time_pairs(runners, _inputs(batch_size, setting.img_size), warmup, repeats, progress)
     med = {key: statistics.median(t) for key, t in times.items()}
     return [setting.row(variant=v, runtime=r, **latency_stats(times[v, r], batch_size),
                         speedup_vs_original=med["original", r] / t if ("original", r) in med else None,
                         speedup_vs_pytorch=med[v, "pytorch"] / t, **extra[v])
             for (v, r), t in med.items()]
-
-
-class _PeakMemory:
-    """The largest resident memory (MiB) of this process while the block runs, sampled by a thread
-    (torch ops release the GIL, so it keeps sampling while they run)."""
-
-    def __init__(self, every_s: float = 0.002):
-        self.every_s, self.peak_mb, self._done = every_s, 0.0, threading.Event()
-        self._process = psutil.Process()
-
-    def _sample(self) -> None:
-        while not self._done.is_set():
-            self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
-            time.sleep(self.every_s)
-
-    def __enter__(self) -> "_PeakMemory":
-        self.before_mb = self._process.memory_info().rss / 2**20
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
 
 
 def measure_scoring(model: str, img_size: int, num_images: int, batch_size: int = 8,
@@ -290,7 +203,7 @@ def measure_scoring(model: str, img_size: int, num_images: int, batch_size: int 
                for _ in range(-(-num_images // batch_size)))
     with torch.inference_mode():
         net(torch.randn(batch_size, 3, img_size, img_size, generator=g))  # warm-up: allocator, kernels
-    with _PeakMemory() as memory:
+    with PeakMemory() as memory:
         start = time.perf_counter()
         score_heads(net, batches, max_images=num_images, progress=False)
         seconds = time.perf_counter() - start

@@ -1,43 +1,20 @@
-"""Stages 3-5: score the baseline's heads, select the convolution-like ones, replace them."""
+"""Stage 4: select the heads (or whole blocks) to replace, and draw the scores with the choice."""
 import json
 from pathlib import Path
 from typing import Dict
 
-import pandas as pd
-import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend on servers and workers
 
-from convheads import (HeadScores, Selection, model_cost, replace_heads, save_model, score_heads, select_heads,
-                       vit_info)
+from convheads import HeadScores, Selection, select_heads
 
 from .config import PipelineConfig
-from .inputs import MODEL_FILE, loader, stage_model
-from .stage import output_dir
+from .runner import output_dir
+from .score import load_scores
 
-SCORES, SCORES_TABLE, SELECTION, HEATMAP = "scores.pt", "scores.csv", "selection.json", "heatmap.png"
-
-
-def run_score(cfg: PipelineConfig, out: Path) -> Dict:
-    model = stage_model(cfg, "baseline").to(cfg.device)
-    batches = loader(cfg, model, "train", cfg.score.batch_size, train=True, augment=False)
-    scores = score_heads(model, batches, max_images=cfg.score.max_images)
-    torch.save(scores.to_dict(), out / SCORES)
-    scores_table(scores).to_csv(out / SCORES_TABLE, index=False)
-    return {"num_images": scores.num_images, "sigma_h_min": scores.sigma_h.min().item(),
-            "sigma_h_max": scores.sigma_h.max().item()}
+SELECTION, HEATMAP = "selection.json", "heatmap.png"
 
 
-def scores_table(scores: HeadScores) -> pd.DataFrame:
-    depth, heads = scores.sigma_h.shape
-    return pd.DataFrame([{"block": b, "head": h, "sigma_h": scores.sigma_h[b, h].item(),
-                          "sigma_b": scores.sigma_b[b].item()} for b in range(depth) for h in range(heads)])
-
-
-def load_scores(cfg: PipelineConfig) -> HeadScores:
-    return HeadScores.from_dict(torch.load(output_dir(cfg, "score") / SCORES, weights_only=True))
-
-
-def run_select(cfg: PipelineConfig, out: Path) -> Dict:
+def run(cfg: PipelineConfig, out: Path) -> Dict:
     scores, s = load_scores(cfg), cfg.select
     depth, num_heads = scores.sigma_h.shape
     if s.blocks is not None:
@@ -72,15 +49,3 @@ def plot_scores(scores: HeadScores, selection: Selection, path: Path) -> None:
             color=["red" if len(selection.heads.get(b, [])) == heads else "grey" for b in range(depth)])
     bx.set(xlabel="Sigma_b", yticks=range(depth), ylim=(depth - 0.5, -0.5), title="block mean")
     fig.savefig(path, dpi=120)
-
-
-def run_replace(cfg: PipelineConfig, out: Path) -> Dict:
-    model = stage_model(cfg, "baseline")
-    before = model_cost(model)
-    r = cfg.replace
-    replace_heads(model, load_selection(cfg), kernel_size=r.kernel_size, init=r.init, variant=r.variant,
-                  scores=load_scores(cfg) if r.init == "attention" else None)
-    save_model(model, out / MODEL_FILE)
-    after = model_cost(model)
-    return {"params_before": before.params, "params_after": after.params,
-            "gmacs_before": before.gmacs, "gmacs_after": after.gmacs, "depth": vit_info(model).depth}

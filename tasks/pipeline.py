@@ -1,0 +1,15 @@
+"""The pipeline of the method as stages, in order: what each runs, reads from the configuration
+and needs from the stages before it. One module per stage holds its `run(cfg, out)`."""
+from . import baseline, benchmark, data, evaluate, recover, replace, score, select
+from .runner import Stage
+
+STAGES = {s.name: s for s in [
+    Stage("data", data.run, ("data",), watch=data.source_listing),
+    Stage("baseline", baseline.run, ("model", "baseline", "device"), needs=("data",)),
+    Stage("score", score.run, ("score", "device"), needs=("baseline",)),
+    Stage("select", select.run, ("select",), needs=("score",)),
+    Stage("replace", replace.run, ("replace",), needs=("baseline", "score", "select")),
+    Stage("recover", recover.run, ("recover", "device"), needs=("replace",)),
+    Stage("evaluate", evaluate.run, ("evaluate", "device"), needs=("baseline", "replace", "recover")),
+    Stage("benchmark", benchmark.run, ("benchmark", "device"), needs=("baseline", "recover")),
+]}

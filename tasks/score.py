@@ -1,0 +1,34 @@
+"""Stage 3: score every head of the fine-tuned baseline (Sigma_h, Sigma_b) on training images."""
+from pathlib import Path
+from typing import Dict
+
+import pandas as pd
+import torch
+
+from convheads import HeadScores, score_heads
+
+from .config import PipelineConfig
+from .inputs import loader, stage_model
+from .runner import output_dir
+
+SCORES, SCORES_TABLE = "scores.pt", "scores.csv"
+
+
+def run(cfg: PipelineConfig, out: Path) -> Dict:
+    model = stage_model(cfg, "baseline").to(cfg.device)
+    batches = loader(cfg, model, "train", cfg.score.batch_size, train=True, augment=False)
+    scores = score_heads(model, batches, max_images=cfg.score.max_images)
+    torch.save(scores.to_dict(), out / SCORES)
+    scores_table(scores).to_csv(out / SCORES_TABLE, index=False)
+    return {"num_images": scores.num_images, "sigma_h_min": scores.sigma_h.min().item(),
+            "sigma_h_max": scores.sigma_h.max().item()}
+
+
+def scores_table(scores: HeadScores) -> pd.DataFrame:
+    depth, heads = scores.sigma_h.shape
+    return pd.DataFrame([{"block": b, "head": h, "sigma_h": scores.sigma_h[b, h].item(),
+                          "sigma_b": scores.sigma_b[b].item()} for b in range(depth) for h in range(heads)])
+
+
+def load_scores(cfg: PipelineConfig) -> HeadScores:
+    return HeadScores.from_dict(torch.load(output_dir(cfg, "score") / SCORES, weights_only=True))
