@@ -117,7 +117,7 @@ def local_store(uri: str) -> Optional[Path]:
     """The file or folder of a local tracking store (sqlite:///..., file:..., a path); None for a server."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
-        return Path(unquote(parsed.path)[1:] if parsed.path.startswith("//") else unquote(parsed.path))
+        return Path(unquote(parsed.path)[1:])  # sqlite:///relative.db, sqlite:////absolute.db
     if parsed.scheme in ("", "file"):
         return Path(unquote(parsed.path))
     return None
