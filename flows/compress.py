@@ -13,6 +13,7 @@ registration is missing, it does that, without retraining. Everything goes to on
 A run holds the project's outputs and data folders: a second run on them fails at once.
 """
 import argparse
+import contextlib
 import sys
 from typing import Dict, Optional
 
@@ -25,6 +26,7 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 
 from flows import checked_config, exit_status, prefect_api
+from convheads import ConvHeadsError
 from tasks import preflight
 from tasks.config import PipelineConfig
 from tasks.lock import hold
@@ -174,8 +176,15 @@ def main(argv=None) -> int:
     config = checked_config(args.params, args.overrides)
     if config is None:
         return 2
-    with prefect_api():
-        state = compress(config=config, run_name=args.run_name, force=args.force, return_state=True)
+    with contextlib.ExitStack() as stack:
+        try:  # a tracking server that is down or a busy folder: one line, before Prefect starts (the flow
+            check_reachable(config)  # checks again, for deployments, and holds on to the folders taken here)
+            stack.enter_context(hold(config, "python -m flows.compress"))
+        except ConvHeadsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        with prefect_api():
+            state = compress(config=config, run_name=args.run_name, force=args.force, return_state=True)
     status = exit_status(state)
     if status == 0:
         print(report(state.result(), config))

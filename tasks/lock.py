@@ -29,10 +29,16 @@ def lock_file(folder) -> Path:
     return folder.parent / f".{folder.name}.lock"
 
 
+_HELD = set()  # lock files this process holds: taking one again (a flow inside its command line) holds on
+
+
 @contextlib.contextmanager
 def exclusive(path: Path, holder: str, wait: float = 0.0) -> Iterator[None]:
     """Hold the lock file `path`, waiting at most `wait` seconds for another holder; raise
     TimeoutError(description of the holder) if it is still held then."""
+    if path in _HELD:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # no O_TRUNC: the holder's description stays
     try:
@@ -45,14 +51,17 @@ def exclusive(path: Path, holder: str, wait: float = 0.0) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     raise TimeoutError(_describe(path)) from None
                 time.sleep(0.2)
+        argv = getattr(sys, "orig_argv", sys.argv)  # as typed: python -m flows.compress ...
         record = {"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
                   "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+                  "command": " ".join([Path(argv[0]).name, *argv[1:]])}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
+        _HELD.add(path)
         try:
             yield
         finally:
+            _HELD.discard(path)
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
@@ -76,7 +85,7 @@ def hold(cfg: PipelineConfig, holder: str) -> Iterator[None]:
                 stack.enter_context(exclusive(lock_file(folder), holder))
             except TimeoutError as e:
                 raise ConvHeadsError(
-                    f"{folder} is in use by {e}. Wait for that run to finish (or stop it), or give this run "
-                    f"its own folders ({key}=... and the other of paths.outputs / paths.data)") from None
+                    f"{folder} ({key}) is in use by {e}. Wait for that run to finish (or stop it), or run this "
+                    f"one in folders of its own: paths.outputs=<folder> paths.data=<folder>") from None
         yield
 
