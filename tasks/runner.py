@@ -206,7 +206,8 @@ def execute(stage: Stage, cfg: PipelineConfig, force: bool = False) -> Outcome:
     (work / STAGE_FILE).write_text(json.dumps({"stage": stage.name, "fingerprint": fp, "summary": summary},
                                               indent=2, sort_keys=True))
     _swap(work, out)
-    for stale in out.parent.glob(f".{out.name}.*.partial"):  # attempts with other inputs
+    # Attempts with other inputs: runs that are gone, since the caller holds the folder (tasks.lock).
+    for stale in out.parent.glob(f".{out.name}.*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
     return Outcome(stage.name, out, summary, fp, False, time.perf_counter() - start)
 
