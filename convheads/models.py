@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from .errors import ConvHeadsError
-from .files import atomic_path
+from .files import save_torch
 from .selection import Selection
 from .surgery import replace_heads, replacement_config
 from .vit import vit_info
@@ -134,9 +134,7 @@ def save_model(model: nn.Module, path: Union[str, Path]) -> Path:
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec,
                "replacement": replacement_config(model),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return save_torch(payload, path)
 
 
 def load_model(path: Union[str, Path]) -> nn.Module:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .errors import ConvHeadsError
 from .evaluation import evaluate
 from .ensemble import EnsembleHeadAttention
-from .files import atomic_path
+from .files import save_torch
 from .layers import ReplacedAttention
 
 TRAINABLE = ("all", "new")
@@ -78,6 +78,8 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         history = state["history"]
+        if progress:
+            tqdm.write(f"resuming from {checkpoint}: {len(history)} of {epochs} epochs done")
     for epoch in range(len(history), epochs):
         torch.manual_seed(seed * 100_003 + epoch)
         model.train()
@@ -105,9 +107,8 @@ def train(
                         if k != "num_images"})
         history.append(row)
         if checkpoint is not None:
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict(), "history": history}, tmp)
+            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "history": history}, checkpoint)
         if progress:
             tqdm.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if on_epoch is not None:

@@ -1,7 +1,8 @@
 """Prefect flows: the compression pipeline (compress), its schedule (serve) and promotion."""
+import contextlib
 import os
 import sys
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 # An offline or private machine should not try to phone home on every flow run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -35,3 +36,42 @@ def exit_status(state) -> int:
     except Exception:  # Prefect has already logged its traceback
         pass
     return 1
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """Prefect's API for a command line: the server at PREFECT_API_URL if one is set, else a temporary
+    one for this command (as Prefect itself would start), stopped when the block ends so that the
+    command's summary comes last.
+
+    The temporary server runs with its root logger at CRITICAL: when it stops, library loggers
+    (SQLAlchemy's connection pool, docket) can report tasks cancelled mid-query as ERROR tracebacks
+    (a shutdown race, PrefectHQ/prefect#16504) that mean nothing for a finished run. Prefect's own
+    server messages keep their level."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    server = SubprocessASGIServer()
+    previous = os.environ.get("PREFECT_LOGGING_ROOT_LEVEL")
+    os.environ["PREFECT_LOGGING_ROOT_LEVEL"] = "CRITICAL"  # read by the server's process only, at its start
+    try:
+        server.start()
+    finally:
+        if previous is None:
+            del os.environ["PREFECT_LOGGING_ROOT_LEVEL"]
+        else:
+            os.environ["PREFECT_LOGGING_ROOT_LEVEL"] = previous
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+            # What the run logged and emitted goes to the server before it stops (as Prefect's test
+            # harness does), not to a closed port at exit ("Error logging to API").
+            APILogWorker.drain_all(timeout=5)
+            EventsWorker.drain_all(timeout=5)
+    finally:
+        server.stop()

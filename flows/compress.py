@@ -6,30 +6,42 @@
 
 data -> baseline fine-tuning -> head scoring -> selection -> replacement -> recovery
 fine-tuning -> evaluation -> benchmarking -> registry (challenger; champion if the gate passes).
-Finished stages whose inputs did not change are skipped; when nothing at all changed (same data
-version, code and configuration as the last finished run) nothing is retrained or registered
-and the run records that it skipped and why. Everything goes to one MLflow run.
+Finished stages whose inputs did not change are skipped. When nothing changed at all and the last
+run that computed the same thing finished and is registered (with the same registry settings),
+the run retrains and registers nothing and records what it found; when only the tracking or the
+registration is missing, it does that, without retraining. Everything goes to one MLflow run.
+A run holds the project's outputs and data folders: a second run on them fails at once.
 """
 import argparse
+import contextlib
 import sys
 from typing import Dict, Optional
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 
-from flows import checked_config, exit_status
+from flows import checked_config, exit_status, prefect_api
+from convheads import ConvHeadsError
 from tasks import preflight
 from tasks.config import PipelineConfig
-from tasks.registry import register
-from tasks.report import summary, table
+from tasks.lock import hold
 from tasks.pipeline import STAGES
-from tasks.runner import Outcome, code_version, execute, up_to_date
-from tasks.tracking import FINGERPRINT_TAG, config_hash, last_run_with, log_stage, pipeline_run, tracking_uri
+from tasks.registry import PROMOTION_WAIT, SETTINGS_TAG, local_store, register, registered_version, settings_hash
+from tasks.report import summary, table
+from tasks.runner import Outcome, execute, read_record, up_to_date
+from tasks.tracking import (FINGERPRINT_TAG, check_reachable, config_hash, last_run_with, log_stage, pipeline_run,
+                            tracking_uri)
 
 # Only the data stage can fail transiently (downloads); training failures are not worth a retry.
 RETRIES = {"data": 2}
+# Against a tracking server, registrations from every machine take turns on this Prefect global
+# concurrency limit (on the Prefect server they share); a local store has a file lock instead.
+PROMOTION_LIMIT = "convheads-promotion"
 
 
 @task(cache_policy=NONE)  # stages skip themselves by fingerprint; Prefect need not cache results
@@ -37,9 +49,13 @@ def run_stage(name: str, cfg: PipelineConfig) -> Outcome:
     return execute(STAGES[name], cfg)
 
 
-@task(cache_policy=NONE, retries=3, retry_delay_seconds=5)  # a tracking server may hiccup
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=3)  # a hiccup; log_stage never logs twice
 def track_stage(cfg: PipelineConfig, name: str, run_id: str, skipped: bool) -> None:
-    log_stage(cfg, name, run_id, skipped=skipped)
+    try:
+        log_stage(cfg, name, run_id, skipped=skipped)
+    except Exception:
+        check_reachable(cfg)  # a server that went away: say so, with its address
+        raise
 
 
 def stage_task(name: str):
@@ -49,7 +65,15 @@ def stage_task(name: str):
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)  # idempotent: a retry reuses the version
 def register_task(config: PipelineConfig, run_id: str) -> Dict:
-    return register(config, run_id)
+    if local_store(tracking_uri(config)) is not None:
+        return register(config, run_id)  # the file lock beside the store serialises promotions
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=PROMOTION_LIMIT, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    return register(config, run_id,
+                    serialise=concurrency(PROMOTION_LIMIT, occupy=1, timeout_seconds=PROMOTION_WAIT, strict=True))
 
 
 @flow(name="compress")
@@ -57,19 +81,28 @@ def compress(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] 
     """Run every stage, log to MLflow, register; return the headline numbers and what happened."""
     logger = get_run_logger()
     preflight.check(config)  # also here: deployments pass parameters without main()
+    check_reachable(config)  # a tracking server that is down fails the run now, not after training
+    with hold(config, f"flow run {flow_run.get_name()!r}"):
+        result = _pipeline(config, run_name, force, logger)
+    registry = result.get("registry")
+    logger.info("compressed top-1 %.2f%% (baseline %.2f%%)%s%s", 100 * result["compressed_top1"],
+                100 * result["baseline_top1"],
+                f"; {registry['model_name']} version {registry['version']}: {registry['promotion']}" if registry else "",
+                f"; {result['reason']}" if result.get("reason") else "")
+    return result
+
+
+def _pipeline(config: PipelineConfig, run_name: Optional[str], force: bool, logger) -> Dict:
     tags = {"runner": "prefect", "prefect_flow_run_id": str(flow_run.get_id())}
     unchanged = None if force else up_to_date(STAGES.values(), config)
     if unchanged:
         previous = last_run_with(config, unchanged)
-        reason = (f"nothing changed since {'run ' + previous.info.run_id if previous else 'the last finished run'}"
-                  f" (same data version, code {code_version()} and configuration {config_hash(config)}): "
-                  f"not retrained, not registered")
-        with pipeline_run(config, run_name, {**tags, "skipped": "true", "skip_reason": reason}) as run_id:
-            pass
-        logger.info(reason)
-        result = {**summary(config), "mlflow_run_id": run_id, "skipped": True, "reason": reason}
-        print(f"\n{reason}\n\n{table(result)}\n")
-        return result
+        if previous is None:
+            logger.info("every stage is up to date, but no finished MLflow run with pipeline fingerprint %s is in "
+                        "experiment %r at %s (the last attempt failed, or logged elsewhere): logging and registering "
+                        "now, without retraining", unchanged, config.tracking.experiment, tracking_uri(config))
+        else:
+            return _nothing_to_compute(config, run_name, tags, previous, logger)
     with pipeline_run(config, run_name, tags) as run_id:
         for name in STAGES:
             outcome = stage_task(name)(name, config)
@@ -79,14 +112,57 @@ def compress(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] 
         mlflow.log_text(table(result) + "\n", "summary.txt")
         if config.registry.enabled:
             result["registry"] = register_task(config, run_id)
-    registry = result.get("registry")
-    print(f"\n{table(result)}\n")
-    if registry:
-        print(f"Registered {registry['model_name']} version {registry['version']}: {registry['promotion']} "
-              f"({'; '.join(registry['reasons'])})")
-    print(f"MLflow run {run_id} in experiment {config.tracking.experiment!r} at {tracking_uri(config)}\n"
-          f"Browse it: mlflow ui --backend-store-uri {tracking_uri(config)}\n")
     return result
+
+
+def _nothing_to_compute(config: PipelineConfig, run_name: Optional[str], tags: Dict, previous, logger) -> Dict:
+    """Every stage is up to date and `previous` finished logging them: skip, or only register again."""
+    found = (f"run {previous.info.run_id} (finished {_when(previous.info.end_time)}) computed the same thing "
+             f"(data version {read_record(config, 'data')['summary']['data_version'][:12]}, configuration "
+             f"{config_hash(config)}, pipeline fingerprint {previous.data.tags[FINGERPRINT_TAG]})")
+    version = registered_version(config, previous) if config.registry.enabled else None
+    registry = None
+    if not config.registry.enabled or version is not None:
+        reason = (f"nothing changed since {found}"
+                  + (f" and is registered as {config.registered_model_name} version {version.version} "
+                     f"({version.tags.get('promotion', 'no decision')})" if version is not None else "")
+                  + ": not retrained, not registered (--force logs and registers anyway)")
+    else:
+        tag = previous.data.tags.get(SETTINGS_TAG)
+        missing = ("it was never registered" if tag is None else
+                   "the registry settings (model name or gate) changed since" if tag != settings_hash(config) else
+                   f"its version of {config.registered_model_name} is gone from the registry")
+        reason = f"nothing to compute: {found}, but {missing}: registering its model now, without retraining"
+        logger.info(reason)
+        registry = register_task(config, previous.info.run_id)
+    with pipeline_run(config, run_name, {**tags, "skipped": "true", "skip_reason": reason,
+                                         "computed_by": previous.info.run_id}) as run_id:
+        pass
+    result = {**summary(config), "mlflow_run_id": run_id, "skipped": True, "reason": reason}
+    if registry is not None:
+        result["registry"] = registry
+    return result
+
+
+def _when(ms: Optional[int]) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if ms else "unknown"
+
+
+def report(result: Dict, config: PipelineConfig) -> str:
+    """What the command line prints at the end: the table, what happened and where it is recorded."""
+    lines = [f"\n{table(result)}\n"]
+    if result.get("reason"):
+        lines.append(result["reason"][0].upper() + result["reason"][1:])
+    registry = result.get("registry")
+    if registry:
+        lines.append(f"Registered {registry['model_name']} version {registry['version']}: {registry['promotion']} "
+                     f"({'; '.join(registry['reasons'])})")
+    uri = tracking_uri(config)
+    lines.append(f"MLflow run {result['mlflow_run_id']} in experiment {config.tracking.experiment!r} at {uri}")
+    lines.append(f"Browse it: mlflow ui --backend-store-uri {uri}\n" if local_store(uri) else f"Browse it: {uri}\n")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -100,7 +176,19 @@ def main(argv=None) -> int:
     config = checked_config(args.params, args.overrides)
     if config is None:
         return 2
-    return exit_status(compress(config=config, run_name=args.run_name, force=args.force, return_state=True))
+    with contextlib.ExitStack() as stack:
+        try:  # a tracking server that is down or a busy folder: one line, before Prefect starts (the flow
+            check_reachable(config)  # checks again, for deployments, and holds on to the folders taken here)
+            stack.enter_context(hold(config, "python -m flows.compress"))
+        except ConvHeadsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        with prefect_api():
+            state = compress(config=config, run_name=args.run_name, force=args.force, return_state=True)
+    status = exit_status(state)
+    if status == 0:
+        print(report(state.result(), config))
+    return status
 
 
 if __name__ == "__main__":

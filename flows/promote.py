@@ -12,9 +12,10 @@ from typing import Dict, Optional
 
 from prefect import flow, get_run_logger
 
-from flows import exit_status
+from flows import exit_status, prefect_api
 from tasks.config import load_config
 from tasks.registry import client_for, set_champion
+from tasks.tracking import check_reachable
 
 
 @flow(name="promote")
@@ -23,6 +24,7 @@ def promote(version: str, model_name: Optional[str] = None, tracking_uri: Option
     """Point `champion` at `version` ("3" or "models:/<name>/3") of `model_name` (default: from params)."""
     overrides = [f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else []
     config = load_config(params_file, overrides)
+    check_reachable(config)
     name = model_name or config.registered_model_name
     result = set_champion(client_for(config), name, version, reason=reason)
     get_run_logger().info("%s: champion is now version %s (was %s)", name, result["version"],
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--reason", default="manual", help="recorded on the version's promotion tag")
     p.add_argument("--params", default="params.yaml")
     args = p.parse_args(argv)
-    state = promote(args.version, args.model_name, args.tracking_uri, args.reason, args.params, return_state=True)
+    with prefect_api():
+        state = promote(args.version, args.model_name, args.tracking_uri, args.reason, args.params, return_state=True)
     if state.is_failed():
         return exit_status(state)
     result = state.result()

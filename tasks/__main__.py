@@ -12,6 +12,7 @@ from convheads import ConvHeadsError
 
 from . import preflight
 from .config import load_config
+from .lock import hold
 from .runner import execute
 from .pipeline import STAGES
 
@@ -30,12 +31,14 @@ def main(argv=None) -> int:
         cfg = load_config(args.params, rest)
         if stage == "data":  # the first stage: check the whole configuration before any work
             preflight.check(cfg)
-        if stage:
-            outcome = execute(STAGES[stage], cfg, force=args.force)
-            print(f"{stage}: {'up to date' if outcome.skipped else f'done in {outcome.seconds:.1f} s'} -> {outcome.path}")
-        else:
-            from .tracking import track_outputs
-            print(f"logged to MLflow run {track_outputs(cfg)}")
+        with hold(cfg, f"python -m tasks {args.command}" + (f" {stage}" if stage else "")):
+            if stage:
+                outcome = execute(STAGES[stage], cfg, force=args.force)
+                done = "up to date" if outcome.skipped else f"done in {outcome.seconds:.1f} s"
+                print(f"{stage}: {done} -> {outcome.path}")
+            else:
+                from .tracking import track_outputs
+                print(f"logged to MLflow run {track_outputs(cfg)}")
     except ConvHeadsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from convheads.training import train
 from .config import PipelineConfig, TrainConfig
 from .data import read_meta
 from .inputs import MODEL_FILE, loader
+from .runner import file_digest
 
 HISTORY = "history.csv"
 
@@ -38,3 +39,9 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     kwargs = {**m.kwargs, "num_classes": len(read_meta(cfg)["classes"])}
     model = create_model(m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, **kwargs)
     return fine_tune(cfg, cfg.baseline, model, out)
+
+
+def checkpoint_digest(cfg: PipelineConfig):
+    """What the stage's fingerprint watches besides the configuration: the contents of
+    model.checkpoint, so a checkpoint rewritten in place retrains the baseline."""
+    return file_digest(cfg.model.checkpoint) if cfg.model.checkpoint else None

@@ -117,7 +117,8 @@ class RegistryConfig(Section):
     max_top1_drop: float = Field(0.02, ge=0, le=1)   # vs the run's baseline, as a fraction (0.02 = 2 points)
     min_speedup: float = Field(1.0, gt=0)     # compressed vs baseline latency ...
     speedup_batch_size: Optional[PositiveInt] = None  # ... at this benchmark batch size (None: the largest)
-    must_beat_champion: bool = True           # higher test top-1 than the champion, on this run's test data
+    must_beat_champion: bool = True           # higher test top-1 than the champion, on this run's test data ...
+    min_improvement: float = Field(0.0, ge=0, le=1)  # ... by at least this much (0.005 = half a point)
 
 
 class ScheduleConfig(Section):

@@ -5,7 +5,8 @@ from .runner import Stage
 
 STAGES = {s.name: s for s in [
     Stage("data", data.run, ("data",), watch=data.source_listing),
-    Stage("baseline", baseline.run, ("model", "baseline", "device"), needs=("data",)),
+    Stage("baseline", baseline.run, ("model", "baseline", "device"), needs=("data",),
+          watch=baseline.checkpoint_digest),
     Stage("score", score.run, ("score", "device"), needs=("baseline",)),
     Stage("select", select.run, ("select",), needs=("score",)),
     Stage("replace", replace.run, ("replace",), needs=("baseline", "score", "select")),

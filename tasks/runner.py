@@ -1,13 +1,18 @@
 """Running a pipeline stage: skip it when nothing it depends on changed, never leave half an output.
 
 Each stage writes into a hidden work folder named by its fingerprint (its configuration
-sections, the fingerprints of the stages it reads, the seed and the version of the code); the
-folder replaces the stage's outputs, with `stage.json` (fingerprint and summary), only when the
-stage finished. A rerun whose fingerprint matches a finished stage is skipped, so an interrupted
-pipeline continues from the last finished stage; an interrupted stage finds its work folder
-again (training resumes from its last epoch there). DVC runs the same stages and keeps its own
-record (dvc.lock) on top.
+sections, the fingerprints of the stages it reads, the seed, its own code and any input files it
+watches); the folder replaces the stage's outputs, with `stage.json` (fingerprint and summary),
+only when the stage finished. A rerun whose fingerprint matches a finished stage is skipped, so an
+interrupted pipeline continues from the last finished stage; an interrupted stage finds its work
+folder again (training resumes from its last epoch there). DVC runs the same stages and keeps its
+own record (dvc.lock) on top; dvc.yaml lists the same code per stage (`stage_code`).
+
+Callers hold the project folder (tasks.lock.hold) while they run stages, so no other run can be
+writing the work folders that `execute` resumes or clears.
 """
+import ast
+import functools
 import hashlib
 import json
 import os
@@ -52,13 +57,100 @@ def output_dir(cfg: PipelineConfig, name: str) -> Path:
     return Path(cfg.paths.data) if name == "data" else Path(cfg.paths.outputs) / name
 
 
-def code_version() -> str:
-    """A hash of the library, stage and timing code: changing any reruns the stages."""
+# The project's own code; a stage's fingerprint covers the part of it that the stage runs. The
+# method library counts as one piece (its __init__ imports nearly all of it): editing convheads/
+# reruns every stage that uses it. Stage and tooling code counts file by file, so editing the
+# tracking or registry code, or the benchmark suite, retrains nothing.
+CODE_PACKAGES = ("convheads", "tasks", "benchmarks")
+WHOLE_PACKAGES = ("convheads",)
+# What tasks/config.py means to a stage is its configuration values, which the fingerprint holds
+# already: editing the schema (say, a new registry setting) must not retrain anything.
+NOT_STAGE_CODE = {"tasks/config.py"}
+
+
+def _module_file(module: str) -> Optional[Path]:
+    base = PROJECT / module.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_modules(path: Path, module: str) -> set:
+    """The project modules (and their parent packages) that the file of `module` imports, anywhere in it."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        if parts[0] in CODE_PACKAGES:
+            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {m for m in found if _module_file(m) is not None}
+
+
+@functools.lru_cache(maxsize=None)
+def stage_code(module: str) -> Tuple[str, ...]:
+    """What `module` runs of the project: itself and every project module it imports, transitively,
+    plus this runner (it seeds every stage); a whole package for WHOLE_PACKAGES. Paths relative to
+    the project, sorted, as dvc.yaml lists them in each stage's deps."""
+    todo, seen = [module, __name__], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name.split(".")[0] in WHOLE_PACKAGES or _rel(_module_file(name)) in NOT_STAGE_CODE:
+            continue
+        todo.extend(_imported_modules(_module_file(name), name))
+    paths = set()
+    for name in seen:
+        top = name.split(".")[0]
+        path = _module_file(name)
+        if top in WHOLE_PACKAGES:
+            paths.add(top)
+        elif _rel(path) not in NOT_STAGE_CODE and path.stat().st_size:  # an empty __init__ runs nothing
+            paths.add(_rel(path))
+    return tuple(sorted(paths))
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(PROJECT).as_posix()
+
+
+def code_version(stage: "Stage") -> str:
+    """A hash of the code `stage` runs (its stage_code): editing any of it reruns the stage."""
     h = hashlib.sha256()
-    for path in sorted(p for part in ("convheads", "tasks", "benchmarks") for p in (PROJECT / part).rglob("*.py")):
-        h.update(path.relative_to(PROJECT).as_posix().encode())
-        h.update(path.read_bytes())
+    for rel in stage_code(stage.run.__module__):
+        root = PROJECT / rel
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            h.update(_rel(path).encode())
+            h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def file_digest(path) -> str:
+    """sha256 of a file's contents, computed once per (size, mtime) of the file in this process."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_record(cfg: PipelineConfig, name: str) -> Optional[dict]:
@@ -81,7 +173,7 @@ def fingerprint(stage: Stage, cfg: PipelineConfig) -> str:
                                  f"(expected {output_dir(cfg, need)}); run the pipeline from the start")
         upstream[need] = record["fingerprint"]
     key = {"stage": stage.name, "config": cfg.section(*stage.sections), "seed": cfg.seed,
-           "upstream": upstream, "code": code_version(), "watch": stage.watch(cfg) if stage.watch else None}
+           "upstream": upstream, "code": code_version(stage), "watch": stage.watch(cfg) if stage.watch else None}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -114,7 +206,8 @@ def execute(stage: Stage, cfg: PipelineConfig, force: bool = False) -> Outcome:
     (work / STAGE_FILE).write_text(json.dumps({"stage": stage.name, "fingerprint": fp, "summary": summary},
                                               indent=2, sort_keys=True))
     _swap(work, out)
-    for stale in out.parent.glob(f".{out.name}.*.partial"):  # attempts with other inputs
+    # Attempts with other inputs: runs that are gone, since the caller holds the folder (tasks.lock).
+    for stale in out.parent.glob(f".{out.name}.*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
     return Outcome(stage.name, out, summary, fp, False, time.perf_counter() - start)
 

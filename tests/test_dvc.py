@@ -68,3 +68,63 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(repo):
         == "select"
     selection = json.loads((repo / "outputs/select/selection.json").read_text())
     assert sum(len(h) for h in selection["heads"].values()) == 2  # a quarter of 2 blocks x 4 heads
+
+
+CODE_ROOTS = ("convheads", "tasks", "benchmarks")
+
+
+def test_dvc_yaml_lists_the_code_each_stage_runs():
+    """dvc.yaml's code deps are what the Prefect flow fingerprints (tasks.runner.stage_code)."""
+    from tasks.runner import stage_code
+
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    modules = {name: f"tasks.{name}" for name in stages if name != "track"}
+    modules["track"] = "tasks.tracking"
+    for name, module in modules.items():
+        listed = {d for d in stages[name]["deps"] if d.split("/")[0] in CODE_ROOTS}
+        if name == "data":  # the data stage's deps are shaped with its data source: they must cover its code
+            assert all(any(f == d or f.startswith(f"{d}/") for d in listed) for f in stage_code(module)), name
+        else:
+            assert listed == set(stage_code(module)), name
+    assert "tasks/tracking.py" not in stage_code("tasks.baseline") and "convheads" in stage_code("tasks.baseline")
+    assert "benchmarks/suite.py" not in stage_code("tasks.benchmark")
+
+
+def test_fingerprints_follow_a_stages_own_code_and_the_checkpoints_contents(finished_pipeline, tmp_path,
+                                                                            monkeypatch):
+    from tasks import runner
+    from tasks.config import validate
+    from tasks.pipeline import STAGES
+
+    code = tmp_path / "code"
+    for name in CODE_ROOTS:
+        shutil.copytree(PROJECT / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(runner, "PROJECT", code)
+    runner.stage_code.cache_clear()
+    try:
+        cfg = validate(tiny_params(finished_pipeline))
+        fingerprints = lambda: {s: runner.fingerprint(STAGES[s], cfg) for s in ("baseline", "recover")}  # noqa: E731
+        before = fingerprints()
+        for edited in ("tasks/tracking.py", "tasks/registry.py", "benchmarks/suite.py"):
+            with open(code / edited, "a") as f:
+                f.write("\n# edited\n")
+        assert fingerprints() == before  # tracking, registry and tooling code retrain nothing
+        with open(code / "tasks/recover.py", "a") as f:
+            f.write("\n# edited\n")
+        after = fingerprints()
+        assert after["baseline"] == before["baseline"] and after["recover"] != before["recover"]
+        with open(code / "convheads/layers.py", "a") as f:
+            f.write("\n# edited\n")
+        assert fingerprints()["baseline"] != after["baseline"]  # the method: everything reruns
+
+        checkpoint = tmp_path / "start.pth"
+        checkpoint.write_bytes(b"weights, version 1")
+        with_checkpoint = validate({**tiny_params(finished_pipeline),
+                                    "model": {**cfg.model.model_dump(), "checkpoint": str(checkpoint)}})
+        first = runner.fingerprint(STAGES["baseline"], with_checkpoint)
+        checkpoint.write_bytes(b"weights, version two")  # the same file, rewritten
+        assert runner.fingerprint(STAGES["baseline"], with_checkpoint) != first
+        checkpoint.write_bytes(b"weights, version 1")
+        assert runner.fingerprint(STAGES["baseline"], with_checkpoint) == first
+    finally:
+        runner.stage_code.cache_clear()

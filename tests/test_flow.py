@@ -1,9 +1,8 @@
 """The Prefect flow, run for real (Prefect's test harness) against a real MLflow SQLite store."""
 import json
-import os
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -11,23 +10,25 @@ import pytest
 import torch
 
 import yaml
-from prefect import get_client
-from prefect.deployments import run_deployment
-from prefect.settings import PREFECT_API_URL
 
 from convheads import ConvHeadsError, load_model
+from convheads.evaluation import evaluate
 from flows.compress import compress
 from flows.promote import main as promote_main, promote
 from tasks.config import validate
+from tasks.inputs import loader
 from tasks.registry import CHALLENGER, CHAMPION
 from tasks.pipeline import STAGES
+from tasks.tracking import LOGGED_TAG, log_stage
 from conftest import tiny_params
 
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def test_the_flow_logs_every_stage_to_one_mlflow_run_and_skips_when_up_to_date(prefect_api, tiny_config, tmp_path,
-                                                                                capsys):
+def test_the_flow_logs_every_stage_to_one_mlflow_run_and_skips_when_up_to_date(prefect_api, tmp_path, capsys):
+    params = tiny_params(tmp_path)
+    params["registry"].update(min_speedup=0.01, max_top1_drop=1.0)  # gate on accuracy: speed is noise at this size
+    tiny_config = validate(params)
     result = compress(config=tiny_config)
     client = mlflow.MlflowClient(tiny_config.tracking.tracking_uri)
     run = client.get_run(result["mlflow_run_id"])
@@ -72,28 +73,61 @@ def test_the_flow_logs_every_stage_to_one_mlflow_run_and_skips_when_up_to_date(p
     assert version.run_id == run.info.run_id and version.tags["promotion"] == registry["promotion"]
     assert client.get_registered_model(registry["model_name"]).aliases[CHALLENGER] in (1, "1")
 
-    # a second run with nothing changed retrains and registers nothing, and says so
+    # a retried tracking task logs nothing twice, also after an attempt that died halfway
+    log_stage(tiny_config, "recover", run.info.run_id)
+    nested = {c.data.tags["stage"]: c for c in client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
+    client.delete_tag(nested["recover"].info.run_id, LOGGED_TAG)
+    log_stage(tiny_config, "recover", run.info.run_id)
+    assert len(client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")) == 8
+    assert len(client.search_logged_models([run.info.experiment_id])) == 2
+
+    # a second run with nothing changed retrains and registers nothing, and says what it found
+    assert registry["promotion"] == CHAMPION
     again = compress(config=tiny_config)
     assert again["skipped"] and again["mlflow_run_id"] != result["mlflow_run_id"]
     assert f"nothing changed since run {result['mlflow_run_id']}" in again["reason"]
+    assert f"registered as {registry['model_name']} version 1 (champion)" in again["reason"]
     skipped_run = client.get_run(again["mlflow_run_id"])
     assert skipped_run.data.tags["skipped"] == "true" and skipped_run.data.tags["skip_reason"] == again["reason"]
     assert again["compressed_top1"] == result["compressed_top1"]
     assert len(client.search_logged_models([run.info.experiment_id])) == 2
     assert len(client.search_model_versions(f"name = '{registry['model_name']}'")) == 1
 
+    # a lost registration is registered again from the same run, without retraining or logging again
+    client.delete_model_version(registry["model_name"], "1")
+    third = compress(config=tiny_config)
+    assert third["skipped"] and "is gone from the registry: registering its model now" in third["reason"]
+    assert third["registry"]["version"] == 2 and third["registry"]["promotion"] == CHAMPION
+    assert client.get_model_version(registry["model_name"], "2").run_id == result["mlflow_run_id"]
+    assert len(client.search_logged_models([run.info.experiment_id])) == 2
+    assert compress(config=tiny_config)["skipped"]  # and now it is all there again
+
+    # new data (another split): the champion, logged as pt2, is measured again on the new test split
+    champion_file = tmp_path / "champion.pt"
+    shutil.copy(out / "recover/model.pt", champion_file)
+    new_data = validate({**params, "data": {**params["data"], "seed": 1}})
+    fourth = compress(config=new_data)
+    new_version = json.loads((Path(tiny_config.paths.data) / "stage.json").read_text())["summary"]["data_version"]
+    assert not fourth["skipped"] and new_version != data_version
+    assert fourth["registry"]["version"] == 3 and fourth["registry"]["previous_champion"] == 2
+    champion = load_model(champion_file)
+    expected = evaluate(champion, loader(new_data, champion, "test", 64), progress=False)["top1"]
+    assert fourth["registry"]["champion_top1"] == expected
+    assert client.get_model_version(registry["model_name"], "3").tags["data_version"] == new_version
+
     # the manual promotion flow moves champion, and refuses what does not exist
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json")))
-    assert promote("1", params_file=str(params))["version"] == 1
-    assert client.get_registered_model(registry["model_name"]).aliases[CHAMPION] in (1, "1")
-    state = promote("5", params_file=str(params), return_state=True)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(new_data.model_dump(mode="json")))
+    assert promote("3", params_file=str(params_file))["version"] == 3
+    assert client.get_registered_model(registry["model_name"]).aliases[CHAMPION] in (3, "3")
+    state = promote("5", params_file=str(params_file), return_state=True)
     assert state.is_failed()
     with pytest.raises(ConvHeadsError, match="has no version '5'"):
         state.result()
-    assert promote_main(["5", "--params", str(params)]) == 2  # the command line: a message, no traceback
+    assert promote_main(["5", "--params", str(params_file)]) == 2  # the command line: a message, no traceback
     assert "has no version '5'" in capsys.readouterr().err
-    assert client.get_registered_model(registry["model_name"]).aliases[CHAMPION] in (1, "1")
+    assert client.get_registered_model(registry["model_name"]).aliases[CHAMPION] in (3, "3")
 
 
 def test_the_command_line_rejects_bad_configuration_before_any_work(tmp_path):
@@ -108,39 +142,3 @@ def test_the_command_line_rejects_bad_configuration_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "schedule.cron 'every day'" in proc.stderr and "Traceback" not in proc.stderr
 
-
-def test_the_scheduled_deployment_exists_and_runs_on_demand(prefect_api, tmp_path):
-    params = tiny_params(tmp_path)
-    params["schedule"] = {"deployment": "nightly-test", "cron": "30 2 * * 1", "timezone": "Europe/Paris"}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-           "PYTHONPATH": str(PROJECT)}
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "flows.serve", "--params", str(tmp_path / "params.yaml")],
-                              cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deployment = None
-        with get_client(sync_client=True) as client:
-            for _ in range(240):
-                try:
-                    deployment = client.read_deployment_by_name("compress/nightly-test")
-                    break
-                except Exception:  # noqa: BLE001 -- not registered yet
-                    assert server.poll() is None, (tmp_path / "serve.log").read_text()
-                    time.sleep(0.5)
-        assert deployment is not None, (tmp_path / "serve.log").read_text()
-        schedule = deployment.schedules[0].schedule
-        assert (schedule.cron, schedule.timezone) == ("30 2 * * 1", "Europe/Paris")
-        assert validate(deployment.parameters["config"]) == validate(params)
-
-        flow_run = run_deployment("compress/nightly-test", timeout=600)
-        assert flow_run.state.is_completed(), (tmp_path / "serve.log").read_text()[-5000:]
-        assert (tmp_path / "outputs/benchmark/benchmark.json").is_file()
-        runs = mlflow.MlflowClient(params["tracking"]["tracking_uri"]).search_runs(
-            [mlflow.MlflowClient(params["tracking"]["tracking_uri"]).get_experiment_by_name("convheads").experiment_id])
-        assert [r.data.tags["prefect_flow_run_id"] for r in runs if "prefect_flow_run_id" in r.data.tags] == \
-            [str(flow_run.id)]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()

@@ -64,8 +64,8 @@ def test_a_failed_save_leaves_the_previous_file(tmp_path, monkeypatch):
     path = save_model(model, tmp_path / "m.pt")
     before = path.read_bytes()
 
-    def broken_save(obj, f):
-        open(f, "wb").write(b"partial")
+    def broken_save(obj, f):  # save_model writes through a file object
+        f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

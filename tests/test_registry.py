@@ -1,17 +1,27 @@
-"""Registry promotion against a real MLflow SQLite store: the gate, aliases, manual promotion."""
+"""Registry promotion against a real MLflow SQLite store: the gate, aliases, manual promotion,
+two registrations at once."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+import yaml
 
-from convheads import ConvHeadsError, load_model, save_model
+from convheads import ConvHeadsError, create_model, load_model, save_model
 from tasks.config import validate
 from tasks.registry import CHALLENGER, CHAMPION, client_for, gate, load_champion, register, set_champion
 from tasks.runner import execute, output_dir
 from tasks.pipeline import STAGES
 from tasks.tracking import LOGGED_MODELS, log_model, pipeline_run
 from conftest import tiny_params
+
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 def test_the_gate_gives_a_reason_for_every_check():
@@ -35,7 +45,7 @@ def pipeline(finished_pipeline):
     return cfg
 
 
-def candidate(cfg, top1, scale=None):
+def candidate(cfg, top1, scale=None, register_it=True):
     """A pipeline run whose compressed model scores `top1` (and is perturbed by `scale`), registered."""
     path = output_dir(cfg, "evaluate") / "stage.json"
     record = json.loads(path.read_text())
@@ -49,7 +59,7 @@ def candidate(cfg, top1, scale=None):
         save_model(model, output_dir(cfg, "recover") / "model.pt")
     with pipeline_run(cfg) as run_id:
         log_model(cfg, "recover", LOGGED_MODELS["recover"])
-    return run_id, register(cfg, run_id)
+    return run_id, register(cfg, run_id) if register_it else None
 
 
 def aliases(cfg):
@@ -67,7 +77,7 @@ def test_champion_challenger_promotion_and_rollback(pipeline):
     assert aliases(cfg) == {CHAMPION: "1", CHALLENGER: "1"}
     tags = client.get_model_version(name, "1").tags
     assert tags["base_model"] == "vit_tiny_patch16_224" and tags["heads_replaced"] == "4"
-    assert tags["top1"] == "0.600000" and tags["promotion"] == CHAMPION and len(tags["data_version"]) == 64
+    assert tags["top1"] == "0.6" and tags["promotion"] == CHAMPION and len(tags["data_version"]) == 64
     assert {"top1_drop", "speedup", "git_commit"} <= set(tags)
     run = client.get_run(run1)
     assert run.data.tags["promotion"] == CHAMPION and run.data.tags["registry_version"] == f"{name}/1"
@@ -79,10 +89,28 @@ def test_champion_challenger_promotion_and_rollback(pipeline):
     assert aliases(cfg) == {CHAMPION: "1", CHALLENGER: "2"}
     assert client.get_model_version(name, "2").tags["promotion"] == "rejected"
 
-    _, better = candidate(cfg, 0.70, scale=3.0)
+    top1 = 263 / 270  # 0.974074...: read back from a tag rounded to 6 decimals, an equal model "beat" it
+    _, better = candidate(cfg, top1, scale=3.0)
     v3_outputs = load_model(output_dir(cfg, "recover") / "model.pt")(x)
     assert better["promotion"] == CHAMPION and aliases(cfg) == {CHAMPION: "3", CHALLENGER: "3"}
     torch.testing.assert_close(load_champion(cfg)(x), v3_outputs, atol=1e-5, rtol=1e-5)
+
+    # a rerun of the same thing never moves champion: compared at full precision
+    _, same = candidate(cfg, top1)
+    assert same["promotion"] == "rejected" and same["champion_top1"] == top1
+    assert same["reasons"][-1] == "top-1 0.9741 <= champion's 0.9741 on the same test data"
+    assert aliases(cfg) == {CHAMPION: "3", CHALLENGER: "4"}
+
+    # another architecture under the same name is not compared: refused, with the reason tagged
+    deeper = create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4,
+                          num_classes=10)
+    save_model(deeper, output_dir(cfg, "recover") / "model.pt")
+    _, other = candidate(cfg, 0.99)
+    assert other["promotion"] == "rejected" and aliases(cfg)[CHAMPION] == "3"
+    assert other["reasons"][-1].startswith("not compared with champion version 3: a different architecture "
+                                           "(2 blocks, width 32 (4 heads), patch 4x4, input 16x16, ")
+    assert "from this model (3 blocks, width 32" in other["reasons"][-1]
+    assert "registry.model_name" in client.get_model_version(name, "5").tags["promotion_reasons"]
 
     rolled = set_champion(client, name, "1", reason="rollback")
     assert rolled == {"model_name": name, "version": 1, "previous_champion": 3}
@@ -130,3 +158,77 @@ def test_registering_the_same_run_twice_reuses_its_version(pipeline):
     again = register(pipeline, run_id)
     assert again["version"] == first["version"] == 1
     assert len(client_for(pipeline).search_model_versions(f"name = '{pipeline.registered_model_name}'")) == 1
+
+
+def test_the_gate_compares_at_full_precision_and_asks_for_a_minimum_improvement():
+    cfg = validate({**tiny_params("/tmp/x"), "registry": {"min_speedup": 1.0}})
+    same = gate(263 / 270, 0.01, 1.2, 263 / 270, cfg)  # 0.97407407...: a rerun of the same model
+    assert not same.promoted and same.reasons[-1] == "top-1 0.9741 <= champion's 0.9741 on the same test data"
+    hair = gate(263 / 270 + 1e-7, 0.01, 1.2, 263 / 270, cfg)
+    assert hair.promoted and hair.reasons[-1] == "top-1 0.97407417 > champion's 0.97407407 on the same test data"
+    strict = validate({**cfg.model_dump(mode="json"), "registry": {"min_improvement": 0.005}})
+    small = gate(0.953, 0.01, 1.2, 0.95, strict)
+    assert not small.promoted and small.reasons[-1] == \
+        "top-1 0.9530 vs champion's 0.9500 on the same test data: +0.30 pts < min improvement 0.50 pts"
+    assert gate(0.956, 0.01, 1.2, 0.95, strict).promoted
+
+
+
+
+REGISTER_WHEN_TOLD = """
+import json, pathlib, sys, time
+import yaml
+from tasks.config import validate
+from tasks.registry import register
+params, run_id, go, delay = sys.argv[1:]
+cfg = validate(yaml.safe_load(pathlib.Path(params).read_text()))
+pathlib.Path(params + ".ready").touch()
+while not pathlib.Path(go).exists():
+    time.sleep(0.01)
+time.sleep(float(delay))
+print(json.dumps(register(cfg, run_id)))
+"""
+
+
+def test_two_runs_registering_at_once_leave_champion_on_the_better(pipeline, tmp_path):
+    """Two processes register against one SQLite store at the same moment. Both must measure the
+    champion again (their data version is new), which leaves time for a race: without
+    compare-and-set, the worse model, finishing last, would overwrite champion."""
+    _, first = candidate(pipeline, 0.5)
+    contenders = {}
+    for label, top1 in (("better", 0.9), ("worse", 0.7)):
+        root = tmp_path / label
+        for part in ("data", "outputs"):
+            shutil.copytree(Path(pipeline.paths.data).parent if part == "data" else pipeline.paths.outputs,
+                            root / part)
+        params = {**pipeline.model_dump(mode="json"),
+                  "paths": {"data": f"{root}/data/dataset", "outputs": f"{root}/outputs"}}
+        cfg = validate(params)
+        record_path = Path(cfg.paths.data) / "stage.json"
+        record = json.loads(record_path.read_text())
+        record["summary"]["data_version"] = "new-data-version"
+        record_path.write_text(json.dumps(record))
+        run_id, _ = candidate(cfg, top1, register_it=False)
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        contenders[label] = (root / "params.yaml", run_id)
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    procs = {label: subprocess.Popen([sys.executable, "-c", REGISTER_WHEN_TOLD, str(params), run_id, str(go),
+                                      "0" if label == "better" else "0.3"],
+                                     cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for label, (params, run_id) in contenders.items()}
+    for label, (params, _) in contenders.items():
+        while not Path(f"{params}.ready").exists():
+            assert procs[label].poll() is None, procs[label].communicate()[1]
+            time.sleep(0.05)
+    go.touch()
+    results = {}
+    for label, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        results[label] = json.loads(out.strip().splitlines()[-1])
+    better, worse = results["better"], results["worse"]
+    assert better["promotion"] == CHAMPION and better["previous_champion"] == first["version"]
+    assert worse["promotion"] == "rejected"
+    assert worse["reasons"][-1] == "top-1 0.7000 <= champion's 0.9000 on the same test data"
+    assert aliases(pipeline)[CHAMPION] == str(better["version"])

@@ -1,0 +1,91 @@
+"""One run at a time per project folder, and one promotion at a time per registry store.
+
+A run holds an exclusive lock (fcntl.flock) on its outputs folder and its data folder for as long
+as it runs stages or logs them; a second run on the same folders fails at once, naming the run
+that holds them (pid, host, start time, command). The lock file holds that description while
+it is held. The kernel drops the lock when its process dies, even by `kill -9`, so a crashed run
+never blocks the next one. flock is per machine: on a network filesystem (NFS) it may not hold
+between machines, so give each machine its own project folder.
+"""
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from convheads import ConvHeadsError
+
+from .config import PipelineConfig
+
+
+def lock_file(folder) -> Path:
+    """The lock of `folder`: a hidden file beside it (the folder itself may be swapped whole)."""
+    folder = Path(folder).resolve()
+    return folder.parent / f".{folder.name}.lock"
+
+
+_HELD = set()  # lock files this process holds: taking one again (a flow inside its command line) holds on
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, holder: str, wait: float = 0.0) -> Iterator[None]:
+    """Hold the lock file `path`, waiting at most `wait` seconds for another holder; raise
+    TimeoutError(description of the holder) if it is still held then."""
+    if path in _HELD:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # no O_TRUNC: the holder's description stays
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(_describe(path)) from None
+                time.sleep(0.2)
+        argv = getattr(sys, "orig_argv", sys.argv)  # as typed: python -m flows.compress ...
+        record = {"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                  "command": " ".join([Path(argv[0]).name, *argv[1:]])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        _HELD.add(path)
+        try:
+            yield
+        finally:
+            _HELD.discard(path)
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _describe(path: Path) -> str:
+    try:
+        r = json.loads(path.read_text())
+        return f"{r['holder']} (pid {r['pid']} on {r['host']}, started {r['started']}: {r['command']})"
+    except (OSError, ValueError, KeyError):
+        return "another run (it has just started)"
+
+
+@contextlib.contextmanager
+def hold(cfg: PipelineConfig, holder: str) -> Iterator[None]:
+    """Hold the outputs and data folders of `cfg` for this run, or fail at once naming their holder."""
+    with contextlib.ExitStack() as stack:
+        for key, folder in (("paths.outputs", cfg.paths.outputs), ("paths.data", cfg.paths.data)):
+            try:
+                stack.enter_context(exclusive(lock_file(folder), holder))
+            except TimeoutError as e:
+                raise ConvHeadsError(
+                    f"{folder} ({key}) is in use by {e}. Wait for that run to finish (or stop it), or run this "
+                    f"one in folders of its own: paths.outputs=<folder> paths.data=<folder>") from None
+        yield
+
