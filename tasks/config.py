@@ -100,8 +100,8 @@ class RecoverConfig(TrainConfig):
 class LoaderConfig(Section):
     """DataLoader settings: images are decoded and transformed in worker processes. In no stage's
     fingerprint: every sample's augmentation is seeded on its own, so they change speed, not results."""
-    # None: with cuda, one per CPU core but one (at most 8); on the CPU none (the model's threads use
-    # the cores). The data stage hashes with this many processes (None: one per core, at most 8).
+    # None: one per CPU core but one, at most 8. The data stage hashes with this many processes
+    # (None: one per core, at most 8).
     num_workers: Optional[int] = Field(None, ge=0)
     pin_memory: Optional[bool] = None               # None: on when device is cuda
     persistent_workers: bool = True                 # keep workers between epochs

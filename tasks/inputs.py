@@ -43,7 +43,7 @@ def loader(cfg: PipelineConfig, model: nn.Module, split: str, batch_size: int, t
     transform = image_transform(data_config(cfg, model), augmentation(cfg, augment))
     dataset = ManifestDataset(Path(cfg.paths.data) / MANIFEST, images_root(cfg), split, transform)
     lc = cfg.loader
-    workers = default_num_workers(cfg.device) if lc.num_workers is None else lc.num_workers
+    workers = default_num_workers() if lc.num_workers is None else lc.num_workers
     return make_loader(dataset, batch_size, train=train, num_workers=workers,
                        pin_memory=cfg.device.startswith("cuda") if lc.pin_memory is None else lc.pin_memory,
                        persistent_workers=lc.persistent_workers)
