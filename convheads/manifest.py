@@ -120,6 +120,10 @@ def scan_folder(root: Path, classes: Optional[List[str]] = None) -> Source:
                 + ("add them to data.classes or remove them" if known != set(found[train_split]) else
                    f"every class needs training images in {bases[train_split]}/<class>/ (or list the classes in "
                    f"data.classes)"))
+    for split, names in found.items():  # up front (a directory listing each), so a preflight catches it
+        for name in names:
+            if not any(_is_image(e.name) for e in _walk(bases[split] / name)):
+                raise _empty_class(bases[split] / name)
     source = Source(root, classes, "split folders" if given else "class folders", tuple(bases), lambda: iter(()))
 
     def items() -> Iterator[Item]:
@@ -133,12 +137,16 @@ def scan_folder(root: Path, classes: Optional[List[str]] = None) -> Source:
                         yield Item(Path(entry.path).relative_to(root).as_posix(), name, split)
                     else:
                         source.ignored[0] += 1
-                if n == 0:
-                    raise ConvHeadsError(f"class folder {base / name} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
-                                         f"add images or remove the folder")
+                if n == 0:  # emptied since the scan
+                    raise _empty_class(base / name)
 
     source.items = items
     return source
+
+
+def _empty_class(folder: Path) -> ConvHeadsError:
+    return ConvHeadsError(f"class folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images or "
+                          f"remove the folder")
 
 
 def _sorted_labels(labels) -> List[str]:

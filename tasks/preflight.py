@@ -10,6 +10,7 @@ from convheads.models import check_pretrained
 from convheads.selection import check_count
 
 from .config import PipelineConfig
+from .data import source
 
 
 def check(cfg: PipelineConfig) -> None:
@@ -19,6 +20,9 @@ def check(cfg: PipelineConfig) -> None:
         raise ConvHeadsError(f"data.path: {cfg.data.path} is not a folder (expected <path>/<class>/<image>)")
     if cfg.data.source == "csv" and not Path(cfg.data.path).is_file():
         raise ConvHeadsError(f"data.path: {cfg.data.path} is not a file (expected a CSV: path,label[,split])")
+    if cfg.data.source in ("folder", "csv"):
+        with _named("data.path"):  # the layout, class list and CSV columns: seconds (no image is read)
+            source(cfg.data)
     # The model as configured, built on the meta device (no memory, no init): name, kwargs, and
     # the checkpoint's fit; pretrained weights must be downloadable or in the local cache.
     m = cfg.model

@@ -235,3 +235,15 @@ def test_model_kwargs_apply_to_the_digits_model_only_unless_given():
     assert chosen.model.build_kwargs == {"img_size": 336}
     assert load_config(None, ["model.kwargs={img_size: 64, depth: 2}", "model.kwargs={}"]).model.build_kwargs == {}
     assert load_config(None, ["baseline.augment=false"]).baseline.augment == "none"  # older params files
+
+
+def test_bad_input_fails_in_the_preflight_or_once_not_after_retries(tmp_path):
+    from prefect.states import Failed
+    from flows.compress import transient
+    from tasks import preflight
+    cfg = folder_config(tmp_path)
+    (tmp_path / "src/zebra").mkdir()
+    with pytest.raises(ConvHeadsError, match=r"data.path: class folder .*src/zebra holds no images"):
+        preflight.check(cfg)  # the layout is checked in seconds, before any stage
+    assert not transient(None, None, Failed(data=ConvHeadsError("1 file(s) are not readable images: ...")))
+    assert transient(None, None, Failed(data=OSError("connection reset by peer")))  # a download may pass next time
