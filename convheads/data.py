@@ -1,23 +1,38 @@
-"""Datasets: the embedded digits default, class-per-subfolder image folders, torchvision datasets.
+"""Images in: decoding, timm's transforms at the model's resolution, a dataset over a manifest,
+and the loader that feeds training and evaluation.
 
-Every source is materialised the same way: an image folder per split (root/train/<class>/*.png,
-root/val/..., root/test/...) plus a manifest table, so one loader serves them all and the folder
-is what DVC versions.
+Images stay where they are: a dataset is a manifest (convheads.manifest) naming each image by
+its path under a root folder, with its label and split. Images are decoded and transformed in
+DataLoader worker processes, with timm's data pipeline (`timm.data.create_transform`).
+
+Image modes are converted to RGB as timm's and torchvision's loaders do (`Image.convert("RGB")`):
+grayscale is repeated over the three channels, palette images are expanded, an alpha channel is
+dropped (the colour values are kept as they are), CMYK is converted; 16-bit grayscale (PNG mode
+I;16, or I) is scaled to 8 bits (value / 256) first, where PIL's own conversion would clip it.
 """
-import hashlib
+import contextlib
+import io
+import os
+import random
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+import pandas as pd
+import torch
+from PIL import Image
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from .errors import ConvHeadsError
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-MANIFEST = "manifest.csv"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+AUGMENTATIONS = ("auto", "timm", "light", "none")
+# Modes open_image converts to RGB (anything else, e.g. float images, is refused with the file named).
+MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+         "I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 def digits_images(image_size: int = 32) -> Tuple[np.ndarray, np.ndarray]:
@@ -48,74 +63,188 @@ def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float,
 
 
 def write_split_folders(root: Path, images: Sequence, labels: np.ndarray, classes: List[str],
-                        splits: Dict[str, np.ndarray]) -> List[dict]:
-    """Write images (PIL images or uint8 arrays) as root/<split>/<class>/<index>.png; return manifest rows."""
-    rows = []
+                        splits: Dict[str, np.ndarray]) -> None:
+    """Write images (PIL images or uint8 arrays) as root/<split>/<class>/<index>.png: generated
+    data (the digits, a torchvision dataset) becomes an image folder like any other."""
     for split, indices in splits.items():
         for i in indices:
-            rel = Path(split) / classes[labels[i]] / f"{i:06d}.png"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            path = root / split / classes[labels[i]] / f"{i:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
             img = images[i] if isinstance(images[i], Image.Image) else Image.fromarray(images[i])
-            img.convert("RGB").save(root / rel)
-            rows.append({"path": rel.as_posix(), "label": int(labels[i]), "class": classes[labels[i]], "split": split})
-    return rows
+            img.save(path)
 
 
-def folder_hash(root: Path) -> str:
-    """A content hash of every file under root (paths and bytes): the data version."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()
-
-
-class ImageFolderSplit(Dataset):
-    """One split of a class-per-subfolder image folder; classes are sorted folder names."""
-
-    def __init__(self, root: Path, split: str, transform=None, classes: Optional[List[str]] = None):
-        self.root = Path(root) / split
-        if not self.root.is_dir():
-            raise ConvHeadsError(f"dataset split folder not found: {self.root} (expected <root>/{split}/<class>/<image>)")
-        self.classes = classes or sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise ConvHeadsError(f"{self.root} has no class subfolders (expected {self.root}/<class>/<image>)")
-        self.samples = [(p, c) for c, name in enumerate(self.classes) if (self.root / name).is_dir()
-                        for p in sorted((self.root / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        if not self.samples:
-            raise ConvHeadsError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root}")
-        self.transform = transform or transforms.ToTensor()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        return self.transform(open_image(path)), label
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB (see the module docstring for each mode)."""
+    if img.mode not in MODES:
+        raise ConvHeadsError(f"image mode {img.mode} is not supported")
+    if img.mode.startswith("I"):  # 16-bit grayscale: scale, do not clip
+        img = Image.fromarray((np.asarray(img, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8), "L")
+    elif img.mode in ("P", "PA"):  # a palette with transparency expands to RGBA first
+        img = img.convert("RGBA")
+    return img.convert("RGB")
 
 
 def open_image(path: Path) -> Image.Image:
-    """Open an image as RGB, with an error naming the file if it is empty or corrupt."""
+    """Decode an image file as RGB, with an error naming the file if it is empty or corrupt."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ConvHeadsError(f"cannot read image {path} ({e}); remove or replace the file") from None
+            return to_rgb(img)
+    except (ConvHeadsError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ConvHeadsError(f"cannot read image {path} ({e}); remove or replace the file, then rerun the data "
+                             f"stage") from None
 
 
-def image_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool = False):
-    """Resize to the model's input size and normalise; light augmentation for training."""
-    steps = [transforms.Resize((image_size, image_size))]
-    if train:
-        steps.append(transforms.RandomAffine(degrees=5, translate=(0.0625, 0.0625)))
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+def check_image(data: bytes) -> str:
+    """The mode of the image in `data`, checked to the end of its pixel data; raises ValueError.
+
+    JPEGs are decoded at 1/8 scale (the whole entropy-coded stream is still read, so a truncated
+    or damaged file fails) and PNGs checked chunk by chunk (CRCs), both far faster than decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            mode = img.mode
+            if mode not in MODES:
+                raise ValueError(f"image mode {mode} is not supported; convert the image to 8-bit RGB or grayscale")
+            if img.format == "PNG":
+                img.verify()
+            else:
+                if img.format == "JPEG":
+                    img.draft(img.mode, (1, 1))
+                img.load()
+            return mode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(str(e) or type(e).__name__) from None
 
 
-def make_loader(root: Path, split: str, image_size: int, batch_size: int, mean: Sequence[float],
-                std: Sequence[float], train: bool = False, augment: bool = True, num_workers: int = 0,
-                classes: Optional[List[str]] = None) -> DataLoader:
-    """A DataLoader over one split; when `train`, shuffled (from the global torch RNG, which
-    convheads.training.train reseeds every epoch) and augmented if `augment`."""
-    dataset = ImageFolderSplit(root, split, image_transform(image_size, mean, std, train and augment), classes)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers)
+def image_transform(data_config: Dict, augment: str = "none"):
+    """timm's transforms for one model input (`data_config`: timm.data.resolve_data_config's keys).
+
+    none: resize and centre crop to the input size (crop_pct) and normalise, timm's eval transform.
+    timm: timm's train transform (random resized crop, horizontal flip, colour jitter).
+    light: the eval transform with small random shifts (1/16 of the side) and rotations (5 degrees):
+    no flips and no crops, for images whose orientation or extent carries the label (a flipped
+    digit is another digit, a cropped one may be too).
+    """
+    if augment == "timm":
+        return create_transform(**data_config, is_training=True)
+    if augment not in ("none", "light"):
+        raise ConvHeadsError(f"augment must be one of {AUGMENTATIONS[1:]}; got {augment!r}")
+    steps = list(create_transform(**data_config, is_training=False).transforms)
+    if augment == "light":  # on the resized image, before it becomes a tensor
+        steps.insert(len(steps) - 2, transforms.RandomAffine(degrees=5, translate=(0.0625, 0.0625)))
+    return transforms.Compose(steps)
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int]) -> Iterator[None]:
+    """Seed the generators the transforms draw from (Python's random, torch's CPU generator) for
+    one sample, and put them back afterwards (the caller's streams, e.g. dropout's, go on as they
+    were). numpy's is left alone: none of the augment presets use it, and saving it costs more
+    than the transform."""
+    if seed is None:
+        yield
+        return
+    state = random.getstate(), torch.get_rng_state()
+    random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # torch.manual_seed would also seed every GPU: 80x slower
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        torch.set_rng_state(state[1])
+
+
+class ManifestDataset(Dataset):
+    """One split of a dataset manifest: (image, label) pairs decoded from root/<path> on access.
+
+    Paths are kept in one numpy bytes array, not a list of Python strings, so DataLoader workers
+    share the parent's memory instead of copying it as they touch each object's refcount.
+    An index may come with a seed (see SeededSampler): the sample's augmentation is then the
+    same whichever worker process draws it.
+    """
+
+    def __init__(self, manifest: Path, root: Path, split: str, transform=None, chunksize: int = 100_000):
+        self.root = Path(root)
+        paths, labels = [], []
+        try:
+            for chunk in pd.read_csv(manifest, usecols=["path", "label", "split"], chunksize=chunksize,
+                                     dtype={"path": str, "label": np.int64, "split": str}, keep_default_na=False):
+                chunk = chunk[chunk.split == split]
+                paths.append(chunk.path.to_numpy(dtype=bytes))
+                labels.append(chunk.label.to_numpy())
+        except (OSError, ValueError) as e:
+            raise ConvHeadsError(f"cannot read the dataset manifest {manifest} ({e}); rerun the data stage") from None
+        self.paths = np.concatenate(paths) if paths else np.array([], dtype=bytes)
+        self.labels = np.concatenate(labels) if labels else np.array([], dtype=np.int64)
+        if len(self.paths) == 0:
+            raise ConvHeadsError(f"the {split} split of {manifest} has no images; rerun the data stage")
+        self.transform = transform or transforms.ToTensor()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        img = open_image(self.root / self.paths[i].decode())
+        with _seeded(seed):
+            return self.transform(img), int(self.labels[i])
+
+
+class SeededSampler(Sampler):
+    """Every index (shuffled if `shuffle`) with its own random seed, both drawn from the global
+    torch RNG when an epoch starts (convheads.training.train reseeds it every epoch). Augmentation
+    then depends on the seed alone: not on the number of workers, nor on whether they persist
+    between epochs, and a resumed run equals an uninterrupted one."""
+
+    def __init__(self, size: int, shuffle: bool):
+        self.size, self.shuffle = size, shuffle
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size) if self.shuffle else torch.arange(self.size)
+        seeds = torch.randint(0, 2**62, (self.size,))
+        return zip(order.tolist(), seeds.tolist())
+
+
+class ImageLoader(DataLoader):
+    """A DataLoader that re-raises a worker's ConvHeadsError (a bad image file) with its own
+    message, not wrapped in the worker's traceback."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except ConvHeadsError as e:
+                text = str(e)
+                marker = f"{ConvHeadsError.__name__}: "
+                raise ConvHeadsError(text[text.rindex(marker) + len(marker):].strip() if marker in text
+                                     else text) from None
+            yield batch
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_num_workers() -> int:
+    """DataLoader workers: one per CPU core this process may use, but one for the main process,
+    at most 8 (more rarely helps one GPU, and each holds its prefetched batches)."""
+    return max(0, min(8, cpu_cores() - 1))
+
+
+def make_loader(dataset: Dataset, batch_size: int, train: bool = False, num_workers: int = 0,
+                pin_memory: bool = False, persistent_workers: bool = True) -> DataLoader:
+    """A loader over `dataset`; when `train`, shuffled with a seed per sample (SeededSampler)."""
+    workers = num_workers
+    # The loader's own generator: its worker base seed (drawn when workers start, i.e. only in the
+    # first epoch if they persist) must not come from the global RNG the sampler draws from.
+    return ImageLoader(dataset, batch_size=batch_size, sampler=SeededSampler(len(dataset), True) if train else None,
+                       num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent_workers and workers > 0,
+                       generator=torch.Generator().manual_seed(0))

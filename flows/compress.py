@@ -58,9 +58,20 @@ def track_stage(cfg: PipelineConfig, name: str, run_id: str, skipped: bool) -> N
         raise
 
 
+def transient(task, task_run, state) -> bool:
+    """Whether a failed stage is worth a retry: not when its input is bad (a ConvHeadsError)."""
+    try:
+        state.result()
+    except ConvHeadsError:
+        return False
+    except Exception:  # noqa: BLE001 -- anything else (a download, a full disk) may pass next time
+        return True
+    return True
+
+
 def stage_task(name: str):
     return run_stage.with_options(name=name, task_run_name=name, retries=RETRIES.get(name, 0),
-                                  retry_delay_seconds=10)
+                                  retry_delay_seconds=10, retry_condition_fn=transient)
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=5)  # idempotent: a retry reuses the version

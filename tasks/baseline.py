@@ -36,7 +36,7 @@ def fine_tune(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainabl
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
     m = cfg.model
-    kwargs = {**m.kwargs, "num_classes": len(read_meta(cfg)["classes"])}
+    kwargs = {**m.build_kwargs, "num_classes": len(read_meta(cfg)["classes"])}
     model = create_model(m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, **kwargs)
     return fine_tune(cfg, cfg.baseline, model, out)
 

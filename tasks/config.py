@@ -4,9 +4,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from convheads import ConvHeadsError
+from convheads.data import AUGMENTATIONS
 from convheads.selection import GRANULARITIES
 from convheads.surgery import INITS, VARIANTS
 from convheads.training import TRAINABLE
@@ -22,35 +23,55 @@ class PathsConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["digits", "folder", "torchvision"] = "digits"
-    path: Optional[str] = None              # source=folder: <path>/<class>/<image> or <path>/{train,val,test}/<class>/
+    """Where the images come from. A folder or CSV is read in place (never copied): the data stage
+    writes a manifest (path, label, split, size, content hash) whose hash is the data version."""
+    source: Literal["digits", "folder", "csv", "torchvision"] = "digits"
+    # folder: <path>/<class>/<image>, or <path>/{train,val,test}/<class>/<image> (ImageNet: train/ and val/);
+    # csv: a CSV file with columns path, label[, split] (paths relative to the CSV's folder)
+    path: Optional[str] = None
+    classes: Optional[List[str]] = None     # the class list, in label order; None: sorted folder names / labels
     torchvision_name: Optional[str] = None  # source=torchvision: a torchvision.datasets class, e.g. "CIFAR10"
     download_dir: str = "data/downloads"    # where torchvision datasets are downloaded to
-    image_size: PositiveInt = 32            # images are stored at this size (square)
-    val_fraction: float = Field(0.15, gt=0, lt=1)
-    test_fraction: float = Field(0.15, gt=0, lt=1)
+    image_size: PositiveInt = 32            # digits: the size the 8 x 8 digits are rendered at
+    val_fraction: float = Field(0.15, gt=0, lt=1)   # splits a source does not have are carved out
+    test_fraction: float = Field(0.15, gt=0, lt=1)  # of the training images, by a seeded hash of each path
     seed: int = 0
 
     @model_validator(mode="after")
     def _source_needs(self):
-        if self.source == "folder" and not self.path:
-            raise ValueError("data.source=folder needs data.path (a class-per-subfolder image folder)")
+        if self.source in ("folder", "csv") and not self.path:
+            raise ValueError(f"data.source={self.source} needs data.path (" + (
+                "a class-per-subfolder image folder)" if self.source == "folder" else "a CSV file: path,label[,split])"))
         if self.source == "torchvision" and not self.torchvision_name:
             raise ValueError("data.source=torchvision needs data.torchvision_name (e.g. CIFAR10)")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("data.val_fraction + data.test_fraction must be below 1")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("data.classes lists a class twice")
         return self
 
 
+# The default model: a small ViT for the 32 x 32 digits (an 8 x 8 patch grid, 6 blocks of 8 heads).
+DIGITS_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 8}
+
+
 class ModelConfig(Section):
-    name: str = "vit_tiny_patch16_224"
-    pretrained: bool = False            # timm's pretrained weights (needs network access)
-    checkpoint: Optional[str] = None    # or a local state-dict file
-    # timm.create_model arguments; num_classes is set from the dataset. The default is a small
-    # ViT for 32 x 32 digits: an 8 x 8 patch grid, 6 blocks of 8 heads.
-    kwargs: Dict[str, Any] = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 8}
+    name: str = "vit_tiny_patch16_224"  # timm name, name.tag (which weights) or hf-hub:<org>/<repo>
+    pretrained: bool = False            # timm's pretrained weights (needs network access, or the HF cache)
+    checkpoint: Optional[str] = None    # or a local state-dict file (timm, original DINOv2, or a model.pt of ours)
+    # timm.create_model arguments; num_classes is set from the dataset. None: DIGITS_VIT when the
+    # model trains from scratch (neither pretrained nor checkpoint), else the model's own ({}).
+    kwargs: Optional[Dict[str, Any]] = None
     mean: Optional[Tuple[float, float, float]] = None  # input normalisation; None: the model's default
     std: Optional[Tuple[float, float, float]] = None
+    crop_pct: Optional[float] = Field(None, gt=0, le=1)  # eval centre crop; None: the model's (1.0 for digits)
+
+    @property
+    def build_kwargs(self) -> Dict[str, Any]:
+        """The timm.create_model arguments this configuration means (see `kwargs`)."""
+        if self.kwargs is not None:
+            return dict(self.kwargs)
+        return {} if self.pretrained or self.checkpoint else dict(DIGITS_VIT)
 
 
 class TrainConfig(Section):
@@ -60,13 +81,30 @@ class TrainConfig(Section):
     batch_size: PositiveInt = 32
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    augment: bool = True
+    # auto: light for the digits, timm otherwise; timm: timm's train transform (random resized crop,
+    # flip, colour jitter); light: small shifts and rotations, no flips or crops; none: eval transform
+    augment: Literal[AUGMENTATIONS] = "auto"
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _bool_augment(cls, v):  # params files from before the presets: true / false
+        return {True: "auto", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
 
 class RecoverConfig(TrainConfig):
     epochs: int = Field(10, ge=0)
     lr: float = Field(5e-4, gt=0)
     trainable: Literal[TRAINABLE] = "all"   # "new": only kernels and prefix scalars train
+
+
+class LoaderConfig(Section):
+    """DataLoader settings: images are decoded and transformed in worker processes. In no stage's
+    fingerprint: every sample's augmentation is seeded on its own, so they change speed, not results."""
+    # None: one per CPU core but one, at most 8. The data stage hashes with this many processes
+    # (None: one per core, at most 8).
+    num_workers: Optional[int] = Field(None, ge=0)
+    pin_memory: Optional[bool] = None               # None: on when device is cuda
+    persistent_workers: bool = True                 # keep workers between epochs
 
 
 class ScoreConfig(Section):
@@ -151,6 +189,7 @@ class PipelineConfig(Section):
     replace: ReplaceConfig = ReplaceConfig()
     recover: RecoverConfig = RecoverConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    loader: LoaderConfig = LoaderConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
@@ -199,8 +238,15 @@ def validate(data: dict) -> PipelineConfig:
         raise ConvHeadsError(_explain(e)) from None
 
 
+class Whole(dict):
+    """A mapping given whole (`model.kwargs={}`): it replaces the value it overrides, not merges into it."""
+
+
 def parse_overrides(items: List[str]) -> Dict[str, Any]:
-    """["recover.epochs=3", "select.blocks=[1, 2]"] -> nested dict (values parsed as YAML)."""
+    """["recover.epochs=3", "select.blocks=[1, 2]"] -> nested dict (values parsed as YAML).
+
+    `model.kwargs.img_size=64` sets one key inside model.kwargs; `model.kwargs={img_size: 64}`
+    replaces model.kwargs whole (and `model.kwargs={}` empties it)."""
     out: Dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -210,14 +256,18 @@ def parse_overrides(items: List[str]) -> Dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node[leaf] = Whole(value) if isinstance(value, dict) else value
     return out
 
 
 def merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict) and not isinstance(v, Whole) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = dict(v) if isinstance(v, Whole) else v
     return out
 
 

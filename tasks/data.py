@@ -1,69 +1,37 @@
-"""Stage 1, data versioning: materialise the dataset as an image folder per split with a manifest.
+"""Stage 1, data versioning: a manifest of the dataset's images, which stay where they are.
 
-Sources: the embedded digits (default, no download), a class-per-subfolder image folder, or a
-torchvision dataset (downloaded when online). The content hash of what is written is the data
-version recorded with every run.
+Sources: the embedded digits (default, no download) and a torchvision dataset (downloaded when
+online) are generated into the stage's folder as images; a user's image folder or CSV is read in
+place (convheads.manifest: layouts, splits, hashing). The stage writes manifest.csv (path, label,
+class, split, size, sha256 per image) and meta.json (where the images are, classes, counts, image
+modes, and the DVC hash if the folder is tracked by DVC); the manifest's hash is the data version.
 """
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Optional
 
 import numpy as np
-import pandas as pd
+import yaml
 
 from convheads import ConvHeadsError
-from convheads.data import (IMAGE_SUFFIXES, MANIFEST, SPLITS, digits_images, folder_hash, open_image,
-                            split_indices, write_split_folders)
+from convheads.data import cpu_cores, digits_images, split_indices, write_split_folders
+from convheads.manifest import Source, build_manifest, listing_digest, scan_csv, scan_folder
 
 from .config import DataConfig, PipelineConfig
 
-META = "meta.json"
+MANIFEST, META = "manifest.csv", "meta.json"
+HASH_CACHE = ".cache/hashes.sqlite"  # beside the dataset folder: it outlives reruns (DVC deletes outputs)
 
 
-def _digits(cfg: DataConfig):
+def _digits(cfg: DataConfig, out: Path) -> None:
     images, labels = digits_images(cfg.image_size)
-    return list(images), labels, [str(i) for i in range(10)], split_indices(labels, cfg.val_fraction,
-                                                                             cfg.test_fraction, cfg.seed)
+    write_split_folders(out, images, labels, [str(i) for i in range(10)],
+                        split_indices(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed))
 
 
-def _folder(cfg: DataConfig):
-    """<path>/<class>/<image> (split here, seeded) or <path>/{train,val,test}/<class>/<image>."""
-    root = Path(cfg.path)
-    if not root.is_dir():
-        raise ConvHeadsError(f"data.path {root} is not a folder; point it at a class-per-subfolder image folder")
-    presplit = (root / "train").is_dir()
-    parts = {s: root / s for s in SPLITS if (root / s).is_dir()} if presplit else {None: root}
-    classes = sorted({c.name for base in parts.values() for c in base.iterdir() if c.is_dir()})
-    if not classes:
-        raise ConvHeadsError(f"data.path {root} has no class subfolders (expected {root}/<class>/<image>)")
-    images: List = []
-    labels: List[int] = []
-    origin: List = []
-    for split, base in parts.items():
-        for c, name in enumerate(classes):
-            for file in sorted((base / name).glob("*")) if (base / name).is_dir() else []:
-                if file.suffix.lower() in IMAGE_SUFFIXES:
-                    images.append(open_image(file).resize((cfg.image_size, cfg.image_size)))
-                    labels.append(c)
-                    origin.append(split)
-    if len(images) < 2 * len(classes):
-        raise ConvHeadsError(f"data.path {root} holds {len(images)} images for {len(classes)} classes; too few to split")
-    labels_arr, origin_arr = np.array(labels), np.array(origin, dtype=object)
-    if not presplit:
-        return images, labels_arr, classes, split_indices(labels_arr, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    splits = {s: np.flatnonzero(origin_arr == s) for s in SPLITS}
-    if len(splits["val"]) == 0:  # carve a validation split out of train
-        train = splits["train"]
-        sub = split_indices(labels_arr[train], cfg.val_fraction, cfg.test_fraction, cfg.seed)
-        splits["val"] = train[sub["val"]]
-        splits["train"] = np.setdiff1d(train, splits["val"])
-    if len(splits["test"]) == 0:
-        raise ConvHeadsError(f"data.path {root} has train/ but no test/ split; add one or use a flat class folder")
-    return images, labels_arr, classes, splits
-
-
-def _torchvision(cfg: DataConfig):
-    """A torchvision dataset with a train/test split (MNIST, CIFAR10, ...); val is carved from train."""
+def _torchvision(cfg: DataConfig, out: Path) -> None:
+    """A torchvision dataset with a train/test split (MNIST, CIFAR10, ...), written as images at
+    their own size; val is carved from train."""
     import torchvision
 
     cls = getattr(torchvision.datasets, cfg.torchvision_name, None)
@@ -80,36 +48,89 @@ def _torchvision(cfg: DataConfig):
             raise ConvHeadsError(
                 f"could not get torchvision dataset {cfg.torchvision_name} ({type(e).__name__}: {e}). Without "
                 f"network access, download it elsewhere into {cfg.download_dir} or use data.source=folder") from None
-    images = [img.resize((cfg.image_size, cfg.image_size)) for p in parts for img, _ in p]
+    images = [img for p in parts for img, _ in p]
     labels = np.array([int(y) for p in parts for _, y in p])
     n_train = len(parts[0])
     classes = [str(c) for c in getattr(parts[0], "classes", sorted(set(labels.tolist())))]
     train = np.arange(n_train)
     sub = split_indices(labels[train], cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    splits = {"train": np.setdiff1d(train, sub["val"]), "val": np.sort(sub["val"]),
-              "test": np.arange(n_train, len(labels))}
-    return images, labels, classes, splits
+    write_split_folders(out, images, labels, classes, {"train": np.setdiff1d(train, sub["val"]), "val": np.sort(sub["val"]),
+                                                       "test": np.arange(n_train, len(labels))})
 
 
-SOURCES = {"digits": _digits, "folder": _folder, "torchvision": _torchvision}
+GENERATED = {"digits": _digits, "torchvision": _torchvision}
+
+
+def source(cfg: DataConfig, generated_in: Optional[Path] = None) -> Source:
+    """The configured dataset as found on disk (generated sources: in `generated_in`)."""
+    if cfg.source in GENERATED:
+        return scan_folder(generated_in)
+    if cfg.source == "csv":
+        return scan_csv(Path(cfg.path), cfg.classes)
+    return scan_folder(Path(cfg.path), cfg.classes)
+
+
+def dvc_record(path: Path) -> Optional[dict]:
+    """What DVC records for a folder tracked by `dvc add` / `dvc import` (the .dvc file beside it)."""
+    dvc_file = path.with_name(path.name + ".dvc")
+    if not dvc_file.is_file():
+        return None
+    try:
+        spec = yaml.safe_load(dvc_file.read_text())
+        out = spec["outs"][0]
+    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+        raise ConvHeadsError(f"{dvc_file} is not a DVC file (no outs); remove it or rerun dvc add") from None
+    record = {"file": str(dvc_file), "md5": out.get("md5"), "size": out.get("size"), "nfiles": out.get("nfiles")}
+    dep = (spec.get("deps") or [{}])[0].get("repo")
+    if dep:  # dvc import: where the data came from
+        record["import"] = {"url": dep.get("url"), "rev_lock": dep.get("rev_lock")}
+    return record
+
+
+def hash_cache(cfg: PipelineConfig) -> Path:
+    return Path(cfg.paths.data).parent / HASH_CACHE
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
-    images, labels, classes, splits = SOURCES[cfg.data.source](cfg.data)
-    rows = write_split_folders(out, images, labels, classes, splits)
-    pd.DataFrame(rows).to_csv(out / MANIFEST, index=False)
-    counts = {s: int(len(i)) for s, i in splits.items()}
-    meta = {"source": cfg.data.source, "classes": classes, "counts": counts, "image_size": cfg.data.image_size}
+    d = cfg.data
+    if d.source in GENERATED:
+        GENERATED[d.source](d, out)
+    found = source(d, out)
+    workers = min(8, cpu_cores()) if cfg.loader.num_workers is None else cfg.loader.num_workers
+    stats = build_manifest(found, out / MANIFEST, hash_cache(cfg), seed=d.seed, val_fraction=d.val_fraction,
+                           test_fraction=d.test_fraction, workers=workers)
+    generated = d.source in GENERATED
+    meta = {"source": d.source, "root": None if generated else str(found.root), "layout": found.layout,
+            "classes": stats.classes, "counts": stats.counts, "modes": stats.modes, "bytes": stats.bytes}
+    if d.source == "digits":
+        meta["image_size"] = d.image_size
+    dvc = None if generated else dvc_record(Path(d.path))
+    if dvc:
+        meta["dvc"] = dvc
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-    return {**meta, "data_version": folder_hash(out)}
+    print(f"data: {sum(stats.counts.values())} images ({stats.hashed} read, {stats.cached} unchanged since "
+          f"hashed), data version {stats.data_version[:16]}")
+    return {**meta, "data_version": stats.data_version}
 
 
-def source_listing(cfg: PipelineConfig):
-    """What the data stage's fingerprint watches besides the configuration: a source folder's files."""
-    if cfg.data.source != "folder" or not Path(cfg.data.path).is_dir():
+def source_listing(cfg: PipelineConfig) -> Optional[str]:
+    """What the data stage's fingerprint watches besides the configuration: a digest of the names,
+    sizes and times of a folder or CSV source's images (None for generated sources)."""
+    d = cfg.data
+    if d.source in GENERATED:
         return None
-    return [(p.relative_to(cfg.data.path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(Path(cfg.data.path).rglob("*")) if p.is_file()]
+    found = source(d)
+    dvc_file = Path(d.path).with_name(Path(d.path).name + ".dvc")
+    if dvc_file.is_file():
+        found.extra_files.append(dvc_file)
+    return listing_digest(found)
+
+
+def write_listing(cfg: PipelineConfig, path: Path) -> None:
+    """The source listing as a small file: DVC reruns the data stage when it changes (dvc.yaml)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"source": cfg.data.source, "path": cfg.data.path,
+                                "listing": source_listing(cfg)}, indent=2) + "\n")
 
 
 def read_meta(cfg: PipelineConfig) -> dict:
@@ -117,3 +138,10 @@ def read_meta(cfg: PipelineConfig) -> dict:
     if not path.is_file():
         raise ConvHeadsError(f"no dataset at {cfg.paths.data} (missing {META}); run the data stage first")
     return json.loads(path.read_text())
+
+
+def images_root(cfg: PipelineConfig) -> Path:
+    """The folder the manifest's paths are relative to: the source folder, or the dataset folder
+    itself for generated sources."""
+    root = read_meta(cfg)["root"]
+    return Path(cfg.paths.data) if root is None else Path(root)

@@ -6,10 +6,11 @@ from pathlib import Path
 import torch
 
 from convheads import ConvHeadsError, Selection, create_model, vit_info
-from convheads.models import check_state_dict, read_state_dict
+from convheads.models import check_pretrained
 from convheads.selection import check_count
 
 from .config import PipelineConfig
+from .data import source
 
 
 def check(cfg: PipelineConfig) -> None:
@@ -17,13 +18,19 @@ def check(cfg: PipelineConfig) -> None:
         raise ConvHeadsError(f"device: {cfg.device!r} but no CUDA GPU is available here; use device=cpu")
     if cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
         raise ConvHeadsError(f"data.path: {cfg.data.path} is not a folder (expected <path>/<class>/<image>)")
-    # The model as configured, built on the meta device (no memory, no init): name and kwargs.
-    with _named("model"):
-        model = create_model(cfg.model.name, device="meta", **{**cfg.model.kwargs, "num_classes": 2})
+    if cfg.data.source == "csv" and not Path(cfg.data.path).is_file():
+        raise ConvHeadsError(f"data.path: {cfg.data.path} is not a file (expected a CSV: path,label[,split])")
+    if cfg.data.source in ("folder", "csv"):
+        with _named("data.path"):  # the layout, class list and CSV columns: seconds (no image is read)
+            source(cfg.data)
+    # The model as configured, built on the meta device (no memory, no init): name, kwargs, and
+    # the checkpoint's fit; pretrained weights must be downloadable or in the local cache.
+    m = cfg.model
+    with _named("model.checkpoint" if m.checkpoint else "model"):
+        if m.pretrained and m.checkpoint is None:
+            check_pretrained(m.name)
+        model = create_model(m.name, checkpoint=m.checkpoint, device="meta", **{**m.build_kwargs, "num_classes": 2})
     info = vit_info(model)
-    if cfg.model.checkpoint is not None:
-        check_state_dict(model, read_state_dict(cfg.model.checkpoint), f"model.checkpoint {cfg.model.checkpoint}",
-                         new_classifier=True)
     s = cfg.select
     if s.blocks is not None:
         with _named("select.blocks"):

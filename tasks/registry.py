@@ -27,7 +27,7 @@ from convheads import ConvHeadsError, vit_info
 from convheads.evaluation import evaluate
 
 from .config import PipelineConfig
-from .inputs import loader, normalisation, stage_model
+from .inputs import data_config, loader, stage_model
 from .lock import exclusive, lock_file
 from .runner import read_record
 from .tracking import LOGGED_MODELS, git_commit, logged_model, tracking_uri
@@ -107,7 +107,8 @@ def architecture(cfg: PipelineConfig) -> str:
     input and classes (not which heads were replaced: that is what competes)."""
     model = stage_model(cfg, "recover")
     info = vit_info(model)
-    mean, std = (tuple(round(float(v), 4) for v in t) for t in normalisation(cfg, model))
+    dc = data_config(cfg, model)
+    mean, std = (tuple(round(float(v), 4) for v in dc[k]) for k in ("mean", "std"))
     return (f"{info.depth} blocks, width {info.num_heads * info.head_dim} ({info.num_heads} heads), patch "
             f"{'x'.join(map(str, info.patch_size))}, input {'x'.join(map(str, info.img_size))}, "
             f"{info.num_prefix_tokens} prefix tokens, {model.num_classes} classes, mean {mean}, std {std}")

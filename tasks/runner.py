@@ -171,7 +171,9 @@ def fingerprint(stage: Stage, cfg: PipelineConfig) -> str:
         if record is None:
             raise ConvHeadsError(f"stage {stage.name!r} needs the outputs of stage {need!r}, which has not run "
                                  f"(expected {output_dir(cfg, need)}); run the pipeline from the start")
-        upstream[need] = record["fingerprint"]
+        # The data stage's output is identified by its content: files touched but not changed rerun
+        # the data stage (cheaply), not the training after it.
+        upstream[need] = record["summary"].get("data_version") or record["fingerprint"]
     key = {"stage": stage.name, "config": cfg.section(*stage.sections), "seed": cfg.seed,
            "upstream": upstream, "code": code_version(stage), "watch": stage.watch(cfg) if stage.watch else None}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

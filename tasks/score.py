@@ -16,7 +16,7 @@ SCORES, SCORES_TABLE = "scores.pt", "scores.csv"
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
     model = stage_model(cfg, "baseline").to(cfg.device)
-    batches = loader(cfg, model, "train", cfg.score.batch_size, train=True, augment=False)
+    batches = loader(cfg, model, "train", cfg.score.batch_size, train=True)
     scores = score_heads(model, batches, max_images=cfg.score.max_images)
     torch.save(scores.to_dict(), out / SCORES)
     scores_table(scores).to_csv(out / SCORES_TABLE, index=False)

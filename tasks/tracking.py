@@ -167,6 +167,10 @@ def log_stage(cfg: PipelineConfig, stage: str, run_id: str, skipped: bool = Fals
         mlflow.log_metrics({f"{stage}/{k}": v for k, v in numeric(summary).items()})
         if stage == "data":
             mlflow.set_tag("data_version", summary["data_version"])
+            if summary.get("dvc"):  # a folder tracked by DVC: its hash there, and where it was imported from
+                mlflow.set_tags({"data_dvc_md5": summary["dvc"]["md5"],
+                                 **({"data_dvc_import": json.dumps(summary["dvc"]["import"])}
+                                    if summary["dvc"].get("import") else {})})
         if stage in LOGGED_MODELS:
             log_model(cfg, stage, LOGGED_MODELS[stage])
 

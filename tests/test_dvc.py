@@ -43,7 +43,7 @@ def ran(log):
 
 
 def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(repo):
-    assert ran(sh(repo, "dvc", "repro")) == ["data", "baseline", "score", "select", "replace", "recover",
+    assert ran(sh(repo, "dvc", "repro")) == ["source", "data", "baseline", "score", "select", "replace", "recover",
                                             "evaluate", "benchmark", "track"]
     assert (repo / "dvc.lock").is_file() and (repo / "outputs/recover/model.pt").is_file()
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json"))
@@ -51,12 +51,12 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(repo):
     assert 0 <= metrics["compressed"]["top1"] <= 1 and "speedup_b1" in \
         next(iter(shown.values()))["data"]["outputs/benchmark/benchmark.json"]["data"]
 
-    assert ran(sh(repo, "dvc", "repro")) == []  # nothing changed
+    assert ran(sh(repo, "dvc", "repro")) == ["source"]  # nothing changed: only the (cheap) source listing ran
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["recover"]["lr"] = 0.002
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(sh(repo, "dvc", "repro")) == ["recover", "evaluate", "benchmark", "track"]
+    assert ran(sh(repo, "dvc", "repro")) == ["source", "recover", "evaluate", "benchmark", "track"]
 
     runs = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db").search_runs(
         [mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db").get_experiment_by_name("convheads").experiment_id],
@@ -64,8 +64,8 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(repo):
     assert len(runs) == 2 and {r.data.params["recover.lr"] for r in runs} == {"0.0005", "0.002"}
 
     # an experiment with one parameter set on the command line reruns from the stage that reads it
-    assert ran(sh(repo, "dvc", "exp", "run", "-S", "select.granularity=head", "-S", "select.fraction=0.25"))[0] \
-        == "select"
+    assert ran(sh(repo, "dvc", "exp", "run", "-S", "select.granularity=head", "-S", "select.fraction=0.25"))[:2] \
+        == ["source", "select"]
     selection = json.loads((repo / "outputs/select/selection.json").read_text())
     assert sum(len(h) for h in selection["heads"].values()) == 2  # a quarter of 2 blocks x 4 heads
 
@@ -78,7 +78,7 @@ def test_dvc_yaml_lists_the_code_each_stage_runs():
     from tasks.runner import stage_code
 
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-    modules = {name: f"tasks.{name}" for name in stages if name != "track"}
+    modules = {name: f"tasks.{name}" for name in stages if name not in ("source", "track")}  # source: always runs
     modules["track"] = "tasks.tracking"
     for name, module in modules.items():
         listed = {d for d in stages[name]["deps"] if d.split("/")[0] in CODE_ROOTS}
@@ -128,3 +128,22 @@ def test_fingerprints_follow_a_stages_own_code_and_the_checkpoints_contents(fini
         assert runner.fingerprint(STAGES["baseline"], with_checkpoint) == first
     finally:
         runner.stage_code.cache_clear()
+
+
+def test_dvc_reruns_the_data_stage_when_a_dvc_tracked_folder_changes(repo):
+    """A folder the team tracks with `dvc add` is read in place; DVC's hash of it is recorded."""
+    from PIL import Image
+    for c in ("cat", "dog"):
+        (repo / "images" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (10, 10), (30 * i, 0, 99 if c == "cat" else 200)).save(repo / "images" / c / f"{i}.png")
+    sh(repo, "dvc", "add", "-q", "images")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(source="folder", path="images", val_fraction=0.25, test_fraction=0.25)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(sh(repo, "dvc", "repro", "data")) == ["source", "data"]
+    meta = json.loads((repo / "data/dataset/meta.json").read_text())
+    assert meta["dvc"]["md5"] == yaml.safe_load((repo / "images.dvc").read_text())["outs"][0]["md5"]
+    assert sorted(p.name for p in (repo / "data/dataset").iterdir()) == ["manifest.csv", "meta.json", "stage.json"]
+    Image.new("RGB", (10, 10)).save(repo / "images/dog/new.png")
+    assert ran(sh(repo, "dvc", "repro", "data")) == ["source", "data"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from convheads import ConvHeadsError, load_model
+from convheads import ConvHeadsError, create_model, load_model
 from tasks import preflight
 from tasks.config import PipelineConfig, load_config, validate
 from tasks.runner import execute, read_record
@@ -99,24 +99,34 @@ def test_an_interrupted_stage_leaves_no_outputs_and_resumes_where_it_stopped(tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def folder_dataset(root, classes=("cat", "dog"), per_class=6):
+def folder_dataset(root, classes=("cat", "dog"), per_class=6, size=(20, 24)):
     for c in classes:
         (root / c).mkdir(parents=True)
         for i in range(per_class):
-            Image.new("RGB", (20, 24), (40 * i, 100, 0 if c == "cat" else 255)).save(root / c / f"{i}.png")
+            Image.new("RGB", size, (40 * i, 100, 0 if c == "cat" else 255)).save(root / c / f"{i}.png")
 
 
-def test_an_image_folder_is_materialised_through_the_same_stage(tmp_path):
-    folder_dataset(tmp_path / "src")
+def test_an_image_folder_is_versioned_in_place_and_fed_at_the_models_size(tmp_path):
+    import hashlib
+    from tasks.inputs import loader
+    folder_dataset(tmp_path / "src", per_class=10)
     cfg = validate({**tiny_params(tmp_path), "data": {"source": "folder", "path": str(tmp_path / "src"),
-                                                      "image_size": 16, "val_fraction": 0.25, "test_fraction": 0.25}})
+                                                      "val_fraction": 0.25, "test_fraction": 0.25}})
     summary = execute(STAGES["data"], cfg).summary
-    assert summary["classes"] == ["cat", "dog"] and summary["counts"] == {"train": 6, "val": 3, "test": 3}
-    img = Image.open(next((tmp_path / "data/dataset/train/cat").iterdir()))
-    assert img.size == (16, 16) and img.mode == "RGB"
+    assert summary["classes"] == ["cat", "dog"] and summary["counts"] == {"train": 8, "val": 7, "test": 5}
+    data = tmp_path / "data/dataset"
+    assert sorted(p.name for p in data.iterdir()) == ["manifest.csv", "meta.json", "stage.json"]  # no image copied
+    assert summary["data_version"] == hashlib.sha256((data / "manifest.csv").read_bytes()).hexdigest()
+    manifest = pd.read_csv(data / "manifest.csv")
+    assert list(manifest.columns) == ["path", "label", "class", "split", "size", "sha256"]
+    assert manifest.path[0] == "cat/0.png" and manifest["size"][0] == (tmp_path / "src/cat/0.png").stat().st_size
+    images, labels = next(iter(loader(cfg, create_model("vit_tiny_patch16_224", img_size=16, patch_size=4,
+                                                            num_classes=2), "test", 8)))
+    assert images.shape == (5, 3, 16, 16) and labels.tolist() == manifest[manifest.split == "test"].label.tolist()
     # a changed source folder is a new input: the stage reruns
     Image.new("RGB", (20, 24)).save(tmp_path / "src/cat/extra.png")
-    assert not execute(STAGES["data"], cfg).skipped
+    rerun = execute(STAGES["data"], cfg)
+    assert not rerun.skipped and rerun.summary["data_version"] != summary["data_version"]
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image"])
@@ -124,7 +134,8 @@ def test_empty_or_corrupt_images_are_named(tmp_path, content):
     folder_dataset(tmp_path / "src")
     (tmp_path / "src/dog/broken.png").write_bytes(content)
     cfg = validate({**tiny_params(tmp_path), "data": {"source": "folder", "path": str(tmp_path / "src")}})
-    with pytest.raises(ConvHeadsError, match=r"cannot read image .*dog/broken.png"):
+    with pytest.raises(ConvHeadsError, match=r"1 file\(s\) are not readable images: .*dog/broken.png \(.+\); "
+                                             r"remove or replace them"):
         execute(STAGES["data"], cfg)
     assert not (tmp_path / "data/dataset").exists()
 
@@ -135,7 +146,7 @@ def test_preflight_names_the_bad_key_or_file(tmp_path):
     for change, match in [
         ({"model": {"name": "vit_tiny_patch16_22"}}, "model: unknown timm model"),
         ({"model": {"checkpoint": str(tmp_path / "missing.pt")}}, "checkpoint file not found"),
-        ({"model": {"checkpoint": str(tmp_path / "wrong.pt")}}, r"model.checkpoint .*wrong.pt does not fit"),
+        ({"model": {"checkpoint": str(tmp_path / "wrong.pt")}}, r"model.checkpoint: the checkpoint .*wrong.pt does not fit"),
         ({"data": {"source": "folder", "path": str(tmp_path / "nowhere")}}, "data.path: .*nowhere is not a folder"),
         ({"select": {"blocks": [5]}}, r"select.blocks: the selection names block 5 but the model has 2 blocks"),
         ({"select": {"blocks": [1, 1]}}, r"select.blocks: selection lists a block twice: \[1, 1\]"),

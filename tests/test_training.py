@@ -6,7 +6,8 @@ from torch import nn
 
 from convheads import ConvHeadsError, Selection, replace_heads
 from benchmarks.timing import latency_stats, percentile, time_models
-from convheads.data import ImageFolderSplit, digits_images, folder_hash, split_indices, write_split_folders
+from convheads.data import ManifestDataset, digits_images, split_indices, write_split_folders
+from convheads.manifest import build_manifest, scan_folder
 from convheads.evaluation import evaluate
 from convheads.training import new_parameters, train
 from conftest import tiny_vit
@@ -79,26 +80,12 @@ def test_digits_render_to_rgb_and_split_reproducibly(tmp_path):
     assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(1797))
     assert len(a["test"]) == 270 and len(a["val"]) == 270
     assert np.bincount(labels[a["test"]]).min() >= 26  # stratified: ~27 of each digit
-    rows = write_split_folders(tmp_path, images, labels, [str(i) for i in range(10)],
-                               {k: v[:5] for k, v in a.items()})
-    ds = ImageFolderSplit(tmp_path, "train")
-    assert len(ds) == 5 and ds[0][0].shape == (3, 16, 16) and len(rows) == 15
-    h = folder_hash(tmp_path)
-    (tmp_path / rows[0]["path"]).write_bytes(b"corrupt")
-    assert folder_hash(tmp_path) != h
-    split, cls, name = rows[0]["path"].split("/")
-    bad = ImageFolderSplit(tmp_path, split)
-    i = next(i for i, (p, _) in enumerate(bad.samples) if p.name == name)
-    with pytest.raises(ConvHeadsError, match=f"cannot read image .*{name}"):
-        bad[i]
-
-
-def test_missing_or_empty_dataset_folders(tmp_path):
-    with pytest.raises(ConvHeadsError, match="split folder not found"):
-        ImageFolderSplit(tmp_path, "train")
-    (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(ConvHeadsError, match="no images"):
-        ImageFolderSplit(tmp_path, "train")
+    one_each = {k: np.array([v[labels[v] == c][0] for c in range(10)]) for k, v in a.items()}
+    write_split_folders(tmp_path / "digits", images, labels, [str(i) for i in range(10)], one_each)
+    stats = build_manifest(scan_folder(tmp_path / "digits"), tmp_path / "m.csv", tmp_path / "cache.db", progress=False)
+    assert stats.counts == {"train": 10, "val": 10, "test": 10} and stats.modes == {"RGB": 30}
+    ds = ManifestDataset(tmp_path / "m.csv", tmp_path / "digits", "test")
+    assert len(ds) == 10 and ds[0][0].shape == (3, 16, 16) and [ds[i][1] for i in range(10)] == list(range(10))
 
 
 def test_timing_interleaves_models_and_reports_timm_fields():
