@@ -162,6 +162,7 @@ def _rebuild(spec: dict, replacement: List[dict], state: dict, source: str) -> n
                       kernel_size=entry["kernel_size"], variant=entry["variant"])
         if entry["folded"]:
             model.blocks[entry["block"]].attn.fold()
+        model.blocks[entry["block"]].attn.mixing = entry.get("mixing", "auto")  # files before it existed: auto
     _assign(model, check_state_dict(model, state, source))
     return model.eval()
 
