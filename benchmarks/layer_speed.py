@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from convheads import ConvHeadAttention, ConvHeadsError
 from convheads.export import export_module
 from convheads.files import atomic_path
-from convheads.mixing import choose
+from convheads.mixing import SHIFT_MAX_VALUES_COMPILED, choose
 
 from .timing import OnnxTimer, check_repeats, time_within
 
@@ -95,14 +95,15 @@ def time_point(point: Point, runtimes: Sequence[str] = RUNTIMES, budget_s: float
     for runtime in runtimes:
         if runtime == "eager":
             models, mixing, extra = {"original": original, "replaced": replaced}, choose(
-                point.batch, point.tokens, point.width, x.device), {}
+                point.batch, point.tokens, point.width, point.prefix, x.device), {}
         elif runtime == "compile":
             torch._dynamo.reset()  # every point is a new shape of the same code: no recompile limit
             models = {"original": torch.compile(original), "replaced": torch.compile(replaced)}
             start = time.perf_counter()
             models["original"](x)  # the first calls compile
             diff = float((models["replaced"](x) - expected).abs().max())
-            mixing, extra = "shift", {"compile_s": time.perf_counter() - start, "max_abs_diff": diff}
+            mixing = "shift" if point.batch * point.grid ** 2 * point.width <= SHIFT_MAX_VALUES_COMPILED else "conv"
+            extra = {"compile_s": time.perf_counter() - start, "max_abs_diff": diff}
         else:
             if onnx is None or x.device.type != "cpu":
                 raise ConvHeadsError("onnxruntime points need an OnnxTimer and the CPU")

@@ -118,7 +118,7 @@ class ReplacedAttention(nn.Module):
                 f"got {N} tokens but the convolution heads expect {P} prefix tokens + a {h} x {w} "
                 f"patch grid; run the model at the resolution it was built for (or build it with "
                 f"dynamic_img_size=True)")
-        how = self._mixing if self._mixing != AUTO else choose(B, N, Cr, v.device)
+        how = self._mixing if self._mixing != AUTO else choose(B, N, Cr, P, v.device)
         alpha, beta = (self.alpha, self.beta) if P else (None, None)
         mix = functools.partial(depthwise_mix, weight=self.conv.weight, alpha=alpha, beta=beta,
                                 grid_size=self.grid_size, head_dim=self.head_dim)

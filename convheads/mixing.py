@@ -5,17 +5,17 @@ of the patch grid; one function, three implementations that compute it.
     patches_out   = conv_k(V_i(patches) + sum_j beta[j, i] * v_prefix[j])    (stride 1, zero "same" padding)
 
 Implementations (`IMPLEMENTATIONS`), all on channels-last views of the values (no layout copies):
-  conv    the depthwise convolution (oneDNN on CPU, cuDNN on GPU). On a CPU one call costs ~40 us
-          whatever the size, more than the whole attention on a tiny grid.
-  shift   k^2 shifted multiply-adds of the zero-padded grid: many small ops eagerly, but
-          torch.compile fuses them and the prefix scalars into one loop, which beats calling the
-          library convolution from compiled code.
+  conv    the library's depthwise convolution (oneDNN on CPU, cuDNN on GPU). On a CPU a call costs
+          ~40 us whatever the size: more than the whole attention on a tiny grid.
+  shift   the k^2 shifted windows of the zero-padded grid (one strided view) times the taps,
+          summed. torch.compile fuses it with the prefix scalars into one loop, which beats
+          calling the library convolution from compiled code on all but large inputs.
   banded  the [N, N] token-mixing matrix per channel that the whole function equals (prefix
           scalars included; the fixed banded matrix of METHOD.md's derivation), applied as one
           multiply and one sum: the cheapest on tiny grids. Built on every call while gradients
           flow; without them built once and reused while the parameters keep their values.
 `choose` picks one per call from its shape, device and mode (gradients, torch.compile, ONNX
-export), so a given kind of call always takes the same path; all three agree to float rounding.
+export): a given kind of call always takes the same path. All three agree to float rounding.
 """
 from typing import Callable, Hashable, List, Optional, Sequence, Tuple
 
@@ -27,8 +27,13 @@ from .errors import ConvHeadsError
 IMPLEMENTATIONS = ("conv", "shift", "banded")
 AUTO = "auto"
 # "banded" multiplies out a [B, N, N, C] product; above this many elements the convolution path
-# is faster (benchmarks/layer_speed.py, 2 CPU cores: width 128, batch 1 crosses over at ~6 x 6).
-BANDED_MAX_ELEMENTS = 160_000
+# is faster (measured with benchmarks/layer_speed.py: width 128, batch 1 crosses over at a 6 x 6
+# grid without prefix tokens, 7 x 7 with them, since they cost the convolution path 4 more ops).
+BANDED_MAX_ELEMENTS = 150_000
+BANDED_MAX_ELEMENTS_PREFIX = 300_000
+# Under torch.compile the fused shift loop beats the library convolution called from compiled
+# code up to about this many values (B x h x w x C); above it, the library's blocked kernel wins.
+SHIFT_MAX_VALUES_COMPILED = 300_000
 
 
 def check_implementation(name: str) -> str:
@@ -37,32 +42,33 @@ def check_implementation(name: str) -> str:
     return name
 
 
-def choose(batch: int, tokens: int, channels: int, device: torch.device) -> str:
+def choose(batch: int, tokens: int, channels: int, prefix: int, device: torch.device) -> str:
     """The fastest implementation for a call (measured with benchmarks/layer_speed.py)."""
     if torch.onnx.is_in_onnx_export():
         return "conv"        # one ONNX Conv node, which runtimes and TensorRT optimise
-    if torch.compiler.is_compiling():
-        return "shift"       # inductor fuses it with the prefix scalars into one loop
-    if (device.type == "cpu" and not torch.is_grad_enabled()
-            and batch * tokens * tokens * channels <= BANDED_MAX_ELEMENTS):
+    patches = batch * (tokens - prefix) * channels
+    if torch.compiler.is_compiling():  # inductor fuses shift with the prefix scalars into one loop
+        return "shift" if patches <= SHIFT_MAX_VALUES_COMPILED else "conv"
+    limit = BANDED_MAX_ELEMENTS_PREFIX if prefix else BANDED_MAX_ELEMENTS
+    if device.type == "cpu" and not torch.is_grad_enabled() and batch * tokens * tokens * channels <= limit:
         return "banded"
     return "conv"
 
 
 def _spatial(grid: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor:
     """Depthwise k x k convolution (zero "same" padding) of grid [B, h, w, C] -> [B, h, w, C]."""
-    _, h, w, C = grid.shape
+    B, h, w, C = grid.shape
     k = int(weight.shape[-1])  # plain ints, also while tracing for export
     if how == "conv":  # a channels-last view in, a channels-last result out: no copies
         return F.conv2d(grid.permute(0, 3, 1, 2), weight, None, 1, k // 2, 1, C).permute(0, 2, 3, 1)
+    # shift: the k^2 shifted windows of the zero-padded grid are one strided view [k, k, B, h, w, C]
+    # (no copy); multiply by the taps and sum over the outermost dimension (the fast way round).
     r, h, w = k // 2, int(h), int(w)
     padded = F.pad(grid, (0, 0, r, r, r, r))
-    taps = weight.view(C, k * k)
-    y = padded[:, :h, :w] * taps[:, 0]
-    for t in range(1, k * k):
-        dy, dx = divmod(t, k)
-        y = y + padded[:, dy:dy + h, dx:dx + w] * taps[:, t]
-    return y
+    sb, sy, sx, _ = padded.stride()
+    windows = padded.as_strided((k, k, B, h, w, C), (sy, sx, sb, sy, sx, 1))
+    taps = weight.view(C, k * k).t().contiguous().view(k, k, 1, 1, 1, C)  # contiguous: a fast multiply
+    return (windows * taps).flatten(0, 1).sum(dim=0)
 
 
 def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.Tensor],
@@ -88,16 +94,17 @@ def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.T
 
 def banded_matrix(mix: Callable[[torch.Tensor], torch.Tensor], tokens: int, channels: int,
                   like: torch.Tensor) -> torch.Tensor:
-    """M [N, N, C] with mix(v)[b, p, c] = sum_q M[p, q, c] v[b, q, c], for any token mixing that is
-    linear and acts on each channel alone: `mix` fed the N unit token vectors, so the matrix is
-    the same function by construction."""
+    """M [N, N, C] with mix(v)[b, p, c] = sum_q M[q, p, c] v[b, q, c], for any token mixing that is
+    linear and acts on each channel alone: `mix` fed the N unit token vectors (row q: where token q
+    goes), so it is the same function by construction."""
     units = torch.eye(tokens, dtype=like.dtype, device=like.device)[:, :, None].expand(tokens, tokens, channels)
-    return mix(units).transpose(0, 1)
+    return mix(units).contiguous()
 
 
 def apply_banded(v: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """v [B, N, C], matrix [N, N, C] -> [B, N, C]."""
-    return (matrix * v[:, None]).sum(dim=2)
+    """v [B, N, C], matrix [N (from), N (to), C] -> [B, N, C]. The sum runs over the outermost
+    dimension of the product: twice as fast as over an inner one."""
+    return (matrix[:, None] * v.transpose(0, 1)[:, :, None]).sum(dim=0)
 
 
 class ParameterCache:

@@ -67,11 +67,13 @@ def test_every_implementation_is_the_reference_convolution_with_the_same_gradien
 def test_the_choice_follows_shape_device_and_mode():
     cpu = torch.device("cpu")
     with torch.no_grad():
-        assert choose(1, 17, 128, cpu) == "banded"           # a tiny grid, inference
-        assert choose(64, 17, 128, cpu) == "conv"            # a batch: the library convolution
-        assert choose(1, 577, 128, cpu) == "conv"            # a large grid
-        assert choose(1, 17, 128, torch.device("meta")) == "conv"
-    assert choose(1, 17, 128, cpu) == "conv"                 # gradients flow: training takes the convolution
+        assert choose(1, 17, 128, 1, cpu) == "banded"        # a tiny grid, inference
+        assert choose(1, 37, 128, 1, cpu) == "banded"        # prefix tokens cost the convolution path more ...
+        assert choose(1, 36, 128, 0, cpu) == "conv"          # ... than none
+        assert choose(64, 17, 128, 1, cpu) == "conv"         # a batch: the library convolution
+        assert choose(1, 577, 128, 1, cpu) == "conv"         # a large grid
+        assert choose(1, 17, 128, 1, torch.device("meta")) == "conv"
+    assert choose(1, 17, 128, 1, cpu) == "conv"              # gradients flow: training takes the convolution
 
 
 def test_the_inference_matrix_follows_every_change_of_the_parameters():
