@@ -51,7 +51,8 @@ class ReplacedAttention(nn.Module):
         prefix_out[j] = v_prefix[j] + alpha[j, i] * mean(V_i over patches)
         V_i(patches) += sum_j beta[j, i] * v_prefix[j]      (before the convolution)
     With P = 1 this is exactly the reference. Patch values are then convolved depthwise (k x k,
-    stride 1, zero "same" padding) on the h x w patch grid.
+    stride 1, zero "same" padding) on the h x w patch grid. mixing.py computes this, by one of three
+    implementations that `mixing` names ("auto": the fastest for each call).
     """
 
     def __init__(self, attn: Attention, conv_heads: Sequence[int], grid_size: Tuple[int, int],
