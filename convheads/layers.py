@@ -9,7 +9,8 @@ merges all heads of a block into one and mixes it the same way; `ReplacedAttenti
 the two share.
 """
 import copy
-from typing import Optional, Sequence, Tuple
+import functools
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch import nn
 from timm.layers import Attention
 
 from .errors import ConvHeadsError
+from .mixing import AUTO, ParameterCache, apply_banded, banded_matrix, check_implementation, choose, depthwise_mix
 
 
 def gaussian_kernel(kernel_size: int, sigma: float = 1.0) -> torch.Tensor:
@@ -49,7 +51,8 @@ class ReplacedAttention(nn.Module):
         prefix_out[j] = v_prefix[j] + alpha[j, i] * mean(V_i over patches)
         V_i(patches) += sum_j beta[j, i] * v_prefix[j]      (before the convolution)
     With P = 1 this is exactly the reference. Patch values are then convolved depthwise (k x k,
-    stride 1, zero "same" padding) on the h x w patch grid.
+    stride 1, zero "same" padding) on the h x w patch grid. mixing.py computes this, by one of three
+    implementations that `mixing` names ("auto": the fastest for each call).
     """
 
     def __init__(self, attn: Attention, conv_heads: Sequence[int], grid_size: Tuple[int, int],
@@ -66,6 +69,7 @@ class ReplacedAttention(nn.Module):
         self.kernel_size = kernel_size
         self.variant = variant
         self.proj_drop = attn.proj_drop
+        self.mixing = AUTO
 
     def _init_mixing(self, heads: int, **dd) -> None:
         """The depthwise conv on `heads` x head_dim channels (Gaussian init) and alpha, beta [P, heads]."""
@@ -91,6 +95,21 @@ class ReplacedAttention(nn.Module):
             self.beta.copy_(beta)
             self.alpha.copy_(alpha)
 
+    @property
+    def mixing(self) -> str:
+        """How the mixed heads are mixed: "auto" (per call the fastest, see mixing.choose) or one of
+        mixing.IMPLEMENTATIONS. Every choice computes the same function; save_model keeps it."""
+        return self._mixing
+
+    @mixing.setter
+    def mixing(self, name: str) -> None:
+        self._mixing = check_implementation(name)
+        self._banded = ParameterCache()
+
+    def mixing_parameters(self) -> List[nn.Parameter]:
+        """The parameters of the spatial mixing: kernels, then alpha and beta when there are prefix tokens."""
+        return [self.conv.weight] + ([self.alpha, self.beta] if self.num_prefix_tokens else [])
+
     def _mix(self, v: torch.Tensor) -> torch.Tensor:
         """Spatially mix the mixed heads' values v [B, N, Cr] -> [B, N, Cr] (Cr = heads x head_dim)."""
         B, N, Cr = v.shape
@@ -100,18 +119,15 @@ class ReplacedAttention(nn.Module):
                 f"got {N} tokens but the convolution heads expect {P} prefix tokens + a {h} x {w} "
                 f"patch grid; run the model at the resolution it was built for (or build it with "
                 f"dynamic_img_size=True)")
-        patches = v[:, P:]                                            # [B, hw, Cr]
-        if P:
-            # Per-head views [B, tokens, heads, d]: alpha, beta [P, heads] broadcast without copies.
-            heads = v.unflatten(-1, (-1, self.head_dim))
-            prefix, patch_heads = heads[:, :P], heads[:, P:]
-            shift = (self.beta[..., None] * prefix).sum(dim=1, keepdim=True)             # [B, 1, heads, d]
-            prefix = prefix + self.alpha[..., None] * patch_heads.mean(dim=1, keepdim=True)
-            patches = (patch_heads + shift).flatten(2)
-        # [B, hw, Cr] -> [B, Cr, h, w] as a channels-last view: no copy on the way in or out.
-        y = self.conv(patches.reshape(B, h, w, Cr).permute(0, 3, 1, 2))
-        y = y.permute(0, 2, 3, 1).reshape(B, h * w, Cr)
-        return torch.cat([prefix.flatten(2), y], dim=1) if P else y
+        how = self._mixing if self._mixing != AUTO else choose(B, N, Cr, P, v.device)
+        alpha, beta = (self.alpha, self.beta) if P else (None, None)
+        mix = functools.partial(depthwise_mix, weight=self.conv.weight, alpha=alpha, beta=beta,
+                                grid_size=self.grid_size, head_dim=self.head_dim)
+        if how == "banded":
+            params = self.mixing_parameters()
+            matrix = self._banded.get(self.grid_size, params, lambda: banded_matrix(mix, N, Cr, params[0]))
+            return apply_banded(v, matrix)
+        return mix(v, how=how)
 
     def forward(
             self,
@@ -122,12 +138,13 @@ class ReplacedAttention(nn.Module):
         if attn_mask is not None or is_causal:
             raise ConvHeadsError("convolution heads mix the full patch grid: attention masks and "
                                  "causal attention are not supported")
-        return self.proj_drop(self._attend(x))  # _attend: [B, N, C] -> [B, N, C], defined by each layer
+        x = self._attend(x)  # [B, N, C] -> [B, N, C], defined by each layer
+        return self.proj_drop(x) if self.training else x  # (eval: skip a no-op module call)
 
     def extra_repr(self) -> str:
         return (f"conv_heads={list(self.conv_heads)}, num_heads={self.num_heads}, variant={self.variant!r}, "
                 f"kernel_size={self.kernel_size}, grid_size={self.grid_size}, "
-                f"num_prefix_tokens={self.num_prefix_tokens}")
+                f"num_prefix_tokens={self.num_prefix_tokens}, mixing={self.mixing!r}")
 
 
 class ConvHeadAttention(ReplacedAttention):
@@ -196,7 +213,7 @@ class ConvHeadAttention(ReplacedAttention):
         B, N, _ = x.shape
         x = self.in_proj(x)
         kept_dim = 3 * self.num_kept * self.head_dim
-        out = x[..., kept_dim:]
+        out = x[..., kept_dim:] if kept_dim else x
         if self.variant == "depthwise":
             out = self._mix(out)
         if self.num_kept:
@@ -205,4 +222,4 @@ class ConvHeadAttention(ReplacedAttention):
             q, k = self.q_norm(q), self.k_norm(k)
             kept = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
             out = torch.cat([kept.transpose(1, 2).reshape(B, N, -1), out], dim=-1)
-        return self.proj(self.norm(out))
+        return self.proj(out if isinstance(self.norm, nn.Identity) else self.norm(out))

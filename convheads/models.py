@@ -370,6 +370,7 @@ def _build(spec: dict, replacement: List[dict]) -> nn.Module:
                       kernel_size=entry["kernel_size"], variant=entry["variant"])
         if entry["folded"]:
             model.blocks[entry["block"]].attn.fold()
+        model.blocks[entry["block"]].attn.mixing = entry.get("mixing", "auto")  # files before it existed: auto
     return model
 
 

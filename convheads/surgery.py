@@ -102,7 +102,7 @@ def replaced_selection(model: nn.Module) -> Selection:
 
 def replacement_config(model: nn.Module) -> List[dict]:
     """Per replaced block: what replace_heads (and, for a folded ensemble, fold) needs to rebuild the
-    same structure."""
+    same structure, and the layer's mixing implementation."""
     return [dict(block=i, heads=list(b.attn.conv_heads), kernel_size=b.attn.kernel_size, variant=b.attn.variant,
-                 folded=getattr(b.attn, "folded", False))
+                 folded=getattr(b.attn, "folded", False), mixing=b.attn.mixing)
             for i, b in enumerate(model.blocks) if isinstance(b.attn, ReplacedAttention)]

@@ -22,7 +22,7 @@ def new_parameters(model: nn.Module) -> List[nn.Parameter]:
     params = []
     for m in model.modules():
         if isinstance(m, ReplacedAttention) and m.variant != "identity":
-            params += [m.conv.weight] + ([m.alpha, m.beta] if m.num_prefix_tokens else [])
+            params += m.mixing_parameters()
         if isinstance(m, EnsembleHeadAttention) and not m.folded:
             params.append(m.logits)
     return params

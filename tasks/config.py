@@ -12,6 +12,8 @@ from convheads.selection import GRANULARITIES
 from convheads.surgery import INITS, VARIANTS
 from convheads.training import TRAINABLE
 
+RUNTIMES = ("onnxruntime", "eager", "compile")  # benchmark.runtimes
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -138,9 +140,18 @@ class EvaluateConfig(Section):
 
 class BenchmarkConfig(Section):
     batch_sizes: List[PositiveInt] = [1, 64]
+    # Where the models are timed; the first gives the headline speedup (summary, registry gate).
+    # onnxruntime: the ONNX export, as deployed (CPU); eager / compile: PyTorch (torch.compile).
+    runtimes: List[Literal[RUNTIMES]] = Field(["onnxruntime", "eager"], min_length=1)
     repeats: PositiveInt = 20
     warmup: int = Field(3, ge=0)
     threads: Optional[PositiveInt] = None   # None: torch's default for this machine
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        if len(set(self.runtimes)) != len(self.runtimes):
+            raise ValueError(f"benchmark.runtimes lists a runtime twice: {self.runtimes}")
+        return self
 
 
 class TrackingConfig(Section):
@@ -202,6 +213,9 @@ class PipelineConfig(Section):
         if self.replace.variant == "ensemble" and self.select.blocks is None and self.select.granularity != "block":
             raise ValueError("replace.variant=ensemble merges whole blocks; set select.granularity=block "
                              "(or select.blocks)")
+        if "onnxruntime" in self.benchmark.runtimes and self.device != "cpu":
+            raise ValueError(f"benchmark.runtimes: onnxruntime times the CPU, but device is {self.device!r}; "
+                             f"set benchmark.runtimes=[eager] (or [compile]) for a GPU")
         if self.registry.speedup_batch_size not in (None, *self.benchmark.batch_sizes):
             raise ValueError(f"registry.speedup_batch_size must be one of benchmark.batch_sizes "
                              f"{self.benchmark.batch_sizes}")
