@@ -1,20 +1,19 @@
 """Stage 8: latency and throughput of the baseline vs the compressed model in each configured
 runtime, the two models timed interleaved; the first runtime gives the headline speedup.
 
-onnxruntime times the models exported to ONNX (as deployed; spinning off, PyTorch's thread
-count, never interleaved with PyTorch), eager and compile time them in PyTorch.
+onnxruntime times the models exported to ONNX (as deployed) in a process of its own (spinning off,
+PyTorch's thread count: benchmarks.timing explains why); eager and compile time them in PyTorch.
 """
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Dict, List
 
 import pandas as pd
 import torch
 from torch import nn
 
-from benchmarks.timing import latency_stats, time_models
+from benchmarks.timing import OnnxTimer, latency_stats, time_models
 from convheads import export_onnx, model_cost
-from convheads.export import OnnxModel
 
 from .config import PipelineConfig
 from .evaluate import MODELS
@@ -24,14 +23,16 @@ from .runner import write_json
 BENCHMARK, BENCHMARK_TABLE = "benchmark.json", "benchmark.csv"
 
 
-def runners(models: Dict[str, nn.Module], runtime: str, batch_size: int, workdir: Path) -> Dict[str, Callable]:
-    """Each model as `runtime` runs it, for inputs of `batch_size` (ONNX exports have static shapes)."""
-    if runtime == "eager":
-        return models
-    if runtime == "compile":
-        return {name: torch.compile(m) for name, m in models.items()}
-    return {name: OnnxModel(export_onnx(m, workdir / f"{name}_b{batch_size}.onnx", batch_size=batch_size))
-            for name, m in models.items()}
+def time_runtime(models: Dict[str, nn.Module], runtime: str, x: torch.Tensor, cfg: PipelineConfig,
+                 workdir: Path, onnx: OnnxTimer) -> Dict[str, List[float]]:
+    """Seconds per call of each model as `runtime` runs it, the models interleaved."""
+    b = cfg.benchmark
+    if runtime == "onnxruntime":  # static shapes: one export per batch size, timed in the timer's own process
+        paths = {name: export_onnx(m, workdir / f"{name}_b{len(x)}.onnx", batch_size=len(x))
+                 for name, m in models.items()}
+        return onnx.time(paths, x.shape, torch.get_num_threads(), b.warmup, b.repeats)[0]
+    run_with = {name: torch.compile(m) for name, m in models.items()} if runtime == "compile" else models
+    return time_models(run_with, x, warmup=b.warmup, repeats=b.repeats, progress=True)
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
@@ -42,12 +43,11 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     costs = {name: model_cost(m) for name, m in models.items()}
     size = models["baseline"].patch_embed.img_size
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, OnnxTimer() as onnx:
         for runtime in b.runtimes:
             for batch_size in b.batch_sizes:
                 x = torch.randn(batch_size, 3, *size, device=cfg.device)
-                run_with = runners(models, runtime, batch_size, Path(tmp))
-                times = time_models(run_with, x, warmup=b.warmup, repeats=b.repeats, progress=True)
+                times = time_runtime(models, runtime, x, cfg, Path(tmp), onnx)
                 for name, t in times.items():
                     rows.append({"runtime": runtime, "model": name, **latency_stats(t, batch_size),
                                  "param_count": costs[name].params, "infer_gmacs": costs[name].gmacs})
