@@ -18,9 +18,7 @@ import torch
 
 from convheads import Selection, create_model, fit_scores, replace_heads, score_heads, vit_info
 
-METHODS = {"gaussian": ("depthwise", "gaussian"), "attention_raw": ("depthwise", "attention"),
-           "attention": ("depthwise", "attention"), "global": ("depthwise_global", "attention"),
-           "fixed": ("fixed", "attention")}
+from .methods import METHODS, use_raw_beta
 
 
 def block_inputs(model, images):
@@ -59,9 +57,8 @@ def main(argv=None):
     for name, (variant, init) in METHODS.items():
         built[name] = replace_heads(copy.deepcopy(model), everything, kernel_size=args.kernel_size, init=init,
                                     variant=variant, scores=scores)
-        if name == "attention_raw":  # the fit before the change: beta = the raw mean weight patch -> prefix
-            for b in range(info.depth):
-                built[name].blocks[b].attn.beta.copy_(scores.patch_to_prefix[b].T)
+        if name == "attention_raw":
+            use_raw_beta(built[name], scores, everything)
     rows = []
     for name, m in built.items():
         vs_mean = [relative(m.blocks[b].attn(x), built["fixed"].blocks[b].attn(x)) for b, x in enumerate(inputs)]

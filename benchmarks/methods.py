@@ -57,11 +57,17 @@ def build(method: str, baseline: Path, selection, scores: HeadScores, kernel_siz
     torch.manual_seed(seed)  # the Gaussian init's alpha, beta are random
     model = replace_heads(load_model(baseline), selection, kernel_size=kernel_size, init=init, variant=variant,
                           scores=scores)
-    if method == "attention_raw":  # before the prefix fit: beta = the raw mean weight from a patch to the prefix
-        with torch.no_grad():
-            for b, heads in selection.heads.items():
-                model.blocks[b].attn.beta.copy_(scores.patch_to_prefix[b, heads].T)
+    if method == "attention_raw":
+        use_raw_beta(model, scores, selection)
     return model
+
+
+@torch.no_grad()
+def use_raw_beta(model, scores: HeadScores, selection) -> None:
+    """The prefix fit before it was fitted for what the layer computes: beta = the raw mean weight
+    from a patch to each prefix token."""
+    for b, heads in selection.heads.items():
+        model.blocks[b].attn.beta.copy_(scores.patch_to_prefix[b, heads].T)
 
 
 def main(argv: List[str] = None) -> None:

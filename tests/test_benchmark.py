@@ -130,13 +130,24 @@ def test_onnx_runner_spins_only_when_asked(tmp_path):
 
 
 def test_the_layer_benchmark_times_each_runtime_and_draws_the_ratios(tmp_path):
-    pts = layer_speed.points(grids=[4, 6], widths=[128], prefixes=[1], batches=[1])
+    pts = layer_speed.points(grids=[4, 6], widths=[128], prefixes=[1], batches=[1],
+                             variants=["depthwise", "depthwise_global"])
     rows = layer_speed.layer_speed(pts, ("eager", "onnxruntime"), budget_s=0.01, min_rounds=2)
-    assert [(r["grid"], r["runtime"]) for r in rows] == [(4, "eager"), (4, "onnxruntime"), (6, "eager"),
-                                                         (6, "onnxruntime")]
-    assert [r["mixing"] for r in rows] == ["banded", "conv", "banded", "conv"]
+    assert [(r["grid"], r["variant"], r["runtime"]) for r in rows] == [
+        (g, v, r) for g in (4, 6) for v in ("depthwise", "depthwise_global") for r in ("eager", "onnxruntime")]
+    assert [r["mixing"] for r in rows] == ["banded", "conv"] * 4
     assert all(r["tokens"] == 1 + r["grid"] ** 2 and r["rounds"] >= 2 and r["ratio"] > 0 for r in rows)
     layer_speed.plot_layers(rows, tmp_path / "layers.png")
     assert (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConvHeadsError, match="widths in"):
         layer_speed.points(widths=[100])
+    with pytest.raises(ConvHeadsError, match="layer variants"):
+        layer_speed.points(variants=["fixed"])
+
+
+def test_the_digits_setting_is_the_pipelines_default_vit():
+    models = Setting.parse("digits:32:2").build(["original", "depthwise_global"])
+    assert models["original"].patch_embed.grid_size == (8, 8) and len(models["original"].blocks) == 6
+    assert models["depthwise_global"].blocks[1].attn.variant == "depthwise_global"
+    with pytest.raises(ConvHeadsError, match="32 px"):
+        Setting("digits", 64, 1).check()
