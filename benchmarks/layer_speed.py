@@ -1,14 +1,17 @@
 """One attention module against the layer that replaces it, across sizes (the suite's `layers` section).
 
-At every point (a g x g patch grid, width C, P prefix tokens, batch B) it builds timm's
+At every point (a g x g patch grid, width C, P prefix tokens, batch B, variant) it builds timm's
 Attention(C, heads) with random weights and the ConvHeadAttention that whole-block replacement
-makes of it (every head depthwise, 3 x 3, random alpha and beta), and times the pair interleaved
+makes of it (every head "depthwise" or "depthwise_global", 3 x 3, random prefix scalars and global
+terms), and times the pair interleaved
 in each runtime: PyTorch eager, torch.compile (inductor), and exported to ONNX in onnxruntime (in a
 process of its own, see timing.py). ratio = replaced / original latency: below 1, the replacement
 is faster. Each pair gets about `budget_s` of timed rounds (at least `min_rounds`).
 
     python -m benchmarks.suite --sections layers                      # the full grid (long)
     python -m benchmarks.suite --sections layers --layer-grids 4 8 --layer-batches 1
+    python -m benchmarks.suite --sections layers --layer-grids 8 --layer-widths 128 --layer-prefixes 1 \
+        --layer-variants depthwise depthwise_global     # the digits default's layer, both variants
 """
 import statistics
 import tempfile
@@ -34,6 +37,7 @@ HEADS = {128: 8, 384: 6, 768: 12, 1024: 16}   # width -> heads: the digits defau
 PREFIXES = (0, 1, 5)
 BATCHES = (1, 64)
 RUNTIMES = ("eager", "compile", "onnxruntime")
+LAYER_VARIANTS = ("depthwise", "depthwise_global")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Point:
     width: int
     prefix: int
     batch: int
+    variant: str = "depthwise"
 
     @property
     def tokens(self) -> int:
@@ -53,10 +58,10 @@ class Point:
             torch.manual_seed(self.grid * 10_000 + self.width + self.prefix)
             heads = HEADS.get(self.width, max(1, self.width // 64))
             original = Attention(self.width, heads, qkv_bias=True)
-            replaced = ConvHeadAttention(original, range(heads), (self.grid, self.grid), self.prefix)
-            if self.prefix:
-                nn.init.uniform_(replaced.alpha)
-                nn.init.uniform_(replaced.beta)
+            replaced = ConvHeadAttention(original, range(heads), (self.grid, self.grid), self.prefix,
+                                         variant=self.variant)
+            for p in replaced.mixing_parameters()[1:]:   # prefix scalars (and global terms): not their init
+                nn.init.uniform_(p)
         return original.to(device, dtype).eval(), replaced.to(device, dtype).eval()
 
     def inputs(self, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -65,19 +70,22 @@ class Point:
 
 
 def points(grids: Sequence[int] = GRIDS, widths: Sequence[int] = tuple(HEADS), prefixes: Sequence[int] = PREFIXES,
-           batches: Sequence[int] = BATCHES) -> List[Point]:
+           batches: Sequence[int] = BATCHES, variants: Sequence[str] = ("depthwise",)) -> List[Point]:
+    unknown = [v for v in variants if v not in LAYER_VARIANTS]
+    if unknown:
+        raise ConvHeadsError(f"layer variants must be among {LAYER_VARIANTS}; got {unknown}")
     bad = [w for w in widths if w not in HEADS and w % 64]
     if bad or any(g < 1 for g in grids) or any(p < 0 for p in prefixes) or any(b < 1 for b in batches):
         raise ConvHeadsError(f"layer points need grids >= 1, prefixes >= 0, batches >= 1 and widths in {list(HEADS)} "
                              f"or multiples of 64; got grids {list(grids)}, widths {list(widths)}, prefixes "
                              f"{list(prefixes)}, batches {list(batches)}")
-    return [Point(g, w, p, b) for b in batches for w in widths for p in prefixes for g in grids]
+    return [Point(g, w, p, b, v) for b in batches for w in widths for p in prefixes for g in grids for v in variants]
 
 
 def _row(point: Point, runtime: str, mixing: str, times: Dict[str, List[float]], **extra) -> dict:
     t0, t1 = statistics.median(times["original"]), statistics.median(times["replaced"])
     return {"grid": point.grid, "tokens": point.tokens, "width": point.width, "prefix": point.prefix,
-            "batch": point.batch, "runtime": runtime, "mixing": mixing, "original_us": t0 * 1e6,
+            "batch": point.batch, "variant": point.variant, "runtime": runtime, "mixing": mixing, "original_us": t0 * 1e6,
             "replaced_us": t1 * 1e6, "ratio": t1 / t0, "rounds": len(times["original"]),
             # best of the rounds (timeit's choice): on a loaded machine, closer to the unloaded speed
             "ratio_best": min(times["replaced"]) / min(times["original"]),
@@ -150,15 +158,16 @@ def plot_layers(rows: List[dict], path: Path) -> None:
     panels = [(b, r) for b in sorted(table.batch.unique()) for r in RUNTIMES if r in set(table.runtime)]
     norm = TwoSlopeNorm(vmin=min(0.2, table.ratio.min()), vcenter=1.0, vmax=max(1.5, table.ratio.max()))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.9 + 0.32 * table.groupby(
-        ["width", "prefix"]).ngroups), squeeze=False)
+        ["width", "prefix", "variant"]).ngroups), squeeze=False)
     for ax, (batch, runtime) in zip(axes[0], panels):
         grid = table[(table.batch == batch) & (table.runtime == runtime)].pivot_table(
-            index=["width", "prefix"], columns="grid", values="ratio")
+            index=["width", "prefix", "variant"], columns="grid", values="ratio")
         ax.imshow(grid.values, cmap="RdYlGn_r", norm=norm, aspect="auto")
         for (i, j), value in pd.DataFrame(grid.values).stack().items():
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(grid.shape[1]), [f"{g}x{g}" for g in grid.columns], fontsize=7)
-        ax.set_yticks(range(grid.shape[0]), [f"C={w} P={p}" for w, p in grid.index], fontsize=7)
+        ax.set_yticks(range(grid.shape[0]), [f"C={w} P={p}" + ("" if v == "depthwise" else " +global")
+                                             for w, p, v in grid.index], fontsize=7)
         ax.set_title(f"{runtime}, batch {batch}", fontsize=9)
     fig.suptitle(f"replaced / original latency of one attention layer (below 1: faster), "
                  f"{table.threads.iloc[0]} threads", fontsize=10)

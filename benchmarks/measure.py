@@ -23,14 +23,27 @@ from convheads.export import check_onnx, export_onnx
 
 from .timing import PeakMemory, check_repeats, in_fresh_process, latency_stats, time_models, time_onnx, time_pairs
 
-VARIANTS = ("original", "depthwise", "identity", "ensemble")
+VARIANTS = ("original", "depthwise", "depthwise_global", "identity", "ensemble")
+DIGITS = "digits"  # a setting's model name for the pipeline's default ViT (tasks.config.DIGITS_VIT, 10 classes)
+
+
+def build_model(model: str, img_size: int, **kwargs) -> nn.Module:
+    """timm's `model` at img_size, or the digits default ViT (its img_size is 32)."""
+    if model == DIGITS:
+        from tasks.config import DIGITS_VIT
+
+        if img_size != DIGITS_VIT["img_size"]:
+            raise ConvHeadsError(f"the digits ViT takes {DIGITS_VIT['img_size']} px images; got {img_size}")
+        return create_model("vit_tiny_patch16_224", num_classes=10, **DIGITS_VIT, **kwargs)
+    return create_model(model, img_size=img_size, **kwargs)
+
 MODES = ("eager", "channels_last", "compile")
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A benchmarked model: timm name, square input size, and how many blocks have every head
-    replaced (the first `blocks`: all blocks cost the same, so which ones does not change the speed)."""
+    """A benchmarked model: timm name (or "digits": the pipeline's default ViT, 32 px), square input
+    size, and how many blocks have every head replaced (the first `blocks`: all blocks cost the same, so which ones does not change the speed)."""
     model: str
     img_size: int
     blocks: int
@@ -49,7 +62,7 @@ class Setting:
 
     def check(self) -> None:
         """Raise ConvHeadsError unless the setting can run; builds no weights (meta device)."""
-        info = vit_info(create_model(self.model, device="meta", img_size=self.img_size))
+        info = vit_info(build_model(self.model, self.img_size, device="meta"))
         if not 0 <= self.blocks <= info.depth:
             raise ConvHeadsError(f"{self}: {self.model} has {info.depth} blocks; replace 0 to {info.depth} of them")
 
@@ -61,7 +74,7 @@ class Setting:
             raise ConvHeadsError(f"unknown variants {unknown}; choose from {VARIANTS}")
         with torch.random.fork_rng(devices=[]):  # the same random weights every time
             torch.manual_seed(0)
-            original = create_model(self.model, img_size=self.img_size).eval()
+            original = build_model(self.model, self.img_size).eval()
         info = vit_info(original)
         selection = Selection.from_blocks(range(self.blocks), info.num_heads, info.depth)
         models = {}
@@ -111,7 +124,7 @@ def sweep_blocks(model: str, img_size: int, batch_size: int = 1, variant: str = 
     if variant not in VARIANTS[1:]:
         raise ConvHeadsError(f"variant must be one of {VARIANTS[1:]}; got {variant!r}")
     Setting(model, img_size, 0).check()
-    original = create_model(model, img_size=img_size).eval().to(device, dtype)
+    original = build_model(model, img_size).eval().to(device, dtype)
     replaced = copy.deepcopy(original)
     info = vit_info(original)
     base = model_cost(original).macs
@@ -203,7 +216,7 @@ def measure_scoring(model: str, img_size: int, num_images: int, batch_size: int 
         raise ConvHeadsError(f"num_images must be an integer >= 2; got {num_images!r}")
     if threads:
         torch.set_num_threads(threads)
-    net = create_model(model, img_size=img_size).eval()
+    net = build_model(model, img_size).eval()
     g = torch.Generator().manual_seed(0)
     batches = (torch.randn(batch_size, 3, img_size, img_size, generator=g)
                for _ in range(-(-num_images // batch_size)))

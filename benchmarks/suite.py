@@ -3,12 +3,13 @@
     python -m benchmarks.suite            # all sections, paper settings: tens of minutes on 2 CPU cores
     python -m benchmarks.suite --quick    # smoke run: a small model, few repeats, no torch.compile
     python -m benchmarks.suite --sections latency sweep --settings vit_base_patch14_dinov2:518:6
+    python -m benchmarks.suite --sections latency --settings digits:32:3 --variants original depthwise depthwise_global
     python -m benchmarks.suite --sections layers --layer-grids 4 8 --layer-batches 1
 
 Sections (the sweep, modes and onnx sections use the first setting):
   layers   one attention layer vs its replacement across grid sizes, widths, prefix tokens and
            batch sizes, eager / torch.compile / onnxruntime (+ a heat map of the ratio)
-  latency  original / depthwise / identity / ensemble variants of each setting, per batch size
+  latency  original / depthwise / depthwise_global / identity / ensemble variants of each setting, per batch size
   sweep    speedup against the number of replaced blocks 0 .. depth, beside the analytic MACs ratio (+ plot)
   modes    eager vs channels_last vs torch.compile, for the original and the depthwise variant
   onnx     ONNX export (checked in onnxruntime) and PyTorch, each runtime timed in its own process
@@ -42,11 +43,11 @@ FULL = dict(settings=PAPER_SETTINGS, batch_sizes=[1, 8], repeats=7, warmup=2, sw
             scoring_model="vit_small_patch16_224:224", scoring_images=[100, 1000], modes=list(MODES),
             layer_grids=list(layer_speed.GRIDS), layer_widths=list(layer_speed.HEADS),
             layer_prefixes=list(layer_speed.PREFIXES), layer_batches=list(layer_speed.BATCHES),
-            layer_runtimes=list(layer_speed.RUNTIMES), layer_budget=1.0)
+            layer_runtimes=list(layer_speed.RUNTIMES), layer_budget=1.0, layer_variants=["depthwise"])
 QUICK = dict(settings=["vit_tiny_patch16_224:224:6"], batch_sizes=[1, 2], repeats=3, warmup=1, sweep_repeats=3,
              scoring_model="vit_tiny_patch16_224:112", scoring_images=[20, 100], modes=["eager", "channels_last"],
              layer_grids=[4, 8], layer_widths=[128], layer_prefixes=[0, 1], layer_batches=[1],
-             layer_runtimes=["eager", "onnxruntime"], layer_budget=0.05)
+             layer_runtimes=["eager", "onnxruntime"], layer_budget=0.05, layer_variants=["depthwise"])
 PROGRESS = sys.stderr.isatty()  # progress bars only where someone watches
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHOWN = {  # column -> format, for the terminal tables
@@ -84,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer-batches", nargs="+", type=int, metavar="B", help="layers: batch sizes")
     p.add_argument("--layer-runtimes", nargs="+", choices=layer_speed.RUNTIMES)
     p.add_argument("--layer-budget", type=float, metavar="S", help="layers: seconds of timed rounds per pair")
+    p.add_argument("--layer-variants", nargs="+", choices=layer_speed.LAYER_VARIANTS, help="layers: replacements")
     p.add_argument("--out", type=Path, default=Path("results/bench"))
     p.epilog = "defaults: " + str(FULL)
     args = p.parse_args(argv)
@@ -104,7 +106,8 @@ def check_args(args: argparse.Namespace) -> List[Setting]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConvHeadsError("--device cuda but no GPU is visible; use --device cpu")
     args.dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
-    args.layer_points = layer_speed.points(args.layer_grids, args.layer_widths, args.layer_prefixes, args.layer_batches)
+    args.layer_points = layer_speed.points(args.layer_grids, args.layer_widths, args.layer_prefixes, args.layer_batches,
+                                           args.layer_variants)
     if args.layer_budget <= 0:
         raise ConvHeadsError("--layer-budget must be positive (seconds)")
     settings = [Setting.parse(s) for s in args.settings]

@@ -1,16 +1,24 @@
-"""The replacement layers: attention where some heads are a fixed local mixing of their values.
+"""The replacement layers: attention where some heads are a fixed mixing of their values.
 
 For a head whose attention matrix A is a fixed band around each query patch, A @ V is exactly a
 depthwise convolution of V laid out on the patch grid (METHOD.md section 1). `ConvHeadAttention`
 keeps the pretrained value rows of W_V and the columns of W_O for the replaced heads, drops their
-W_Q / W_K rows, and mixes their values with a depthwise k x k convolution ("depthwise") or not at
-all ("identity", the speed limit of removing attention). `EnsembleHeadAttention` (ensemble.py)
-merges all heads of a block into one and mixes it the same way; `ReplacedAttention` holds what
-the two share.
+W_Q / W_K rows, and mixes their values by its variant:
+  "depthwise"         a depthwise k x k convolution (plus the prefix-token scalars);
+  "depthwise_global"  the same plus a global term per head: a learnable weight times the mean of
+                      the head's values over all tokens, added to every patch, and a P x P mixing
+                      of the prefix tokens. Band + uniform level: what many input-independent
+                      heads actually do (they attend broadly, not only locally), at linear cost;
+  "identity"          no mixing at all (the speed limit of removing attention);
+  "fixed"             each head's own stored [N, N] mean attention matrix (learnable), applied to
+                      its values: quadratic like attention, only Q and K are gone. A reference for
+                      what "input-independent" can keep at best (the frontier), not for deployment.
+`EnsembleHeadAttention` (ensemble.py) merges all heads of a block into one and mixes it like
+"depthwise"; `ReplacedAttention` holds what the layers share.
 """
 import copy
 import functools
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +27,9 @@ from timm.layers import Attention
 
 from .errors import ConvHeadsError
 from .mixing import AUTO, ParameterCache, apply_banded, banded_matrix, check_implementation, choose, depthwise_mix
+
+# Variants whose mixing is the depthwise convolution (mixing.depthwise_mix), with or without the global term.
+CONV_VARIANTS = ("depthwise", "depthwise_global")
 
 
 def gaussian_kernel(kernel_size: int, sigma: float = 1.0) -> torch.Tensor:
@@ -71,15 +82,21 @@ class ReplacedAttention(nn.Module):
         self.proj_drop = attn.proj_drop
         self.mixing = AUTO
 
-    def _init_mixing(self, heads: int, **dd) -> None:
-        """The depthwise conv on `heads` x head_dim channels (Gaussian init) and alpha, beta [P, heads]."""
-        channels, k = heads * self.head_dim, self.kernel_size
+    def _init_mixing(self, heads: int, global_term: bool = False, **dd) -> None:
+        """The depthwise conv on `heads` x head_dim channels (Gaussian init) and alpha, beta [P, heads];
+        with the global term also gamma [heads] (init 0) and phi [P, P, heads] (init identity): the
+        Gaussian start of "depthwise_global" computes what "depthwise" does."""
+        channels, k, P = heads * self.head_dim, self.kernel_size, self.num_prefix_tokens
         self.conv = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, bias=False, **dd)
         self.init_kernels(gaussian_kernel(k).expand(heads, -1, -1))
-        if self.num_prefix_tokens:
+        if P:
             # Reference init: uniform in [0, 1).
-            self.alpha = nn.Parameter(torch.rand(self.num_prefix_tokens, heads, **dd))
-            self.beta = nn.Parameter(torch.rand(self.num_prefix_tokens, heads, **dd))
+            self.alpha = nn.Parameter(torch.rand(P, heads, **dd))
+            self.beta = nn.Parameter(torch.rand(P, heads, **dd))
+        if global_term:
+            self.gamma = nn.Parameter(torch.zeros(heads, **dd))
+            if P:
+                self.phi = nn.Parameter(torch.eye(P, **dd)[..., None].repeat(1, 1, heads))
 
     @torch.no_grad()
     def init_kernels(self, kernels: torch.Tensor) -> None:
@@ -88,12 +105,14 @@ class ReplacedAttention(nn.Module):
         self.conv.weight.copy_(w[:, None])
 
     @torch.no_grad()
-    def init_from_attention(self, kernels: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor) -> None:
-        """Fit the mixing to the heads' mean attention (kernels [heads, k, k]; beta, alpha [P, heads])."""
-        self.init_kernels(kernels)
-        if self.num_prefix_tokens:
-            self.beta.copy_(beta)
-            self.alpha.copy_(alpha)
+    def init_from_fit(self, fit: Dict[str, torch.Tensor]) -> None:
+        """Start from parameters fitted to the mixed heads' mean attention (fitting.fit_mixing, for
+        these heads: "kernel" [heads, k, k]; "alpha", "beta" [P, heads]; "gamma" [heads] and "phi"
+        [P, P, heads] where the layer has them)."""
+        self.init_kernels(fit["kernel"])
+        for name in ("alpha", "beta", "gamma", "phi"):
+            if hasattr(self, name):
+                getattr(self, name).copy_(fit[name])
 
     @property
     def mixing(self) -> str:
@@ -107,8 +126,9 @@ class ReplacedAttention(nn.Module):
         self._banded = ParameterCache()
 
     def mixing_parameters(self) -> List[nn.Parameter]:
-        """The parameters of the spatial mixing: kernels, then alpha and beta when there are prefix tokens."""
-        return [self.conv.weight] + ([self.alpha, self.beta] if self.num_prefix_tokens else [])
+        """The parameters of the spatial mixing: kernels, then alpha and beta when there are prefix
+        tokens, then gamma and phi with the global term."""
+        return [self.conv.weight] + [getattr(self, n) for n in ("alpha", "beta", "gamma", "phi") if hasattr(self, n)]
 
     def _mix(self, v: torch.Tensor) -> torch.Tensor:
         """Spatially mix the mixed heads' values v [B, N, Cr] -> [B, N, Cr] (Cr = heads x head_dim)."""
@@ -120,9 +140,9 @@ class ReplacedAttention(nn.Module):
                 f"patch grid; run the model at the resolution it was built for (or build it with "
                 f"dynamic_img_size=True)")
         how = self._mixing if self._mixing != AUTO else choose(B, N, Cr, P, v.device)
-        alpha, beta = (self.alpha, self.beta) if P else (None, None)
+        alpha, beta, gamma, phi = (getattr(self, n, None) for n in ("alpha", "beta", "gamma", "phi"))
         mix = functools.partial(depthwise_mix, weight=self.conv.weight, alpha=alpha, beta=beta,
-                                grid_size=self.grid_size, head_dim=self.head_dim)
+                                grid_size=self.grid_size, head_dim=self.head_dim, gamma=gamma, phi=phi)
         if how == "banded":
             params = self.mixing_parameters()
             matrix = self._banded.get(self.grid_size, params, lambda: banded_matrix(mix, N, Cr, params[0]))
@@ -155,7 +175,8 @@ class ConvHeadAttention(ReplacedAttention):
     permuted to match, so the function is the original one for the kept heads. Replaced heads mix
     prefix tokens as ReplacedAttention says. The "identity" variant passes values through
     unchanged (prefix tokens included); a block whose heads are all identity heads folds W_V and
-    W_O into one Linear(C -> C).
+    W_O into one Linear(C -> C). The "fixed" variant holds `attention` [heads, N, N] (rows: the
+    query token, columns: the key token; built for one token count N) and computes attention @ V.
     """
 
     def __init__(
@@ -206,16 +227,49 @@ class ConvHeadAttention(ReplacedAttention):
             if b_out is not None:
                 self.proj.bias.data.copy_(b_out)
 
-        if variant == "depthwise":
-            self._init_mixing(len(self.conv_heads), **dd)
+        if variant in CONV_VARIANTS:
+            self._init_mixing(len(self.conv_heads), global_term=variant == "depthwise_global", **dd)
+        elif variant == "fixed":
+            self.attention = nn.Parameter(self._gaussian_matrix(len(self.conv_heads), **dd))
+
+    def _gaussian_matrix(self, heads: int, **dd) -> torch.Tensor:
+        """[heads, N, N]: the Gaussian k x k convolution's banded matrix on the patches, the identity on
+        the prefix tokens (the start of "fixed" without scores; the scores' mean attention replaces it)."""
+        (h, w), P, k = self.grid_size, self.num_prefix_tokens, self.kernel_size
+        weight = gaussian_kernel(k).to(**dd).expand(heads, 1, k, k)
+        zeros = torch.zeros(P, heads, **dd) if P else None
+        mix = functools.partial(depthwise_mix, weight=weight, alpha=zeros, beta=zeros, grid_size=(h, w), head_dim=1)
+        return banded_matrix(mix, P + h * w, heads, weight).permute(2, 1, 0).contiguous()  # [from, to, h] -> [h, to, from]
+
+    def mixing_parameters(self) -> List[nn.Parameter]:
+        return [self.attention] if self.variant == "fixed" else super().mixing_parameters()
+
+    @torch.no_grad()
+    def init_from_fit(self, fit: Dict[str, torch.Tensor]) -> None:
+        if self.variant == "fixed":  # fit["attention"]: the heads' mean attention [heads, N, N]
+            self.attention.copy_(fit["attention"])
+        else:
+            super().init_from_fit(fit)
+
+    def _fixed_mix(self, v: torch.Tensor) -> torch.Tensor:
+        """attention [heads, N, N] @ the heads' values v [B, N, heads x d]."""
+        B, N, Cr = v.shape
+        if N != self.attention.shape[-1]:
+            raise ConvHeadsError(f"got {N} tokens but the fixed-attention heads hold [{self.attention.shape[-1]} x "
+                                 f"{self.attention.shape[-1]}] matrices; run the model at the resolution it was "
+                                 f"built for")
+        heads = v.view(B, N, -1, self.head_dim).transpose(1, 2)              # [B, heads, N, d]
+        return (self.attention @ heads).transpose(1, 2).reshape(B, N, Cr)
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         x = self.in_proj(x)
         kept_dim = 3 * self.num_kept * self.head_dim
         out = x[..., kept_dim:] if kept_dim else x
-        if self.variant == "depthwise":
+        if self.variant in CONV_VARIANTS:
             out = self._mix(out)
+        elif self.variant == "fixed":
+            out = self._fixed_mix(out)
         if self.num_kept:
             qkv = x[..., :kept_dim].reshape(B, N, 3, self.num_kept, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)

@@ -1,8 +1,14 @@
 """The spatial mixing of replaced heads: prefix-token scalars, then a depthwise k x k convolution
-of the patch grid; one function, three implementations that compute it.
+of the patch grid (plus, optionally, a global term); one function, three implementations that compute it.
 
     prefix_out[j] = v_prefix[j] + alpha[j, i] * mean(V_i over patches)       (per mixed head i)
     patches_out   = conv_k(V_i(patches) + sum_j beta[j, i] * v_prefix[j])    (stride 1, zero "same" padding)
+
+With the global term (variant "depthwise_global", see layers.py) a head i also has gamma[i] and a
+P x P prefix mixing phi[:, :, i], and its prefix tokens are mixed like attention mixes them:
+
+    prefix_out[j] = sum_j' phi[j, j', i] v_prefix[j'] + alpha[j, i] * mean(V_i over patches)
+    patches_out   = conv_k(...as above...) + gamma[i] * mean(V_i over all N tokens)
 
 Implementations (`IMPLEMENTATIONS`), all on channels-last views of the values (no layout copies):
   conv    the library's depthwise convolution (oneDNN on CPU, cuDNN on GPU). On a CPU a call costs
@@ -73,23 +79,33 @@ def _spatial(grid: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor
 
 def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.Tensor],
                   beta: Optional[torch.Tensor], grid_size: Tuple[int, int], head_dim: int,
-                  how: str = "conv") -> torch.Tensor:
+                  how: str = "conv", gamma: Optional[torch.Tensor] = None,
+                  phi: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mix values v [B, P + h*w, C] (C = heads x head_dim) -> the same shape, the convolution done
-    by `how` ("conv" or "shift"). weight [C, 1, k, k]; alpha, beta [P, heads] (None when P = 0)."""
+    by `how` ("conv" or "shift"). weight [C, 1, k, k]; alpha, beta [P, heads] (None when P = 0);
+    with the global term: gamma [heads] and phi [P, P, heads] (None when P = 0)."""
     B, N, C = v.shape
     h, w = grid_size
     P = N - h * w
-    if not P:
-        return _spatial(v.reshape(B, h, w, C), weight, how).reshape(B, N, C)
     heads = v.unflatten(-1, (-1, head_dim))       # [B, N, heads, d]: per-head scalars broadcast, no copies
+    if not P:
+        y = _spatial(v.reshape(B, h, w, C), weight, how).reshape(B, N, C)
+        return y if gamma is None else y + (heads.mean(dim=1) * gamma[:, None]).reshape(B, 1, C)
     prefix, patches = heads[:, :P], heads[:, P:]
     if P == 1:
         shifted = torch.addcmul(patches, prefix, beta[..., None])
     else:
         shifted = patches + (prefix * beta[..., None]).sum(dim=1, keepdim=True)
-    prefix = torch.addcmul(prefix, alpha[..., None], patches.mean(dim=1, keepdim=True))
+    patch_mean = patches.mean(dim=1, keepdim=True)                      # [B, 1, heads, d]
     y = _spatial(shifted.reshape(B, h, w, C), weight, how).reshape(B, h * w, C)
-    return torch.cat([prefix.flatten(2), y], dim=1)
+    if gamma is None:
+        prefix_out = torch.addcmul(prefix, alpha[..., None], patch_mean)
+    else:
+        # the mean over all N tokens from the patch mean: one reduction serves alpha and gamma
+        token_mean = (prefix.sum(dim=1, keepdim=True) + patch_mean * (h * w)) / N
+        y = y + (token_mean * gamma[:, None]).reshape(B, 1, C)
+        prefix_out = (prefix[:, None] * phi[..., None]).sum(dim=2) + alpha[..., None] * patch_mean
+    return torch.cat([prefix_out.flatten(2), y], dim=1)
 
 
 def banded_matrix(mix: Callable[[torch.Tensor], torch.Tensor], tokens: int, channels: int,

@@ -29,6 +29,12 @@ class HeadScores:
     num_images: int
     grid_size: Tuple[int, int]
     num_prefix_tokens: int
+    prefix_to_prefix: Optional[torch.Tensor] = None  # [depth, heads, P, P]: mean attention from prefix j to j'
+    # [depth, heads, N, N] float16: the mean attention E[A] itself (rows: queries, columns: keys), for
+    # the fit scores, the "depthwise_global" fit and the "fixed" variant. Half precision halves the
+    # file: 4 bytes per block x head x N^2, e.g. 260 MB for ViT-L/14 at 336 px with 4 registers
+    # (24 x 16 x 581^2). None in score files from before it was kept: score again.
+    mean_attention: Optional[torch.Tensor] = None
 
     # offset_attention[b, i, h-1+dy, w-1+dx] is the mean attention weight, over images and over
     # the query patches p whose neighbour p + (dy, dx) lies on the grid, from p to that neighbour.
@@ -57,18 +63,31 @@ class HeadScores:
         padded = F.pad(self.offset_attention, (r, r, r, r))
         return padded[..., h - 1: h + 2 * r, w - 1: w + 2 * r].float()
 
+    def attention_maps(self, why: str) -> torch.Tensor:
+        """E[A] [depth, heads, N, N] in float32, or a clear error for `why` if these scores lack it."""
+        return self.required("mean_attention", why).float()
+
+    def required(self, field: str, why: str) -> torch.Tensor:
+        """A field that older score files lack, or a clear error for `why`."""
+        if getattr(self, field) is None:
+            raise ConvHeadsError(f"{why} needs the scores' {field}, which these scores (from an older "
+                                 f"convheads) lack; score the model again (score_heads, or the score stage)")
+        return getattr(self, field)
+
     def to_dict(self) -> dict:
         return dict(sigma_h=self.sigma_h, offset_attention=self.offset_attention,
                     patch_to_prefix=self.patch_to_prefix, prefix_to_patches=self.prefix_to_patches,
                     num_images=self.num_images, grid_size=list(self.grid_size),
-                    num_prefix_tokens=self.num_prefix_tokens)
+                    num_prefix_tokens=self.num_prefix_tokens, prefix_to_prefix=self.prefix_to_prefix,
+                    mean_attention=self.mean_attention)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadScores":
         return cls(sigma_h=d["sigma_h"], offset_attention=d["offset_attention"],
                    patch_to_prefix=d["patch_to_prefix"], prefix_to_patches=d["prefix_to_patches"],
                    num_images=int(d["num_images"]), grid_size=tuple(d["grid_size"]),
-                   num_prefix_tokens=int(d["num_prefix_tokens"]))
+                   num_prefix_tokens=int(d["num_prefix_tokens"]), prefix_to_prefix=d.get("prefix_to_prefix"),
+                   mean_attention=d.get("mean_attention"))
 
 
 class _RunningMoments:
@@ -185,4 +204,5 @@ def score_heads(
         offset_attention=torch.stack([_offset_means(m, grid, P) for m in means]).cpu(),
         patch_to_prefix=means[..., P:, :P].mean(dim=-2).cpu(),
         prefix_to_patches=means[..., :P, P:].sum(dim=-1).cpu(),
-        num_images=seen, grid_size=grid, num_prefix_tokens=P)
+        num_images=seen, grid_size=grid, num_prefix_tokens=P, prefix_to_prefix=means[..., :P, :P].cpu(),
+        mean_attention=means.half().cpu())

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from convheads import ConvHeadsError
 from convheads.data import AUGMENTATIONS
-from convheads.selection import GRANULARITIES
+from convheads.selection import GRANULARITIES, METHODS
 from convheads.surgery import INITS, VARIANTS
 from convheads.training import TRAINABLE
 
@@ -115,7 +115,10 @@ class ScoreConfig(Section):
 
 
 class SelectConfig(Section):
-    """What to replace; the first rule that is set wins: blocks, then count, then fraction."""
+    """What to replace; the first rule that is set wins: blocks, then count, then fraction. `method`
+    ranks the heads for count / fraction (convheads.selection.METHODS): sigma (lowest Sigma first),
+    fit (best fit of a replace.kernel_size band + uniform level first) or sigma_fit (rank sum)."""
+    method: Literal[METHODS] = "sigma"
     granularity: Literal[GRANULARITIES] = "block"
     blocks: Optional[List[int]] = None      # exactly these whole blocks (e.g. a published list)
     count: Optional[PositiveInt] = None     # this many heads (or blocks, by granularity)

@@ -42,13 +42,16 @@ def test_channels_last_weights_and_inputs_give_the_same_outputs():
 
 def test_a_setting_gives_one_row_per_batch_size_and_variant_with_exact_cost_ratios():
     rows = benchmark_setting(Setting("vit_tiny_patch16_224", 64, 6), batch_sizes=(1, 2), repeats=1, warmup=0)
-    assert [(r["batch_size"], r["variant"]) for r in rows] == [(b, v) for b in (1, 2) for v in
-                                                               ("original", "depthwise", "identity", "ensemble")]
-    by = {r["variant"]: r for r in rows[:4]}
+    assert [(r["batch_size"], r["variant"]) for r in rows] == [(b, v) for b in (1, 2) for v in (
+        "original", "depthwise", "depthwise_global", "identity", "ensemble")]
+    by = {r["variant"]: r for r in rows[:5]}
     assert by["original"]["speedup"] == 1.0 and by["original"]["macs_ratio"] == 1.0
     # every variant removes more work than the one before it
     assert 1 < by["depthwise"]["macs_ratio"] < by["identity"]["macs_ratio"] < by["ensemble"]["macs_ratio"]
     assert by["original"]["params"] > by["depthwise"]["params"] > by["identity"]["params"] > by["ensemble"]["params"]
+    # the global term: the same MACs, gamma and phi (1 + 1 prefix token^2) per head of the 6 blocks' 3 heads
+    assert by["depthwise_global"]["macs_ratio"] == by["depthwise"]["macs_ratio"]
+    assert by["depthwise_global"]["params"] - by["depthwise"]["params"] == 6 * 3 * 2
     assert all(r["threads"] == torch.get_num_threads() and r["infer_step_time_p90"] >= r["infer_step_time"]
                for r in rows)
 
@@ -103,7 +106,7 @@ def test_the_suite_writes_tables_and_the_sweep_plot(tmp_path):
     assert set(tables) == {"latency", "sweep"}
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"run.json", "latency.csv", "latency.json", "sweep.csv", "sweep.json", "sweep.png"}
-    assert len(json.loads((tmp_path / "latency.json").read_text())) == 2 * 4  # quick: batch sizes 1, 2
+    assert len(json.loads((tmp_path / "latency.json").read_text())) == 2 * 5  # quick: batch sizes 1, 2; 5 variants
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -130,13 +133,24 @@ def test_onnx_runner_spins_only_when_asked(tmp_path):
 
 
 def test_the_layer_benchmark_times_each_runtime_and_draws_the_ratios(tmp_path):
-    pts = layer_speed.points(grids=[4, 6], widths=[128], prefixes=[1], batches=[1])
+    pts = layer_speed.points(grids=[4, 6], widths=[128], prefixes=[1], batches=[1],
+                             variants=["depthwise", "depthwise_global"])
     rows = layer_speed.layer_speed(pts, ("eager", "onnxruntime"), budget_s=0.01, min_rounds=2)
-    assert [(r["grid"], r["runtime"]) for r in rows] == [(4, "eager"), (4, "onnxruntime"), (6, "eager"),
-                                                         (6, "onnxruntime")]
-    assert [r["mixing"] for r in rows] == ["banded", "conv", "banded", "conv"]
+    assert [(r["grid"], r["variant"], r["runtime"]) for r in rows] == [
+        (g, v, r) for g in (4, 6) for v in ("depthwise", "depthwise_global") for r in ("eager", "onnxruntime")]
+    assert [r["mixing"] for r in rows] == ["banded", "conv"] * 4
     assert all(r["tokens"] == 1 + r["grid"] ** 2 and r["rounds"] >= 2 and r["ratio"] > 0 for r in rows)
     layer_speed.plot_layers(rows, tmp_path / "layers.png")
     assert (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConvHeadsError, match="widths in"):
         layer_speed.points(widths=[100])
+    with pytest.raises(ConvHeadsError, match="layer variants"):
+        layer_speed.points(variants=["fixed"])
+
+
+def test_the_digits_setting_is_the_pipelines_default_vit():
+    models = Setting.parse("digits:32:2").build(["original", "depthwise_global"])
+    assert models["original"].patch_embed.grid_size == (8, 8) and len(models["original"].blocks) == 6
+    assert models["depthwise_global"].blocks[1].attn.variant == "depthwise_global"
+    with pytest.raises(ConvHeadsError, match="32 px"):
+        Setting("digits", 64, 1).check()

@@ -232,3 +232,19 @@ def test_the_closing_summary_reports_what_the_stages_measured(finished_pipeline)
     assert f"{metrics['compressed']['top1']:.2%}" in text and "4 of 8" in text
     assert f"whole blocks {s['whole_blocks'][0]}" in text and f"{s['speedup_b4']:.3f}x (onnxruntime)" in text
     assert "speedup in eager" in text and f"batch 1: {s['eager_speedup_b1']:.3f}x, batch 4: " in text
+
+
+def test_selection_by_fit_and_the_global_variant_run_as_stages(finished_pipeline):
+    cfg = with_changes(validate(tiny_params(finished_pipeline)), select={"method": "sigma_fit", "granularity": "head"},
+                       replace={"variant": "depthwise_global"})
+    for name in ("select", "replace"):
+        assert not execute(STAGES[name], cfg).skipped
+    out = cfg.paths.outputs
+    heads = pd.read_csv(f"{out}/select/heads.csv")
+    assert list(heads.columns) == ["block", "head", "sigma_h", "sigma_b", "fit", "fit_b", "selected"]
+    assert heads.fit.between(0, 1).all() and heads.selected.sum() == 4
+    assert read_record(cfg, "select")["summary"]["method"] == "sigma_fit"
+    model = load_model(f"{out}/replace/model.pt")
+    assert {b.attn.variant for b in model.blocks if hasattr(b.attn, "variant")} == {"depthwise_global"}
+    with pytest.raises(ConvHeadsError, match="select.method"):
+        load_config(None, ["select.method=dsp"])
