@@ -7,6 +7,7 @@ import torch
 
 from benchmarks.timing import latency_stats, time_models
 from convheads import model_cost
+from convheads.precision import resolve_device
 
 from .config import PipelineConfig
 from .evaluate import MODELS
@@ -20,19 +21,20 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     b = cfg.benchmark
     if b.threads:
         torch.set_num_threads(b.threads)
-    models = {name: stage_model(cfg, MODELS[name]).to(cfg.device) for name in ("baseline", "compressed")}
+    device = resolve_device(cfg.device)
+    models = {name: stage_model(cfg, MODELS[name]).to(device) for name in ("baseline", "compressed")}
     costs = {name: model_cost(m) for name, m in models.items()}
     rows = []
     for batch_size in b.batch_sizes:
         size = models["baseline"].patch_embed.img_size
-        x = torch.randn(batch_size, 3, *size, device=cfg.device)
-        times = time_models(models, x, warmup=b.warmup, repeats=b.repeats, progress=True)
+        x = torch.randn(batch_size, 3, *size, device=device)
+        times = time_models(models, x, warmup=b.warmup, repeats=b.repeats, progress=True, precision=cfg.precision)
         for name, t in times.items():
             rows.append({"model": name, **latency_stats(t, batch_size), "param_count": costs[name].params,
                          "infer_gmacs": costs[name].gmacs})
     table = pd.DataFrame(rows)
     table.to_csv(out / BENCHMARK_TABLE, index=False)
-    result = {"threads": torch.get_num_threads(), "device": cfg.device, "repeats": b.repeats,
+    result = {"threads": torch.get_num_threads(), "device": device, "precision": cfg.precision, "repeats": b.repeats,
               "params_ratio": costs["compressed"].params / costs["baseline"].params,
               "macs_ratio": costs["compressed"].macs / costs["baseline"].macs,
               **{f"{name}_params": c.params for name, c in costs.items()},
