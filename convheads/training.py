@@ -10,6 +10,7 @@ checkpointing, and data parallelism (DDP) when the process runs under torchrun
 checkpoint, and validation is sharded over the processes and summed exactly.
 """
 import contextlib
+import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
@@ -92,7 +93,7 @@ def train(
     layer_decay: layer-wise lr decay (timm's; e.g. 0.75 scales each block's lr by 0.75 per block
     from the top). grad_checkpointing: recompute each block's activations in the backward pass
     (timm's set_grad_checkpointing), trading ~30% more compute for far less activation memory.
-    checkpoint: a file written after every epoch (model, optimiser, schedule, EMA, scaler); if it
+    checkpoint: a file written after every epoch (model, optimiser, EMA, loss scaler); if it
     exists when training starts, training resumes after its epoch, with any number of processes.
     seed: the global torch RNG is reseeded from (seed, epoch) at every epoch, so shuffling,
     augmentation and dropout are reproducible and a resumed run equals an uninterrupted one.
@@ -139,6 +140,7 @@ def train(
         for epoch in range(len(history), epochs):
             torch.manual_seed(seed * 100_003 + epoch)  # the same on every process: the same data order
             model.train()
+            started = time.perf_counter()
             sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
             seen = 0
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
@@ -170,9 +172,11 @@ def train(
                     _check_finite(loss_sum, epoch)
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             totals = distributed.all_sum(torch.cat([sums, sums.new_tensor([seen])])).tolist()
+            seconds = time.perf_counter() - started
             _check_finite(totals[0], epoch)
             row = {"epoch": epoch + 1, "train_loss": totals[0] / max(1, totals[2]),
-                   "train_top1": totals[1] / max(1, totals[2]), "lr": max(g["lr"] for g in optimizer.param_groups)}
+                   "train_top1": totals[1] / max(1, totals[2]), "lr": max(g["lr"] for g in optimizer.param_groups),
+                   "train_seconds": seconds, "train_images_per_sec": totals[2] / seconds}
             if val_loader is not None:
                 scored = ema.module if ema is not None else model
                 row.update({f"val_{k}": v for k, v in evaluate(scored, val_loader, device, progress=False,
@@ -180,7 +184,7 @@ def train(
             history.append(row)
             if checkpoint is not None and main:
                 save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                            "scaler": scaler.state_dict(),
                             "ema": ema.module.state_dict() if ema is not None else None, "history": history,
                             "updates_per_epoch": updates_per_epoch, "world_size": distributed.world_size()},
                            checkpoint)
@@ -235,7 +239,7 @@ def _resume(checkpoint, model, optimizer, schedule, scaler, ema, device: str, up
             f"batch, or delete the checkpoint to start over")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
+    schedule.step_update(done * updates_per_epoch)  # the schedule is a function of the update count
     scaler.load_state_dict(state["scaler"])
     if ema is not None:
         if state["ema"] is None:

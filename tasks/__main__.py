@@ -40,6 +40,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.params, rest)
         if args.command == "run" and stage == "data":  # the first stage: check the whole configuration before any work
             preflight.check(cfg)
+        elif args.command == "run":
+            preflight.check_devices(cfg)
         if args.command == "listing":  # DVC's view of a folder source (dvc.yaml: stage source)
             write_listing(cfg, Path(stage))
             return 0

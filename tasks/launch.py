@@ -8,8 +8,10 @@ process, each joining the process group (convheads.distributed). The launch is t
 """
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import List
 
@@ -114,12 +116,18 @@ def launch(cfg: PipelineConfig, command: List[str]) -> int:
     quiet = logging.getLogger("torch.distributed.elastic")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # a failed worker has said why; torchrun's report would bury it
+    # torchrun's agent turns SIGTERM and friends into exceptions; processes forked later from this one
+    # (DataLoader workers of the next stages) must not inherit that, or their normal shutdown "fails".
+    handlers = ({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         run(parse_args(args))
     except ChildFailedError as e:
         return 2 if 2 in {f.exitcode for f in e.failures.values()} else 1
     finally:
         quiet.setLevel(level)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         for k, v in before.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return 0
