@@ -107,7 +107,9 @@ def launch(cfg: PipelineConfig, command: List[str]) -> int:
     check(cfg, torch.cuda.device_count())
     check_rendezvous(cfg)
     args = torchrun_args(cfg, command)
-    print(f"launching {world_size(cfg)} processes: torchrun {' '.join(args)}", file=sys.stderr, flush=True)
+    here = cfg.distributed.nproc_per_node
+    print(f"launching {here} of {world_size(cfg)} processes on this machine: torchrun {' '.join(args)}",
+          file=sys.stderr, flush=True)
     # torchrun would give each process 1 thread (and warn); a fair share of the cores is better.
     env = {HELD_BY: str(os.getpid()),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpu_cores() // cfg.distributed.nproc_per_node)))}

@@ -98,9 +98,13 @@ HELD_BY = "CONVHEADS_FOLDERS_HELD_BY"
 @contextlib.contextmanager
 def held_by_launcher(cfg: PipelineConfig, holder: str) -> Iterator[None]:
     """In a torchrun worker: the folders are held by the launcher that started it (checked: the
-    lock's record names that pid); a worker started by hand under torchrun holds them from rank 0."""
+    lock's record names that pid); a worker started by hand under torchrun holds them from rank 0.
+    On machines other than node 0 nothing is held: they share node 0's folders (a shared
+    filesystem), where node 0's run holds them, and write nothing there."""
     pid = os.environ.get(HELD_BY)
-    if pid is not None:
+    if cfg.distributed.node_rank > 0:
+        yield
+    elif pid is not None:
         for folder in (cfg.paths.outputs, cfg.paths.data):
             try:
                 record = json.loads(lock_file(folder).read_text())

@@ -1,0 +1,124 @@
+"""Fine-tuning speed and memory, measured as a user runs the pipeline.
+
+    python -m benchmarks.train_speed throughput   # images/s of a recovery epoch: fp32 vs bf16, 1 vs 2 processes
+    python -m benchmarks.train_speed memory       # peak memory of ViT-L/14 @ 336 fine-tuning, per image,
+                                                  # with and without gradient checkpointing
+
+throughput: for each model (the default digits ViT; ViT-S/16 at 224 on the digits resized, on a
+10% training split so that an epoch takes a minute on 2 CPU cores), the pipeline is run up to
+`replace` in a temporary folder (baseline with 0 epochs: speed does not depend on the weights), then
+`python -m tasks run recover --force` once per (precision, processes), and the epoch's
+train_images_per_sec (the training loop alone, all processes together) is read from history.csv.
+memory: one training step (forward, backward, AdamW step) of a randomly initialised
+vit_large_patch14_dinov2 at 336 px in a fresh process per (batch size, checkpointing), its peak
+resident memory sampled; per image = peak(batch 2) - peak(batch 1).
+Results go to the terminal and results/train_speed/*.json.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+OUT = PROJECT / "results" / "train_speed"
+MODELS = {
+    "digits ViT (default)": {},
+    "ViT-S/16 @ 224": {"model": {"name": "vit_small_patch16_224", "kwargs": {"img_size": 224}},
+                       "data": {"val_fraction": 0.05, "test_fraction": 0.85}},
+}
+
+
+def _run(args, cwd=PROJECT) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    if done.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def throughput(processes=(1, 2), precisions=("fp32", "bf16")) -> pd.DataFrame:
+    rows = []
+    for label, changes in MODELS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+            params["paths"] = {"data": f"{tmp}/data", "outputs": f"{tmp}/outputs"}
+            params["baseline"]["epochs"] = 0
+            params["score"]["max_images"] = 16
+            params["recover"]["epochs"] = 1
+            for section, values in changes.items():
+                params[section].update(values)
+            (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
+            base = ["--params", f"{tmp}/params.yaml", "device=cpu"]
+            for stage in ("data", "baseline", "score", "select", "replace"):
+                _run(["-m", "tasks", "run", stage, *base])
+            for precision in precisions:
+                for n in processes:
+                    _run(["-m", "tasks", "run", "recover", "--force", *base, f"precision={precision}",
+                          f"distributed.nproc_per_node={n}"])
+                    history = pd.read_csv(Path(tmp) / "outputs/recover/history.csv")
+                    row = {"model": label, "precision": precision, "processes": n,
+                           "images": int(round(history.train_images_per_sec[0] * history.train_seconds[0])),
+                           "seconds": history.train_seconds[0], "images_per_sec": history.train_images_per_sec[0],
+                           "loadavg": os.getloadavg()[0]}
+                    print(row, flush=True)
+                    rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def memory_one(batch_size: int, checkpointing: bool) -> dict:
+    """One training step of ViT-L/14 @ 336 in this process: peak RSS (MiB)."""
+    import torch
+    import torch.nn.functional as F
+    from timm.optim import create_optimizer_v2
+
+    from benchmarks.timing import PeakMemory
+    from convheads import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_large_patch14_dinov2", img_size=336, num_classes=1000)
+    model.set_grad_checkpointing(checkpointing)
+    model.train()
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-5, weight_decay=0.05)
+    x, y = torch.randn(batch_size, 3, 336, 336), torch.randint(0, 1000, (batch_size,))
+    with PeakMemory() as peak:
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return {"batch_size": batch_size, "checkpointing": checkpointing, "before_mb": peak.before_mb,
+            "peak_mb": peak.peak_mb}
+
+
+def memory() -> pd.DataFrame:
+    rows = [json.loads(_run(["-m", "benchmarks.train_speed", "memory-one", str(b)] + (["--checkpointing"] if c else []))
+                       .strip().splitlines()[-1]) for c in (False, True) for b in (1, 2)]
+    table = pd.DataFrame(rows)
+    per_image = table.pivot(index="checkpointing", columns="batch_size", values="peak_mb")
+    table["per_image_mb"] = table.checkpointing.map(per_image[2] - per_image[1])
+    table["loadavg"] = os.getloadavg()[0]
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["throughput", "memory", "memory-one"])
+    p.add_argument("batch_size", nargs="?", type=int, default=1)
+    p.add_argument("--checkpointing", action="store_true")
+    args = p.parse_args(argv)
+    if args.what == "memory-one":
+        print(json.dumps(memory_one(args.batch_size, args.checkpointing)))
+        return 0
+    table = throughput() if args.what == "throughput" else memory()
+    print(table.to_string(index=False))
+    OUT.mkdir(parents=True, exist_ok=True)
+    table.to_json(OUT / f"{args.what}.json", orient="records", indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
