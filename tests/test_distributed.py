@@ -19,7 +19,7 @@ from tasks.__main__ import main as tasks_main
 from tasks.config import validate
 from tasks.launch import check
 from tasks.runner import output_dir, read_record
-from conftest import tiny_params
+from conftest import start_until_checkpoint, tiny_params
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -59,21 +59,15 @@ def test_a_run_killed_in_one_process_resumes_in_two_and_equals_an_uninterrupted_
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     cfg = validate(params)
-    command = [sys.executable, "-m", "tasks", "run", "baseline", "--params", str(params_file)]
-    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
-    first = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
-    checkpoints = lambda: list(Path(cfg.paths.outputs).glob(".baseline.*.partial/resume.pt"))  # noqa: E731
-    deadline = time.monotonic() + 300
-    while not checkpoints() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    command = ["run", "baseline", "--params", str(params_file)]
+    first, checkpoints = start_until_checkpoint(command, cfg.paths.outputs, "baseline")
     os.kill(first.pid, signal.SIGKILL)
     output = first.communicate()[0]
     assert checkpoints(), output[-3000:]
     assert read_record(cfg, "baseline") is None  # nothing finished, nothing half-written in its place
 
-    again = subprocess.run(command + ["distributed.nproc_per_node=2"], cwd=PROJECT, env=env, capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run([sys.executable, "-m", "tasks", *command, "distributed.nproc_per_node=2"], cwd=PROJECT,
+                           env={**os.environ, "PYTHONPATH": str(PROJECT)}, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "1 of 2 epochs done (written by 1 process, now 2)" in again.stdout + again.stderr
     assert "Traceback" not in again.stdout + again.stderr
