@@ -25,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from convheads.data import cpu_cores
+
 PROJECT = Path(__file__).resolve().parent.parent
 OUT = PROJECT / "results" / "train_speed"
 MODELS = {
@@ -34,15 +36,22 @@ MODELS = {
 }
 
 
-def _run(args, cwd=PROJECT) -> str:
-    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(PROJECT)})
+def _run(args, cwd=PROJECT, threads=None) -> str:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return done.stdout
 
 
-def throughput(processes=(1, 2), precisions=("fp32", "bf16")) -> pd.DataFrame:
+# (processes, threads per process): 1 process with torch's default (a thread per core) and with 1
+# thread, 2 processes with the launcher's default (an equal share of the cores each).
+LAYOUTS = ((1, None), (1, 1), (2, None))
+
+
+def throughput(layouts=LAYOUTS, precisions=("fp32", "bf16")) -> pd.DataFrame:
     rows = []
     for label, changes in MODELS.items():
         with tempfile.TemporaryDirectory() as tmp:
@@ -58,11 +67,12 @@ def throughput(processes=(1, 2), precisions=("fp32", "bf16")) -> pd.DataFrame:
             for stage in ("data", "baseline", "score", "select", "replace"):
                 _run(["-m", "tasks", "run", stage, *base])
             for precision in precisions:
-                for n in processes:
+                for n, threads in layouts:
                     _run(["-m", "tasks", "run", "recover", "--force", *base, f"precision={precision}",
-                          f"distributed.nproc_per_node={n}"])
+                          f"distributed.nproc_per_node={n}"], threads=threads)
                     history = pd.read_csv(Path(tmp) / "outputs/recover/history.csv")
                     row = {"model": label, "precision": precision, "processes": n,
+                           "threads_per_process": threads or max(1, cpu_cores() // n),
                            "images": int(round(history.train_images_per_sec[0] * history.train_seconds[0])),
                            "seconds": history.train_seconds[0], "images_per_sec": history.train_images_per_sec[0],
                            "loadavg": os.getloadavg()[0]}

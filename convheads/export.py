@@ -70,6 +70,7 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: an fp16 graph draws notes about unfoldable constants
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0]
         # What the export takes: float16 for a model exported in half precision, else float32.
