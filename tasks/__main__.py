@@ -47,11 +47,12 @@ def main(argv=None) -> int:
             return 0
         if distributed.launched():  # a torchrun worker: the launcher holds the folders (or rank 0 does)
             return _worker(cfg, stage, args.force)
-        if stage in TRAINING_STAGES and cfg.distributed.node_rank > 0:  # node 0's run holds the shared folders
-            return launch(cfg, (argv if argv is not None else sys.argv[1:]))
+        launched = stage in TRAINING_STAGES and world_size(cfg) > 1
+        if launched and cfg.distributed.node_rank > 0:  # node 0's run holds the (shared) folders
+            return launch(cfg, argv if argv is not None else sys.argv[1:])
         with hold(cfg, f"python -m tasks {args.command}" + (f" {stage}" if stage else "")):
-            if stage in TRAINING_STAGES and world_size(cfg) > 1:
-                return launch(cfg, (argv if argv is not None else sys.argv[1:]))
+            if launched:
+                return launch(cfg, argv if argv is not None else sys.argv[1:])
             if stage:
                 _report(execute(STAGES[stage], cfg, force=args.force))
             else:

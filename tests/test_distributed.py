@@ -92,6 +92,12 @@ def test_bad_distributed_input_fails_at_once_and_writes_nothing(tiny_config, tmp
                        "baseline.batch_size=63"]) == 2
     assert "baseline.batch_size=63 (the global batch of one update) must be a multiple of" in capsys.readouterr().err
 
+    # several machines without a rendezvous, a rank beyond them
+    for distributed, message in (({"nnodes": 2}, "need distributed.rdzv_endpoint: node 0's host:port"),
+                                 ({"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, "node_rank must be below")):
+        with pytest.raises(ConvHeadsError, match=message):
+            validate({**tiny_config.model_dump(mode="json"), "distributed": distributed})
+
     # more processes than GPUs (this machine has none: the check is given the count)
     cuda = validate({**tiny_config.model_dump(mode="json"), "device": "cuda", "distributed": {"nproc_per_node": 4}})
     with pytest.raises(ConvHeadsError, match="nproc_per_node=4 but this machine has 2 GPUs"):
