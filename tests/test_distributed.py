@@ -34,7 +34,6 @@ def assert_same_weights(a, b, atol=1e-4):
     assert worst < atol, worst
 
 
-@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # a DataLoader worker that died
 def test_the_flow_with_two_processes_trains_the_models_of_one_process(prefect_api, _finished_pipeline, tmp_path,
                                                                      capfd):
     params = tiny_params(tmp_path)

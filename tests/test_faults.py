@@ -74,8 +74,9 @@ def test_kill_9_during_recovery_then_the_same_command_resumes_and_a_second_run_i
     assert not checkpoints()
     execute(STAGES["evaluate"], cfg)
     assert read_record(cfg, "evaluate")["summary"] == read_record(reference, "evaluate")["summary"]
-    pd.testing.assert_frame_equal(pd.read_csv(output_dir(cfg, "recover") / "history.csv"),
-                                  pd.read_csv(output_dir(reference, "recover") / "history.csv"))
+    timing = ["train_seconds", "train_images_per_sec"]  # how fast, not what was learnt
+    pd.testing.assert_frame_equal(pd.read_csv(output_dir(cfg, "recover") / "history.csv").drop(columns=timing),
+                                  pd.read_csv(output_dir(reference, "recover") / "history.csv").drop(columns=timing))
 
 
 def free_port() -> int:
