@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from convheads import ConvHeadsError
+from convheads.precision import autocast
 
 
 def _sync(device: torch.device) -> None:
@@ -45,9 +46,9 @@ def check_repeats(repeats: int, warmup: int) -> None:
 
 @torch.inference_mode()
 def time_models(models: Mapping[str, Callable], inputs: torch.Tensor, warmup: int = 3, repeats: int = 7,
-                progress: bool = False) -> Dict[str, List[float]]:
+                progress: bool = False, precision: str = "fp32") -> Dict[str, List[float]]:
     """Seconds per forward pass of each model (a module or any callable) on `inputs`, `repeats`
-    rounds, models interleaved."""
+    rounds, models interleaved; under autocast for precision bf16 / fp16."""
     check_repeats(repeats, warmup)
     for m in models.values():
         if isinstance(m, nn.Module):
@@ -57,7 +58,8 @@ def time_models(models: Mapping[str, Callable], inputs: torch.Tensor, warmup: in
         for name, model in models.items():
             _sync(inputs.device)
             start = time.perf_counter()
-            model(inputs)
+            with autocast(precision, inputs.device):
+                model(inputs)
             _sync(inputs.device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)

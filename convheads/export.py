@@ -84,13 +84,16 @@ class OnnxModel:
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.log_severity_level = 3  # errors only: an fp16 graph draws notes about unfoldable constants
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0]
+        # What the export takes: float16 for a model exported in half precision, else float32.
+        self.dtype = torch.float16 if self.input.type == "tensor(float16)" else torch.float32
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if list(images.shape) != self.input.shape:
             raise ConvHeadsError(f"the ONNX model takes inputs of shape {self.input.shape}; got {list(images.shape)}")
-        x = images.detach().cpu().float().contiguous().numpy()
+        x = images.detach().cpu().to(self.dtype).contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input.name: x})[0])
 
 
@@ -109,7 +112,7 @@ def check_onnx(model: nn.Module, path: Union[str, Path], atol: float = 1e-4, rto
         expected = model(x.to(p.device, p.dtype)).float().cpu()
     finally:
         model.train(was_training)
-    got = runner(x)
+    got = runner(x).float()
     if got.shape != expected.shape:
         raise ConvHeadsError(f"{path} outputs shape {tuple(got.shape)}, the model {tuple(expected.shape)}; "
                              f"was it exported from another model?")

@@ -61,6 +61,12 @@ def choose(batch: int, tokens: int, channels: int, prefix: int, device: torch.de
     return "conv"
 
 
+def _addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a + b * c: one fused op in PyTorch; plain ops in an ONNX export, where addcmul's float32
+    constant would turn a float16 graph float32 (onnxruntime then refuses the mixed LayerNorm)."""
+    return a + b * c if torch.onnx.is_in_onnx_export() else torch.addcmul(a, b, c)
+
+
 def _spatial(grid: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor:
     """Depthwise k x k convolution (zero "same" padding) of grid [B, h, w, C] -> [B, h, w, C]."""
     B, h, w, C = grid.shape
@@ -93,13 +99,13 @@ def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.T
         return y if gamma is None else y + (heads.mean(dim=1) * gamma[:, None]).reshape(B, 1, C)
     prefix, patches = heads[:, :P], heads[:, P:]
     if P == 1:
-        shifted = torch.addcmul(patches, prefix, beta[..., None])
+        shifted = _addcmul(patches, prefix, beta[..., None])
     else:
         shifted = patches + (prefix * beta[..., None]).sum(dim=1, keepdim=True)
     patch_mean = patches.mean(dim=1, keepdim=True)                      # [B, 1, heads, d]
     y = _spatial(shifted.reshape(B, h, w, C), weight, how).reshape(B, h * w, C)
     if gamma is None:
-        prefix_out = torch.addcmul(prefix, alpha[..., None], patch_mean)
+        prefix_out = _addcmul(prefix, alpha[..., None], patch_mean)
     else:
         # the mean over all N tokens from the patch mean: one reduction serves alpha and gamma
         token_mean = (prefix.sum(dim=1, keepdim=True) + patch_mean * (h * w)) / N

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConvHeadsError
 from .layers import ReplacedAttention
+from .precision import autocast, input_dtype
 from .vit import vit_info
 
 
@@ -153,18 +154,21 @@ def score_heads(
         batches: Iterable,
         max_images: Optional[int] = 1000,
         progress: bool = True,
+        precision: str = "fp32",
 ) -> HeadScores:
     """Score every attention head of a timm ViT on up to `max_images` images (METHOD.md section 3).
 
     batches: an iterable of image tensors [B, 3, H, W] or of (images, labels) pairs, e.g. a DataLoader.
-    The model runs in eval mode; its previous mode is restored afterwards.
+    The model runs in eval mode; its previous mode is restored afterwards. precision bf16 / fp16
+    computes the attention maps under autocast (in low precision); their statistics are
+    accumulated in float64 whatever the precision.
     """
     info = vit_info(model)
     if any(isinstance(b.attn, ReplacedAttention) for b in model.blocks):
         raise ConvHeadsError("the model already has replaced heads; score the model before replace_heads")
     if max_images is not None and max_images < 2:
         raise ConvHeadsError(f"max_images must be at least 2 (a variance needs two images); got {max_images}")
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, input_dtype(model)
     moments = [_RunningMoments() for _ in model.blocks]
     hooks = [
         block.attn.register_forward_pre_hook(
@@ -185,7 +189,8 @@ def score_heads(
                 if grid is not None and g != grid:
                     raise ConvHeadsError(f"all scoring images must have one size; got grids {grid} and {g}")
                 grid = g
-                model.forward_features(images.to(device))
+                with autocast(precision, device):
+                    model.forward_features(images.to(device, dtype))
                 seen += len(images)
                 bar.update(len(images))
                 if max_images is not None and seen >= max_images:

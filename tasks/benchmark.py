@@ -14,6 +14,7 @@ from torch import nn
 
 from benchmarks.timing import OnnxTimer, latency_stats, time_models
 from convheads import export_onnx, model_cost
+from convheads.precision import resolve_device
 
 from .config import PipelineConfig
 from .evaluate import MODELS
@@ -32,39 +33,42 @@ def time_runtime(models: Dict[str, nn.Module], runtime: str, x: torch.Tensor, cf
                  for name, m in models.items()}
         return onnx.time(paths, x.shape, torch.get_num_threads(), b.warmup, b.repeats)[0]
     run_with = {name: torch.compile(m) for name, m in models.items()} if runtime == "compile" else models
-    return time_models(run_with, x, warmup=b.warmup, repeats=b.repeats, progress=True)
+    return time_models(run_with, x, warmup=b.warmup, repeats=b.repeats, progress=True, precision=cfg.precision)
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
     b = cfg.benchmark
     if b.threads:
         torch.set_num_threads(b.threads)
-    models = {name: stage_model(cfg, MODELS[name]).to(cfg.device) for name in ("baseline", "compressed")}
+    device = resolve_device(cfg.device)
+    models = {name: stage_model(cfg, MODELS[name]).to(device) for name in ("baseline", "compressed")}
     costs = {name: model_cost(m) for name, m in models.items()}
     size = models["baseline"].patch_embed.img_size
     rows = []
+    # onnxruntime times the CPU: on a GPU it would not measure the device the models run on
+    runtimes = [r for r in b.runtimes if r != "onnxruntime" or device == "cpu"] or ["eager"]
     with tempfile.TemporaryDirectory() as tmp, OnnxTimer() as onnx:
-        for runtime in b.runtimes:
+        for runtime in runtimes:
             for batch_size in b.batch_sizes:
-                x = torch.randn(batch_size, 3, *size, device=cfg.device)
+                x = torch.randn(batch_size, 3, *size, device=device)
                 times = time_runtime(models, runtime, x, cfg, Path(tmp), onnx)
                 for name, t in times.items():
                     rows.append({"runtime": runtime, "model": name, **latency_stats(t, batch_size),
                                  "param_count": costs[name].params, "infer_gmacs": costs[name].gmacs})
     table = pd.DataFrame(rows)
     table.to_csv(out / BENCHMARK_TABLE, index=False)
-    result = {"runtime": b.runtimes[0], "runtimes": list(b.runtimes), "threads": torch.get_num_threads(),
-              "device": cfg.device, "repeats": b.repeats,
+    result = {"runtime": runtimes[0], "runtimes": runtimes, "threads": torch.get_num_threads(),
+              "device": device, "precision": cfg.precision, "repeats": b.repeats,
               "params_ratio": costs["compressed"].params / costs["baseline"].params,
               "macs_ratio": costs["compressed"].macs / costs["baseline"].macs,
               **{f"{name}_params": c.params for name, c in costs.items()},
               **{f"{name}_gmacs": c.gmacs for name, c in costs.items()}}
-    for runtime in b.runtimes:
+    for runtime in runtimes:
         for batch_size in b.batch_sizes:
             t = table[(table.runtime == runtime) & (table.batch_size == batch_size)].set_index("model")
             speedup = t.infer_step_time["baseline"] / t.infer_step_time["compressed"]
             result[f"{runtime}_speedup_b{batch_size}"] = speedup
-            if runtime != b.runtimes[0]:
+            if runtime != runtimes[0]:
                 continue  # the headline runtime's numbers also go under the plain keys
             result[f"speedup_b{batch_size}"] = speedup
             for name in models:

@@ -5,6 +5,7 @@ from typing import Dict
 import pandas as pd
 
 from convheads.evaluation import evaluate
+from convheads.precision import resolve_device
 
 from .config import PipelineConfig
 from .inputs import loader, stage_model
@@ -19,7 +20,8 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     results = {}
     for name, stage in MODELS.items():
         model = stage_model(cfg, stage)
-        metrics = evaluate(model, loader(cfg, model, "test", cfg.evaluate.batch_size), cfg.device)
+        metrics = evaluate(model, loader(cfg, model, "test", cfg.evaluate.batch_size), resolve_device(cfg.device),
+                           precision=cfg.precision)
         results[name] = {k: metrics[k] for k in ("top1", "top5", "loss")}
     results["top1_drop"] = results["baseline"]["top1"] - results["compressed"]["top1"]
     results["num_images"] = metrics["num_images"]

@@ -1,14 +1,15 @@
 """What several stages read: the dataset's loaders (timm's transforms at the model's input size,
 normalised for it) and the models other stages saved."""
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from timm.data import resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader
 
-from convheads import ConvHeadsError, load_model, vit_info
+from convheads import ConvHeadsError, distributed, load_model, vit_info
 from convheads.data import ManifestDataset, default_num_workers, image_transform, make_loader
+from convheads.precision import resolve_device
 
 from .config import PipelineConfig
 from .data import MANIFEST, images_root
@@ -38,15 +39,21 @@ def augmentation(cfg: PipelineConfig, augment: str) -> str:
 
 
 def loader(cfg: PipelineConfig, model: nn.Module, split: str, batch_size: int, train: bool = False,
-           augment: str = "none") -> DataLoader:
-    """A loader over one split, shuffled when `train`, augmented as `augment` says (see TrainConfig)."""
+           augment: str = "none", accumulation: Optional[int] = None) -> DataLoader:
+    """A loader over one split, shuffled when `train`, augmented as `augment` says (see TrainConfig).
+
+    accumulation (training): batch_size is the global batch of one update, shared by this process
+    with the others (torchrun) and split into `accumulation` steps. In a process group, an
+    evaluation loader reads this process's share of the split."""
     transform = image_transform(data_config(cfg, model), augmentation(cfg, augment))
     dataset = ManifestDataset(Path(cfg.paths.data) / MANIFEST, images_root(cfg), split, transform)
     lc = cfg.loader
     workers = default_num_workers() if lc.num_workers is None else lc.num_workers
     return make_loader(dataset, batch_size, train=train, num_workers=workers,
-                       pin_memory=cfg.device.startswith("cuda") if lc.pin_memory is None else lc.pin_memory,
-                       persistent_workers=lc.persistent_workers)
+                       pin_memory=resolve_device(cfg.device).startswith("cuda") if lc.pin_memory is None
+                       else lc.pin_memory, persistent_workers=lc.persistent_workers,
+                       drop_last=accumulation is not None, accumulation=accumulation or 1,
+                       rank=distributed.rank(), world=distributed.world_size())
 
 
 def stage_model(cfg: PipelineConfig, stage: str) -> nn.Module:

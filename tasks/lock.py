@@ -94,3 +94,33 @@ def hold(cfg: PipelineConfig, holder: str) -> Iterator[None]:
                     f"one in folders of its own: paths.outputs=<folder> paths.data=<folder>") from None
         yield
 
+
+
+# Set by tasks.launch for its torchrun workers: the pid of the launcher that holds the folders for them.
+HELD_BY = "CONVHEADS_FOLDERS_HELD_BY"
+
+
+@contextlib.contextmanager
+def held_by_launcher(cfg: PipelineConfig, holder: str) -> Iterator[None]:
+    """In a torchrun worker: the folders are held by the launcher that started it (checked: the
+    lock's record names that pid); a worker started by hand under torchrun holds them from rank 0.
+    On machines other than node 0 nothing is held: they share node 0's folders (a shared
+    filesystem), where node 0's run holds them, and write nothing there."""
+    pid = os.environ.get(HELD_BY)
+    if cfg.distributed.node_rank > 0:
+        yield
+    elif pid is not None:
+        for folder in (cfg.paths.outputs, cfg.paths.data):
+            try:
+                record = json.loads(lock_file(folder).read_text())
+            except (OSError, ValueError):
+                record = {}
+            if str(record.get("pid")) != pid:
+                raise ConvHeadsError(f"{folder} is not held by the launcher (pid {pid}) that started this process; "
+                                     f"start the stage as python -m tasks run ...")
+        yield
+    elif int(os.environ.get("RANK", "0")) == 0:
+        with hold(cfg, holder):
+            yield
+    else:
+        yield
