@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed
+from .dsp import gate_groups
 from .ensemble import EnsembleHeadAttention
 from .errors import ConvHeadsError
 from .evaluation import evaluate
@@ -40,24 +41,30 @@ def new_parameters(model: nn.Module) -> List[nn.Parameter]:
     """The parameters replace_heads created: kernels, prefix-token scalars and ensemble head logits."""
     params = []
     for m in model.modules():
-        if isinstance(m, ReplacedAttention) and m.variant != "identity":
+        if isinstance(m, ReplacedAttention):
             params += m.mixing_parameters()
         if isinstance(m, EnsembleHeadAttention) and not m.folded:
             params.append(m.logits)
-    return params
+    return params + [p for g in gate_groups(model) for p in g["params"]]
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> List[Dict]:
     """timm's parameter groups (weight decay, or weight decay and layer-wise lr scales), with the
     replaced layers' new parameters among the ones without weight decay: they are few and shape
-    the mixing (a kernel pulled towards zero mixes nothing)."""
+    the mixing (a kernel pulled towards zero mixes nothing). DSP gates (convheads.dsp) get a group
+    of their own: their lr, no weight decay."""
     new = {id(p) for p in new_parameters(model)}
     no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
     no_decay |= {name for name, p in model.named_parameters() if id(p) in new}
     if layer_decay is not None:
-        return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
-                                        no_weight_decay_list=no_decay)
-    return param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay)
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
+                                          no_weight_decay_list=no_decay)
+    else:
+        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay)
+    gates = gate_groups(model)
+    own = {id(p) for g in gates for p in g["params"]}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in own]} for g in groups]
+    return [g for g in groups if g["params"]] + gates
 
 
 def train(
