@@ -10,7 +10,7 @@ from .runner import read_record
 def summary(cfg: PipelineConfig) -> Dict:
     """Headline numbers from the evaluate, benchmark and select stages."""
     ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
-    sel = read_record(cfg, "select")["summary"]
+    sel = selection_summary(cfg)
     b1, bn = cfg.benchmark.batch_sizes[0], cfg.benchmark.batch_sizes[-1]
     return {
         "baseline_top1": ev["baseline"]["top1"], "replaced_top1": ev["replaced"]["top1"],
@@ -25,6 +25,11 @@ def summary(cfg: PipelineConfig) -> Dict:
         "other_runtimes": bench["runtimes"][1:],
         **{f"{r}_speedup_b{b}": bench[f"{r}_speedup_b{b}"] for r in bench["runtimes"][1:] for b in (b1, bn)},
     }
+
+
+def selection_summary(cfg: PipelineConfig) -> Dict:
+    """What was replaced: the select stage's choice, or the one DSP learned in recovery."""
+    return {**read_record(cfg, "select")["summary"], **read_record(cfg, "recover")["summary"].get("dsp", {})}
 
 
 def table(s: Dict) -> str:
