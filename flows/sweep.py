@@ -16,6 +16,7 @@ handed to the registry gate.
 """
 import argparse
 import contextlib
+import multiprocessing
 import os
 import socket
 import sys
@@ -91,6 +92,8 @@ def link_shared(cfg: PipelineConfig, point: PipelineConfig) -> None:
 def train_point(point: PipelineConfig) -> Dict:
     """select + replace + recover + evaluate of one point (each skipped when up to date)."""
     started = time.perf_counter()
+    if multiprocessing.current_process().daemon:  # a Dask worker: it may not start DataLoader workers
+        point = point.model_copy(update={"loader": point.loader.model_copy(update={"num_workers": 0})})
     skipped = [execute(STAGES[name], point).skipped for name in POINT_STAGES]
     return {"seconds": time.perf_counter() - started, "skipped": all(skipped)}
 
