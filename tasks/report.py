@@ -16,7 +16,7 @@ def summary(cfg: PipelineConfig) -> Dict:
         "baseline_top1": ev["baseline"]["top1"], "replaced_top1": ev["replaced"]["top1"],
         "compressed_top1": ev["compressed"]["top1"], "top1_drop": ev["top1_drop"],
         "heads_replaced": sel["heads_replaced"], "heads_total": sel["heads_total"],
-        "whole_blocks": sel["whole_blocks"],
+        "whole_blocks": sel["whole_blocks"], "selected_by": sel.get("method"),
         "params_baseline": bench["baseline_params"], "params_compressed": bench["compressed_params"],
         "gmacs_baseline": bench["baseline_gmacs"], "gmacs_compressed": bench["compressed_gmacs"],
         "latency_ms_baseline": bench[f"baseline_b{b1}_ms"], "latency_ms_compressed": bench[f"compressed_b{b1}_ms"],
@@ -36,7 +36,8 @@ def table(s: Dict) -> str:
     b1, bn = s["latency_batch_size"], s["largest_batch_size"]
     rows = [
         ("test top-1", f"{s['baseline_top1']:.2%}", f"{s['compressed_top1']:.2%}",
-         f"{-s['top1_drop'] * 100:+.2f} pts (before recovery: {s['replaced_top1']:.2%})"),
+         f"{-s['top1_drop'] * 100:+.2f} pts (" + ("Sigma's choice " if s.get("selected_by") == "dsp" else "")
+         + f"before recovery: {s['replaced_top1']:.2%})"),
         ("heads replaced", "-", f"{s['heads_replaced']} of {s['heads_total']}",
          f"whole blocks {', '.join(map(str, s['whole_blocks']))}" if s["whole_blocks"] else "scattered"),
         ("parameters", f"{s['params_baseline']:,}", f"{s['params_compressed']:,}",
