@@ -14,7 +14,6 @@ per method, error bars over seeds), also to one MLflow run. With select.max_drop
 budget whose mean top-1 drop stays within it is benchmarked as a pipeline run of its own and
 handed to the registry gate.
 """
-import argparse
 import contextlib
 import multiprocessing
 import os
@@ -34,7 +33,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import checked_config, exit_status, prefect_api
+from flows import checked_config, exit_status, parse_command_line, prefect_api
 from benchmarks.timing import OnnxTimer, latency_stats
 from convheads import ConvHeadsError, model_cost
 from convheads.precision import resolve_device
@@ -290,12 +289,7 @@ def report(result: Dict, table: pd.DataFrame) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
-    p.add_argument("--run-name", default=None, help="name of the MLflow run")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
-    args = p.parse_args(argv)
+    args = parse_command_line("python -m flows.sweep", __doc__, argv)
     config = checked_config(args.params, args.overrides)
     if config is None:
         return 2
