@@ -219,7 +219,7 @@ class SweepConfig(Section):
     shared baseline and score file, then every model benchmarked together. Methods: sigma_h (heads
     by Sigma_h), sigma_b (whole blocks by Sigma_b), dsp (learned; select.granularity), random
     (seeded; select.granularity), drop (Sigma's choice at select.granularity, heads removed)."""
-    budgets: List[float] = Field([1 / 6, 1 / 3, 1 / 2], min_length=1)  # fractions of the heads (blocks)
+    budgets: List[float] = Field([0.1667, 0.3333, 0.5], min_length=1)  # fractions of the heads (blocks)
     methods: List[Literal[SWEEP_METHODS]] = Field(["sigma_b", "dsp", "random"], min_length=1)
     seeds: List[int] = Field([0], min_length=1)
     recover_epochs: Optional[int] = Field(3, ge=0)   # None: recover.epochs
