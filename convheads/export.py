@@ -17,7 +17,7 @@ from torch import nn
 from .ensemble import EnsembleHeadAttention, fold_ensembles
 from .errors import ConvHeadsError
 from .files import atomic_path
-from .vit import vit_info
+from .vit import as_vit, vit_info
 
 OPSET = 17
 
@@ -46,7 +46,7 @@ def export_onnx(model: nn.Module, path: Union[str, Path], img_size: Optional[tup
     was_training = model.training
     model.eval()
     p = next(model.parameters())
-    x = torch.zeros(batch_size, model.patch_embed.proj.in_channels, *size, device=p.device, dtype=p.dtype)
+    x = torch.zeros(batch_size, as_vit(model).patch_embed.proj.in_channels, *size, device=p.device, dtype=p.dtype)
     try:
         with atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)

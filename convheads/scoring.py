@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConvHeadsError
 from .layers import ReplacedAttention
-from .vit import vit_info
+from .vit import as_vit, vit_info
 
 
 @dataclass
@@ -140,7 +140,7 @@ def score_heads(
     batches: an iterable of image tensors [B, 3, H, W] or of (images, labels) pairs, e.g. a DataLoader.
     The model runs in eval mode; its previous mode is restored afterwards.
     """
-    info = vit_info(model)
+    info, model = vit_info(model), as_vit(model)  # a segmentation model: its backbone's heads
     if any(isinstance(b.attn, ReplacedAttention) for b in model.blocks):
         raise ConvHeadsError("the model already has replaced heads; score the model before replace_heads")
     if max_images is not None and max_images < 2:

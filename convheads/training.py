@@ -43,6 +43,8 @@ def train(
         on_epoch: Optional[Callable[[Dict], None]] = None,
         checkpoint: Optional[Union[str, Path]] = None,
         seed: int = 0,
+        ignore_index: int = -100,
+        validate: Callable[..., Dict] = evaluate,
 ) -> List[Dict]:
     """Train `model` in place; return one metrics dict per epoch (also passed to `on_epoch`).
 
@@ -52,6 +54,9 @@ def train(
     training starts, training resumes after its epoch.
     seed: the global torch RNG is reseeded from (seed, epoch) at every epoch, so shuffling,
     augmentation and dropout are reproducible and a resumed run equals an uninterrupted one.
+    Classification: labels [B], logits [B, classes], train_top1. Segmentation: masks [B, H, W],
+    logits [B, classes, H, W], train_pixel_acc over the pixels not labelled `ignore_index`.
+    validate(model, val_loader, device=device, progress=False): the val_* metrics (default: top-1/top-5/loss).
     """
     if trainable not in TRAINABLE:
         raise ConvHeadsError(f"trainable must be one of {TRAINABLE}; got {trainable!r}")
@@ -83,28 +88,31 @@ def train(
     for epoch in range(len(history), epochs):
         torch.manual_seed(seed * 100_003 + epoch)
         model.train()
-        seen = correct = 0
+        seen = correct = images_seen = 0
         loss_sum = 0.0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
         for images, labels in bar:
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing)
             if not torch.isfinite(loss):
                 raise ConvHeadsError(f"training loss became {loss.item()} in epoch {epoch + 1}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            seen += len(labels)
+            valid = labels != ignore_index
+            images_seen += len(labels)
             loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(-1) == labels).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_top1": correct / max(1, seen),
+            seen += valid.sum().item()
+            correct += ((logits.argmax(1) == labels) & valid).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / images_seen:.3f}", acc=f"{correct / max(1, seen):.3f}")
+        accuracy = "train_top1" if labels.ndim == 1 else "train_pixel_acc"
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, images_seen), accuracy: correct / max(1, seen),
                "lr": schedule.get_last_lr()[0]}
         if val_loader is not None:
-            row.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, progress=False).items()
-                        if k != "num_images"})
+            row.update({f"val_{k}": v for k, v in validate(model, val_loader, device=device, progress=False).items()
+                        if isinstance(v, float)})
         history.append(row)
         if checkpoint is not None:
             save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),

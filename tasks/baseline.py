@@ -1,29 +1,31 @@
-"""Stage 2: fine-tune the ViT on the task (step 1 of the method). `fine_tune` also serves recovery."""
+"""Stage 2: fine-tune the ViT (with its segmentation head, for segmentation) on the task (step 1 of
+the method). `fine_tune` also serves recovery."""
 from pathlib import Path
 from typing import Dict
 
 import pandas as pd
 
-from convheads import count_params, create_model, fold_ensembles, save_model
+from convheads import count_params, fold_ensembles, save_model
 from convheads.training import train
 
-from .config import PipelineConfig, TrainConfig
-from .data import read_meta
+from .config import PipelineConfig
 from .inputs import MODEL_FILE, loader
+from .objective import objective
 from .runner import file_digest
 
 HISTORY = "history.csv"
 
 
-def fine_tune(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainable: str = "all",
+def fine_tune(cfg: PipelineConfig, stage: str, model, out: Path, trainable: str = "all",
               fold: bool = False) -> Dict:
-    """Train `model` with the `tcfg` settings; write model.pt and history.csv into `out`."""
+    """Train `model` with the settings of `stage` (baseline or recover); write model.pt and history.csv into `out`."""
+    tcfg = getattr(cfg, stage)
     resume = out / "resume.pt"  # the stage's work folder survives an interruption: resume there
     history = train(model, loader(cfg, model, "train", tcfg.batch_size, train=True, augment=tcfg.augment),
-                    loader(cfg, model, "val", cfg.evaluate.batch_size), epochs=tcfg.epochs, lr=tcfg.lr,
+                    loader(cfg, model, "val", cfg.evaluate.batch_size), epochs=cfg.epochs(stage), lr=tcfg.lr,
                     weight_decay=tcfg.weight_decay, warmup_epochs=tcfg.warmup_epochs,
                     label_smoothing=tcfg.label_smoothing, trainable=trainable, device=cfg.device,
-                    checkpoint=resume, seed=cfg.seed)
+                    checkpoint=resume, seed=cfg.seed, **objective(cfg).train_kwargs())
     if fold:  # the compressed model is the inference form: ensembles folded into thin linear maps
         fold_ensembles(model)
     save_model(model.cpu(), out / MODEL_FILE)
@@ -35,10 +37,7 @@ def fine_tune(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainabl
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
-    m = cfg.model
-    kwargs = {**m.build_kwargs, "num_classes": len(read_meta(cfg)["classes"])}
-    model = create_model(m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, **kwargs)
-    return fine_tune(cfg, cfg.baseline, model, out)
+    return fine_tune(cfg, "baseline", objective(cfg).build(), out)
 
 
 def checkpoint_digest(cfg: PipelineConfig):

@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 
 from benchmarks.timing import latency_stats, time_models
-from convheads import model_cost
+from convheads import model_cost, vit_info
 
 from .config import PipelineConfig
 from .evaluate import MODELS
@@ -23,8 +23,8 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     models = {name: stage_model(cfg, MODELS[name]).to(cfg.device) for name in ("baseline", "compressed")}
     costs = {name: model_cost(m) for name, m in models.items()}
     rows = []
+    size = vit_info(models["baseline"]).img_size  # segmentation: segmentation.image_size
     for batch_size in b.batch_sizes:
-        size = models["baseline"].patch_embed.img_size
         x = torch.randn(batch_size, 3, *size, device=cfg.device)
         times = time_models(models, x, warmup=b.warmup, repeats=b.repeats, progress=True)
         for name, t in times.items():
@@ -32,7 +32,7 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
                          "infer_gmacs": costs[name].gmacs})
     table = pd.DataFrame(rows)
     table.to_csv(out / BENCHMARK_TABLE, index=False)
-    result = {"threads": torch.get_num_threads(), "device": cfg.device, "repeats": b.repeats,
+    result = {"threads": torch.get_num_threads(), "device": cfg.device, "repeats": b.repeats, "img_size": list(size),
               "params_ratio": costs["compressed"].params / costs["baseline"].params,
               "macs_ratio": costs["compressed"].macs / costs["baseline"].macs,
               **{f"{name}_params": c.params for name, c in costs.items()},

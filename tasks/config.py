@@ -51,6 +51,11 @@ class DataConfig(Section):
         return self
 
 
+# Fine-tuning epochs when a stage's `epochs` is None, per task: the digits scenes of the default
+# segmentation run have 4x the tokens of the digits (256), and a run must stay within minutes.
+DEFAULT_EPOCHS = {"baseline": {"classification": 40, "segmentation": 12},
+                  "recover": {"classification": 10, "segmentation": 4}}
+
 # The default model: a small ViT for the 32 x 32 digits (an 8 x 8 patch grid, 6 blocks of 8 heads).
 DIGITS_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 8}
 
@@ -74,8 +79,26 @@ class ModelConfig(Section):
         return {} if self.pretrained or self.checkpoint else dict(DIGITS_VIT)
 
 
+class SceneCounts(Section):
+    """How many digits scenes each split of the embedded segmentation data has."""
+    train: PositiveInt = 500
+    val: PositiveInt = 100
+    test: PositiveInt = 200
+
+
+class SegmentationConfig(Section):
+    """task: segmentation. Data: data.source=digits (scenes of the bundled digits, generated) or
+    folder (ADE20K's layout: images/{training,validation}/, annotations/{training,validation}/,
+    single-channel PNG labels, 255 = not labelled)."""
+    image_size: PositiveInt = 64                     # images (and masks) are resized to this; the model is built for it
+    feature_blocks: Optional[List[int]] = None       # blocks whose patch tokens feed the linear head; None: the last
+    num_classes: Optional[PositiveInt] = None        # None: the dataset's (classes.txt, else the largest label + 1)
+    reduce_zero_label: bool = False                 # ADE20K: label 0 is "other" -> ignored, the rest move down by 1
+    scenes: SceneCounts = SceneCounts()              # data.source=digits: scenes per split (64 x 64 at image_size 64)
+
+
 class TrainConfig(Section):
-    epochs: int = Field(40, ge=0)
+    epochs: Optional[int] = Field(None, ge=0)   # None: the task's default (PipelineConfig.epochs)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     batch_size: PositiveInt = 32
@@ -92,7 +115,6 @@ class TrainConfig(Section):
 
 
 class RecoverConfig(TrainConfig):
-    epochs: int = Field(10, ge=0)
     lr: float = Field(5e-4, gt=0)
     trainable: Literal[TRAINABLE] = "all"   # "new": only kernels and prefix scalars train
 
@@ -152,10 +174,12 @@ class RegistryConfig(Section):
     """Every run registers its compressed model; the gate decides whether it becomes champion."""
     enabled: bool = True
     model_name: Optional[str] = None          # None: convheads-<model.name>
-    max_top1_drop: float = Field(0.02, ge=0, le=1)   # vs the run's baseline, as a fraction (0.02 = 2 points)
+    # The gate's headline metric is the task's: test top-1 (classification) or mIoU (segmentation).
+    max_top1_drop: float = Field(0.02, ge=0, le=1)   # classification: vs the run's baseline, as a fraction (0.02 = 2 points)
+    max_miou_drop: float = Field(0.02, ge=0, le=1)   # segmentation: the same for mIoU
     min_speedup: float = Field(1.0, gt=0)     # compressed vs baseline latency ...
     speedup_batch_size: Optional[PositiveInt] = None  # ... at this benchmark batch size (None: the largest)
-    must_beat_champion: bool = True           # higher test top-1 than the champion, on this run's test data ...
+    must_beat_champion: bool = True           # higher test top-1 (mIoU) than the champion, on this run's test data ...
     min_improvement: float = Field(0.0, ge=0, le=1)  # ... by at least this much (0.005 = half a point)
 
 
@@ -178,11 +202,13 @@ class ScheduleConfig(Section):
 
 
 class PipelineConfig(Section):
+    task: Literal["classification", "segmentation"] = "classification"
     seed: int = 0
     device: str = "cpu"
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
     baseline: TrainConfig = TrainConfig()
     score: ScoreConfig = ScoreConfig()
     select: SelectConfig = SelectConfig()
@@ -202,6 +228,9 @@ class PipelineConfig(Section):
         if self.replace.variant == "ensemble" and self.select.blocks is None and self.select.granularity != "block":
             raise ValueError("replace.variant=ensemble merges whole blocks; set select.granularity=block "
                              "(or select.blocks)")
+        if self.task == "segmentation" and self.data.source not in ("digits", "folder"):
+            raise ValueError("task=segmentation reads data.source=digits (generated scenes) or folder (ADE20K's "
+                             f"layout), not {self.data.source}")
         if self.registry.speedup_batch_size not in (None, *self.benchmark.batch_sizes):
             raise ValueError(f"registry.speedup_batch_size must be one of benchmark.batch_sizes "
                              f"{self.benchmark.batch_sizes}")
@@ -212,12 +241,29 @@ class PipelineConfig(Section):
         return self.registry.model_name or f"convheads-{self.model.name}"
 
     @property
+    def model_kwargs(self) -> Dict[str, Any]:
+        """The timm.create_model arguments this configuration means: model.kwargs, or its default
+        (ModelConfig.build_kwargs); for segmentation, built for segmentation.image_size unless
+        model.kwargs sets img_size."""
+        kwargs = self.model.build_kwargs
+        if self.task == "segmentation" and "img_size" not in (self.model.kwargs or {}):
+            kwargs["img_size"] = self.segmentation.image_size
+        return kwargs
+
+    def epochs(self, stage: str) -> int:
+        """The fine-tuning epochs of `stage` (baseline or recover): as set, else the task's default."""
+        epochs = getattr(self, stage).epochs
+        return DEFAULT_EPOCHS[stage][self.task] if epochs is None else epochs
+
+    @property
     def gate_batch_size(self) -> int:
         return self.registry.speedup_batch_size or max(self.benchmark.batch_sizes)
 
     def section(self, *names: str) -> dict:
-        """The named sections as plain data (what a stage's fingerprint depends on)."""
-        return {n: getattr(self, n).model_dump(mode="json") if isinstance(getattr(self, n), BaseModel)
+        """The named sections as plain data (what a stage's fingerprint depends on); the
+        segmentation section is None unless task is segmentation (it changes nothing else)."""
+        return {n: None if n == "segmentation" and self.task != "segmentation" else
+                getattr(self, n).model_dump(mode="json") if isinstance(getattr(self, n), BaseModel)
                 else getattr(self, n) for n in names}
 
 
