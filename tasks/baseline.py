@@ -19,10 +19,10 @@ HISTORY = "history.csv"
 def fine_tune(cfg: PipelineConfig, stage: str, model, out: Path, trainable: str = "all",
               fold: bool = False) -> Dict:
     """Train `model` with the settings of `stage` (baseline or recover); write model.pt and history.csv into `out`."""
-    tcfg = getattr(cfg, stage)
+    tcfg = cfg.training(stage)
     resume = out / "resume.pt"  # the stage's work folder survives an interruption: resume there
     history = train(model, loader(cfg, model, "train", tcfg.batch_size, train=True, augment=tcfg.augment),
-                    loader(cfg, model, "val", cfg.evaluate.batch_size), epochs=cfg.epochs(stage), lr=tcfg.lr,
+                    loader(cfg, model, "val", cfg.evaluate.batch_size), epochs=tcfg.epochs, lr=tcfg.lr,
                     weight_decay=tcfg.weight_decay, warmup_epochs=tcfg.warmup_epochs,
                     label_smoothing=tcfg.label_smoothing, trainable=trainable, device=cfg.device,
                     checkpoint=resume, seed=cfg.seed, **objective(cfg).train_kwargs())

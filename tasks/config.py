@@ -51,13 +51,19 @@ class DataConfig(Section):
         return self
 
 
-# Fine-tuning epochs when a stage's `epochs` is None, per task: the digits scenes of the default
-# segmentation run have 4x the tokens of the digits (256), and a run must stay within minutes.
-DEFAULT_EPOCHS = {"baseline": {"classification": 40, "segmentation": 12},
-                  "recover": {"classification": 10, "segmentation": 4}}
+# Fine-tuning settings left None, per task: the default segmentation run has 4x the tokens of the
+# digits (256) and fewer images, so fewer epochs (it must stay within minutes) of smaller batches
+# (more steps).
+TASK_DEFAULTS = {"baseline": {"classification": {"epochs": 40, "batch_size": 32},
+                              "segmentation": {"epochs": 12, "batch_size": 8}},
+                 "recover": {"classification": {"epochs": 10, "batch_size": 32},
+                             "segmentation": {"epochs": 4, "batch_size": 8}}}
 
 # The default model: a small ViT for the 32 x 32 digits (an 8 x 8 patch grid, 6 blocks of 8 heads).
 DIGITS_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 8}
+# For the digits scenes (task=segmentation): 4x the tokens (16 x 16 at 64 x 64), so half the width
+# to train in minutes; 6 blocks of 4 heads of width 16.
+SCENES_VIT = {"patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4}
 
 
 class ModelConfig(Section):
@@ -81,8 +87,8 @@ class ModelConfig(Section):
 
 class SceneCounts(Section):
     """How many digits scenes each split of the embedded segmentation data has."""
-    train: PositiveInt = 500
-    val: PositiveInt = 100
+    train: PositiveInt = 400
+    val: PositiveInt = 80
     test: PositiveInt = 200
 
 
@@ -98,10 +104,10 @@ class SegmentationConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: Optional[int] = Field(None, ge=0)   # None: the task's default (PipelineConfig.epochs)
+    epochs: Optional[int] = Field(None, ge=0)       # None: the task's default (TASK_DEFAULTS)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    batch_size: PositiveInt = 32
+    batch_size: Optional[PositiveInt] = None        # None: the task's default (TASK_DEFAULTS)
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # auto: light for the digits, timm otherwise; timm: timm's train transform (random resized crop,
@@ -243,17 +249,22 @@ class PipelineConfig(Section):
     @property
     def model_kwargs(self) -> Dict[str, Any]:
         """The timm.create_model arguments this configuration means: model.kwargs, or its default
-        (ModelConfig.build_kwargs); for segmentation, built for segmentation.image_size unless
-        model.kwargs sets img_size."""
+        (ModelConfig.build_kwargs); for segmentation, SCENES_VIT instead of DIGITS_VIT, built for
+        segmentation.image_size unless model.kwargs sets img_size."""
         kwargs = self.model.build_kwargs
-        if self.task == "segmentation" and "img_size" not in (self.model.kwargs or {}):
-            kwargs["img_size"] = self.segmentation.image_size
+        if self.task == "segmentation":
+            if kwargs == DIGITS_VIT:
+                kwargs = dict(SCENES_VIT)
+            if "img_size" not in (self.model.kwargs or {}):
+                kwargs["img_size"] = self.segmentation.image_size
         return kwargs
 
-    def epochs(self, stage: str) -> int:
-        """The fine-tuning epochs of `stage` (baseline or recover): as set, else the task's default."""
-        epochs = getattr(self, stage).epochs
-        return DEFAULT_EPOCHS[stage][self.task] if epochs is None else epochs
+    def training(self, stage: str) -> TrainConfig:
+        """The fine-tuning settings of `stage` (baseline or recover), with the task's defaults for
+        those left None."""
+        settings = getattr(self, stage)
+        return settings.model_copy(update={k: v for k, v in TASK_DEFAULTS[stage][self.task].items()
+                                           if getattr(settings, k) is None})
 
     @property
     def gate_batch_size(self) -> int:

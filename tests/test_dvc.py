@@ -147,3 +147,22 @@ def test_dvc_reruns_the_data_stage_when_a_dvc_tracked_folder_changes(repo):
     assert sorted(p.name for p in (repo / "data/dataset").iterdir()) == ["manifest.csv", "meta.json", "stage.json"]
     Image.new("RGB", (10, 10)).save(repo / "images/dog/new.png")
     assert ran(sh(repo, "dvc", "repro", "data")) == ["source", "data"]
+
+
+def test_dvc_repro_runs_the_segmentation_pipeline_and_shows_its_pictures(repo):
+    from test_segmentation import seg_params
+
+    params = seg_params(".")
+    params["paths"] = {"data": "data/dataset", "outputs": "outputs"}
+    params["tracking"]["tracking_uri"] = f"sqlite:///{repo}/mlflow.db"
+    params["registry"].update(min_speedup=0.01, max_miou_drop=1.0)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(sh(repo, "dvc", "repro"))[-1] == "track"
+    shown = next(iter(json.loads(sh(repo, "dvc", "metrics", "show", "--json")).values()))["data"]
+    metrics = shown["outputs/evaluate/metrics.json"]["data"]
+    assert 0 <= metrics["compressed"]["miou"] <= 1 and "miou_drop" in metrics
+    plots = json.loads(sh(repo, "dvc", "plots", "show", "--json"))
+    assert "outputs/evaluate/predictions.png" in plots and "per-class IoU" in plots
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    version = client.get_model_version(f"convheads-{params['model']['name']}", "1")
+    assert version.tags["promotion"] == "champion" and "miou" in version.tags
