@@ -16,9 +16,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
 from .errors import ConvHeadsError
+from .evaluation import predictions
 from .vit import vit_info
 
 IGNORE_INDEX = 255  # ADE20K's "not labelled"
@@ -96,25 +95,15 @@ def evaluate_segmentation(model: Callable[[torch.Tensor], torch.Tensor], loader:
 
     `model` is an nn.Module (in eval mode for the pass, then restored) or any function from images
     to [B, classes, H, W] logits, e.g. a model loaded back from MLflow."""
-    module = model if isinstance(model, nn.Module) else None
-    was_training = module is not None and module.training
-    if module is not None:
-        module.eval().to(device)
     metrics = segmentation_metrics(num_classes, ignore_index).to(device)
     n, loss, pixels = 0, 0.0, 0
-    try:
-        for images, masks in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
-            images, masks = images.to(device), masks.to(device)
-            logits = model(images)
-            valid = int((masks != ignore_index).sum())
-            if valid:
-                loss += F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction="sum").item()
-            pixels += valid
-            metrics.update(logits.argmax(1), masks)
-            n += len(images)
-    finally:
-        if module is not None:
-            module.train(was_training)
+    for images, masks, logits in predictions(model, loader, device, progress):
+        valid = int((masks != ignore_index).sum())
+        if valid:
+            loss += F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction="sum").item()
+        pixels += valid
+        metrics.update(logits.argmax(1), masks)
+        n += len(images)
     if n == 0:
         raise ConvHeadsError("the evaluation loader yielded no images")
     if pixels == 0:

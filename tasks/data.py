@@ -8,7 +8,7 @@ modes, and the DVC hash if the folder is tracked by DVC); the manifest's hash is
 """
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import yaml
@@ -106,7 +106,7 @@ def _scenes(cfg: PipelineConfig, out: Path) -> None:
     (out / CLASSES_FILE).write_text("\n".join(CLASSES) + "\n")
 
 
-def _segmentation(cfg: PipelineConfig, out: Path) -> Dict:
+def _segmentation(cfg: PipelineConfig, out: Path) -> Tuple[Dict, str, str]:
     """The data stage for task=segmentation: image/mask pairs checked and listed in a manifest."""
     d, s = cfg.data, cfg.segmentation
     generated = d.source == "digits"
@@ -119,18 +119,21 @@ def _segmentation(cfg: PipelineConfig, out: Path) -> Dict:
     meta = {"source": d.source, "task": "segmentation", "root": None if generated else str(found.root),
             "layout": "images/ + annotations/ (ADE20K)", "classes": stats.class_names, "counts": stats.counts,
             "bytes": stats.bytes}
-    dvc = None if generated else dvc_record(Path(d.path))
-    if dvc:
-        meta["dvc"] = dvc
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"data: {sum(stats.counts.values())} image/mask pairs, {stats.num_classes} classes, data version "
-          f"{stats.data_version[:16]}")
-    return {**meta, "data_version": stats.data_version}
+    return meta, stats.data_version, f"{sum(stats.counts.values())} image/mask pairs, {stats.num_classes} classes"
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
-    if cfg.task == "segmentation":
-        return _segmentation(cfg, out)
+    meta, data_version, found = (_segmentation if cfg.task == "segmentation" else _classification)(cfg, out)
+    dvc = None if meta["root"] is None else dvc_record(Path(cfg.data.path))
+    if dvc:
+        meta["dvc"] = dvc
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"data: {found}, data version {data_version[:16]}")
+    return {**meta, "data_version": data_version}
+
+
+def _classification(cfg: PipelineConfig, out: Path) -> Tuple[Dict, str, str]:
+    """The data stage for task=classification: the images listed (and checked) in a manifest."""
     d = cfg.data
     if d.source in GENERATED:
         GENERATED[d.source](d, out)
@@ -143,13 +146,8 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
             "classes": stats.classes, "counts": stats.counts, "modes": stats.modes, "bytes": stats.bytes}
     if d.source == "digits":
         meta["image_size"] = d.image_size
-    dvc = None if generated else dvc_record(Path(d.path))
-    if dvc:
-        meta["dvc"] = dvc
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"data: {sum(stats.counts.values())} images ({stats.hashed} read, {stats.cached} unchanged since "
-          f"hashed), data version {stats.data_version[:16]}")
-    return {**meta, "data_version": stats.data_version}
+    return meta, stats.data_version, (f"{sum(stats.counts.values())} images ({stats.hashed} read, {stats.cached} "
+                                      f"unchanged since hashed)")
 
 
 def source_listing(cfg: PipelineConfig) -> Optional[str]:

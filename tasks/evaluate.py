@@ -59,7 +59,8 @@ def palette(num_classes: int) -> np.ndarray:
 @torch.no_grad()
 def plot_predictions(cfg: PipelineConfig, baseline, compressed, classes, path: Path) -> None:
     """The first test images: image | ground truth | baseline | compressed, one row each, with a legend."""
-    images, masks = next(iter(loader(cfg, baseline, "test", PANEL_IMAGES)))
+    dataset = objective(cfg).dataset(baseline, "test", augment="none")
+    images, masks = (torch.stack(t) for t in zip(*(dataset[i] for i in range(min(PANEL_IMAGES, len(dataset))))))
     dc = data_config(cfg, baseline)
     shown = (images * torch.tensor(dc["std"])[:, None, None] + torch.tensor(dc["mean"])[:, None, None]).clamp(0, 1)
     colours = palette(len(classes))
