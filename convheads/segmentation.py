@@ -21,6 +21,7 @@ from .evaluation import predictions
 from .vit import vit_info
 
 IGNORE_INDEX = 255  # ADE20K's "not labelled"
+HEAD_LR_SCALE = 10.0  # the head's learning rate over the backbone's when fine-tuning (convheads.training)
 
 
 def check_feature_blocks(feature_blocks: Optional[Sequence[int]], depth: int) -> List[int]:

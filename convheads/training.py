@@ -13,6 +13,7 @@ from .evaluation import evaluate
 from .ensemble import EnsembleHeadAttention
 from .files import save_torch
 from .layers import ReplacedAttention
+from .segmentation import HEAD_LR_SCALE, SegmentationModel
 
 TRAINABLE = ("all", "new")
 
@@ -49,7 +50,8 @@ def train(
     """Train `model` in place; return one metrics dict per epoch (also passed to `on_epoch`).
 
     trainable: "all" parameters (default), or only the "new" ones that replace_heads created.
-    Kernels and the prefix scalars get no weight decay (they are few and shape the mixing).
+    Kernels and the prefix scalars get no weight decay (they are few and shape the mixing). A
+    segmentation model's head trains at HEAD_LR_SCALE x lr.
     checkpoint: a file written after every epoch (model, optimiser, schedule); if it exists when
     training starts, training resumes after its epoch.
     seed: the global torch RNG is reseeded from (seed, epoch) at every epoch, so shuffling,
@@ -67,10 +69,18 @@ def train(
         raise ConvHeadsError('trainable="new" but the model has no replaced depthwise heads or ensemble blocks to train')
     for p in model.parameters():
         p.requires_grad_(trainable == "all" or id(p) in new)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and id(p) not in new]
-    no_decay = [p for p in model.parameters() if p.requires_grad and (p.ndim < 2 or id(p) in new)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    # A segmentation head starts from scratch and must first learn the class priors (a bias of
+    # several units): it trains at HEAD_LR_SCALE x the learning rate, as decoders usually do.
+    head = {id(p) for p in model.head.parameters()} if isinstance(model, SegmentationModel) else set()
+    groups = []
+    for in_head in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head) == in_head]
+        decay = [p for p in params if p.ndim >= 2 and id(p) not in new]
+        no_decay = [p for p in params if p.ndim < 2 or id(p) in new]
+        scale = HEAD_LR_SCALE if in_head else 1.0
+        groups += [{"params": decay, "weight_decay": weight_decay, "lr": lr * scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lr": lr * scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     steps_per_epoch = len(train_loader)
     total, warmup = max(1, epochs * steps_per_epoch), int(warmup_epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
