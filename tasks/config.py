@@ -179,7 +179,7 @@ class TrackingConfig(Section):
 class RegistryConfig(Section):
     """Every run registers its compressed model; the gate decides whether it becomes champion."""
     enabled: bool = True
-    model_name: Optional[str] = None          # None: convheads-<model.name>
+    model_name: Optional[str] = None          # None: convheads-<model.name>[-segmentation]
     # The gate's headline metric is the task's: test top-1 (classification) or mIoU (segmentation).
     max_top1_drop: float = Field(0.02, ge=0, le=1)   # classification: vs the run's baseline, as a fraction (0.02 = 2 points)
     max_miou_drop: float = Field(0.02, ge=0, le=1)   # segmentation: the same for mIoU
@@ -244,7 +244,9 @@ class PipelineConfig(Section):
 
     @property
     def registered_model_name(self) -> str:
-        return self.registry.model_name or f"convheads-{self.model.name}"
+        """registry.model_name, else convheads-<model.name> (-segmentation for that task)."""
+        suffix = "-segmentation" if self.task == "segmentation" else ""
+        return self.registry.model_name or f"convheads-{self.model.name}{suffix}"
 
     @property
     def model_kwargs(self) -> Dict[str, Any]:

@@ -112,7 +112,8 @@ def architecture(cfg: PipelineConfig) -> str:
     info = vit_info(model)
     dc = data_config(cfg, model)
     mean, std = (tuple(round(float(v), 4) for v in dc[k]) for k in ("mean", "std"))
-    return (f"{info.depth} blocks, width {info.num_heads * info.head_dim} ({info.num_heads} heads), patch "
+    head = f"segmentation head on blocks {model.feature_blocks}, " if cfg.task == "segmentation" else ""
+    return (f"{head}{info.depth} blocks, width {info.num_heads * info.head_dim} ({info.num_heads} heads), patch "
             f"{'x'.join(map(str, info.patch_size))}, input {'x'.join(map(str, info.img_size))}, "
             f"{info.num_prefix_tokens} prefix tokens, {model.num_classes} classes, mean {mean}, std {std}")
 

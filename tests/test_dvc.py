@@ -164,5 +164,5 @@ def test_dvc_repro_runs_the_segmentation_pipeline_and_shows_its_pictures(repo):
     plots = json.loads(sh(repo, "dvc", "plots", "show", "--json"))
     assert "outputs/evaluate/predictions.png" in plots and "per-class IoU" in plots
     client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
-    version = client.get_model_version(f"convheads-{params['model']['name']}", "1")
+    version = client.get_model_version(f"convheads-{params['model']['name']}-segmentation", "1")
     assert version.tags["promotion"] == "champion" and "miou" in version.tags
