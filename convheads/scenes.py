@@ -15,7 +15,7 @@ from PIL import Image
 from .data import split_indices
 
 CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
-SCENE_SPLITS = {"train": 400, "val": 80, "test": 200}   # scenes per split in the default dataset
+SCENE_SPLITS = {"train": 300, "val": 60, "test": 200}   # scenes per split in the default dataset
 STROKE = 0.5  # a pixel belongs to a digit where its scaled intensity is above this fraction of the maximum
 
 

@@ -55,9 +55,9 @@ class DataConfig(Section):
 # digits (256) and fewer images, so fewer epochs (it must stay within minutes) of smaller batches
 # (more steps).
 TASK_DEFAULTS = {"baseline": {"classification": {"epochs": 40, "batch_size": 32},
-                              "segmentation": {"epochs": 12, "batch_size": 8}},
+                              "segmentation": {"epochs": 10, "batch_size": 8}},
                  "recover": {"classification": {"epochs": 10, "batch_size": 32},
-                             "segmentation": {"epochs": 4, "batch_size": 8}}}
+                             "segmentation": {"epochs": 3, "batch_size": 8}}}
 
 # The default model: a small ViT for the 32 x 32 digits (an 8 x 8 patch grid, 6 blocks of 8 heads).
 DIGITS_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 8}
@@ -87,8 +87,8 @@ class ModelConfig(Section):
 
 class SceneCounts(Section):
     """How many digits scenes each split of the embedded segmentation data has."""
-    train: PositiveInt = 400
-    val: PositiveInt = 80
+    train: PositiveInt = 300
+    val: PositiveInt = 60
     test: PositiveInt = 200
 
 
