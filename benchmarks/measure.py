@@ -1,12 +1,11 @@
 """The measurements of the benchmark suite (benchmarks/suite.py), one function each, returning a
 list of flat dicts (one per row): `benchmark_setting` (the variants of one model), `sweep_blocks`
 (speedup against the number of replaced blocks), `compare_modes` (eager, channels_last,
-torch.compile), `compare_onnx` (onnxruntime beside PyTorch) and `scoring_memory` (the
+torch.compile), `compare_onnx` (onnxruntime and PyTorch, each timed on its own) and `scoring_memory` (the
 head-scoring pass). Models have random weights: speed does not depend on their values.
 """
-import concurrent.futures
 import copy
-import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -20,18 +19,31 @@ from tqdm.auto import tqdm
 
 from convheads import ConvHeadsError, Selection, create_model, fold_ensembles, model_cost, replace_heads, score_heads
 from convheads import vit_info
-from convheads.export import OnnxModel, check_onnx, export_onnx
+from convheads.export import check_onnx, export_onnx
 
-from .timing import PeakMemory, check_repeats, latency_stats, time_models, time_pairs
+from .timing import PeakMemory, check_repeats, in_fresh_process, latency_stats, time_models, time_onnx, time_pairs
 
-VARIANTS = ("original", "depthwise", "identity", "ensemble")
+VARIANTS = ("original", "depthwise", "depthwise_global", "identity", "ensemble")
+DIGITS = "digits"  # a setting's model name for the pipeline's default ViT (tasks.config.DIGITS_VIT, 10 classes)
+
+
+def build_model(model: str, img_size: int, **kwargs) -> nn.Module:
+    """timm's `model` at img_size, or the digits default ViT (its img_size is 32)."""
+    if model == DIGITS:
+        from tasks.config import DIGITS_VIT
+
+        if img_size != DIGITS_VIT["img_size"]:
+            raise ConvHeadsError(f"the digits ViT takes {DIGITS_VIT['img_size']} px images; got {img_size}")
+        return create_model("vit_tiny_patch16_224", num_classes=10, **DIGITS_VIT, **kwargs)
+    return create_model(model, img_size=img_size, **kwargs)
+
 MODES = ("eager", "channels_last", "compile")
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A benchmarked model: timm name, square input size, and how many blocks have every head
-    replaced (the first `blocks`: all blocks cost the same, so which ones does not change the speed)."""
+    """A benchmarked model: timm name (or "digits": the pipeline's default ViT, 32 px), square input
+    size, and how many blocks have every head replaced (the first `blocks`: all blocks cost the same, so which ones does not change the speed)."""
     model: str
     img_size: int
     blocks: int
@@ -50,7 +62,7 @@ class Setting:
 
     def check(self) -> None:
         """Raise ConvHeadsError unless the setting can run; builds no weights (meta device)."""
-        info = vit_info(create_model(self.model, device="meta", img_size=self.img_size))
+        info = vit_info(build_model(self.model, self.img_size, device="meta"))
         if not 0 <= self.blocks <= info.depth:
             raise ConvHeadsError(f"{self}: {self.model} has {info.depth} blocks; replace 0 to {info.depth} of them")
 
@@ -62,7 +74,7 @@ class Setting:
             raise ConvHeadsError(f"unknown variants {unknown}; choose from {VARIANTS}")
         with torch.random.fork_rng(devices=[]):  # the same random weights every time
             torch.manual_seed(0)
-            original = create_model(self.model, img_size=self.img_size).eval()
+            original = build_model(self.model, self.img_size).eval()
         info = vit_info(original)
         selection = Selection.from_blocks(range(self.blocks), info.num_heads, info.depth)
         models = {}
@@ -112,7 +124,7 @@ def sweep_blocks(model: str, img_size: int, batch_size: int = 1, variant: str = 
     if variant not in VARIANTS[1:]:
         raise ConvHeadsError(f"variant must be one of {VARIANTS[1:]}; got {variant!r}")
     Setting(model, img_size, 0).check()
-    original = create_model(model, img_size=img_size).eval().to(device, dtype)
+    original = build_model(model, img_size).eval().to(device, dtype)
     replaced = copy.deepcopy(original)
     info = vit_info(original)
     base = model_cost(original).macs
@@ -167,11 +179,14 @@ def compare_modes(setting: Setting, batch_size: int = 1, variants: Sequence[str]
 def compare_onnx(setting: Setting, batch_size: int = 1, variants: Sequence[str] = ("original", "depthwise", "ensemble"),
                  repeats: int = 7, warmup: int = 2, workdir: Optional[Path] = None,
                  progress: bool = False) -> List[dict]:
-    """Each variant exported to ONNX, checked numerically against PyTorch in onnxruntime, and both
-    timed interleaved on the CPU (fp32, onnxruntime with PyTorch's thread count)."""
+    """Each variant exported to ONNX and checked numerically against PyTorch in onnxruntime; the
+    PyTorch models timed interleaved here, then the ONNX sessions timed interleaved in a process of
+    their own (timing.time_onnx: same thread count, spinning off), so neither runtime's idle threads
+    slow the other. Each row records the process it was timed in (pid)."""
     check_repeats(repeats, warmup)
     models = setting.build(variants)
-    runners, extra = {}, {}
+    x = _inputs(batch_size, setting.img_size)
+    extra, paths = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for v, model in models.items():
             path = Path(workdir or tmp) / f"{setting.model}_{setting.img_size}_{setting.blocks}_{v}_b{batch_size}.onnx"
@@ -179,13 +194,17 @@ def compare_onnx(setting: Setting, batch_size: int = 1, variants: Sequence[str] 
             export_onnx(model, path, batch_size=batch_size)
             extra[v] = dict(export_s=time.perf_counter() - start, onnx_max_abs_diff=check_onnx(model, path),
                             onnx_mb=path.stat().st_size / 2**20)
-            runners[v, "pytorch"], runners[v, "onnxruntime"] = model, OnnxModel(path)
-        times = time_pairs(runners, _inputs(batch_size, setting.img_size), warmup, repeats, progress)
+            paths[v] = path
+        times = {(v, "pytorch"): t for v, t in time_models(models, x, warmup, repeats, progress).items()}
+        ort_times, ort = time_onnx(paths, x.shape, torch.get_num_threads(), warmup, repeats)
+    times.update({(v, "onnxruntime"): t for v, t in ort_times.items()})
+    how = {"pytorch": dict(pid=os.getpid()), "onnxruntime": dict(
+        pid=ort["pid"], intra_op_threads=ort["threads"], spinning=ort["spinning"])}
     med = {key: statistics.median(t) for key, t in times.items()}
     return [setting.row(variant=v, runtime=r, **latency_stats(times[v, r], batch_size),
-                        speedup_vs_original=med["original", r] / t if ("original", r) in med else None,
-                        speedup_vs_pytorch=med[v, "pytorch"] / t, **extra[v])
-            for (v, r), t in med.items()]
+                        speedup_vs_original=med["original", r] / med[v, r] if ("original", r) in med else None,
+                        speedup_vs_pytorch=med[v, "pytorch"] / med[v, r], **how[r], **extra[v])
+            for v in models for r in how]
 
 
 def measure_scoring(model: str, img_size: int, num_images: int, batch_size: int = 8,
@@ -197,7 +216,7 @@ def measure_scoring(model: str, img_size: int, num_images: int, batch_size: int 
         raise ConvHeadsError(f"num_images must be an integer >= 2; got {num_images!r}")
     if threads:
         torch.set_num_threads(threads)
-    net = create_model(model, img_size=img_size).eval()
+    net = build_model(model, img_size).eval()
     g = torch.Generator().manual_seed(0)
     batches = (torch.randn(batch_size, 3, img_size, img_size, generator=g)
                for _ in range(-(-num_images // batch_size)))
@@ -218,9 +237,5 @@ def scoring_memory(model: str, img_size: int, counts: Sequence[int] = (100, 1000
     """measure_scoring for each image count, each in a fresh process, so one run's peak memory
     cannot hide another's: the peak growth must not depend on the count."""
     Setting(model, img_size, 0).check()
-    rows = []
-    for n in counts:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows.append(pool.submit(measure_scoring, model, img_size, n, batch_size,
-                                    threads or torch.get_num_threads()).result())
-    return rows
+    return [in_fresh_process(measure_scoring, model, img_size, n, batch_size, threads or torch.get_num_threads())
+            for n in counts]

@@ -3,12 +3,16 @@
     python -m benchmarks.suite            # all sections, paper settings: tens of minutes on 2 CPU cores
     python -m benchmarks.suite --quick    # smoke run: a small model, few repeats, no torch.compile
     python -m benchmarks.suite --sections latency sweep --settings vit_base_patch14_dinov2:518:6
+    python -m benchmarks.suite --sections latency --settings digits:32:3 --variants original depthwise depthwise_global
+    python -m benchmarks.suite --sections layers --layer-grids 4 8 --layer-batches 1
 
 Sections (the sweep, modes and onnx sections use the first setting):
-  latency  original / depthwise / identity / ensemble variants of each setting, per batch size
+  layers   one attention layer vs its replacement across grid sizes, widths, prefix tokens and
+           batch sizes, eager / torch.compile / onnxruntime (+ a heat map of the ratio)
+  latency  original / depthwise / depthwise_global / identity / ensemble variants of each setting, per batch size
   sweep    speedup against the number of replaced blocks 0 .. depth, beside the analytic MACs ratio (+ plot)
   modes    eager vs channels_last vs torch.compile, for the original and the depthwise variant
-  onnx     ONNX export (checked in onnxruntime) timed beside PyTorch
+  onnx     ONNX export (checked in onnxruntime) and PyTorch, each runtime timed in its own process
   scoring  head-scoring throughput and peak memory for 100 and 1,000 images, each in a fresh process
 
 Models have random weights (speed does not depend on them). All models of a table are timed
@@ -27,17 +31,23 @@ import pandas as pd
 import torch
 
 from convheads import ConvHeadsError
+from benchmarks import layer_speed
 from benchmarks.measure import (MODES, VARIANTS, Setting, benchmark_setting, compare_modes, compare_onnx,
                                 scoring_memory, sweep_blocks)
 from benchmarks.timing import check_repeats
 from convheads.files import atomic_path
 
-SECTIONS = ("latency", "sweep", "modes", "onnx", "scoring")
+SECTIONS = ("layers", "latency", "sweep", "modes", "onnx", "scoring")
 PAPER_SETTINGS = ["vit_large_patch14_dinov2:336:12", "vit_base_patch14_dinov2:518:6", "vit_small_patch16_224:224:6"]
 FULL = dict(settings=PAPER_SETTINGS, batch_sizes=[1, 8], repeats=7, warmup=2, sweep_repeats=5,
-            scoring_model="vit_small_patch16_224:224", scoring_images=[100, 1000], modes=list(MODES))
+            scoring_model="vit_small_patch16_224:224", scoring_images=[100, 1000], modes=list(MODES),
+            layer_grids=list(layer_speed.GRIDS), layer_widths=list(layer_speed.HEADS),
+            layer_prefixes=list(layer_speed.PREFIXES), layer_batches=list(layer_speed.BATCHES),
+            layer_runtimes=list(layer_speed.RUNTIMES), layer_budget=1.0, layer_variants=["depthwise"])
 QUICK = dict(settings=["vit_tiny_patch16_224:224:6"], batch_sizes=[1, 2], repeats=3, warmup=1, sweep_repeats=3,
-             scoring_model="vit_tiny_patch16_224:112", scoring_images=[20, 100], modes=["eager", "channels_last"])
+             scoring_model="vit_tiny_patch16_224:112", scoring_images=[20, 100], modes=["eager", "channels_last"],
+             layer_grids=[4, 8], layer_widths=[128], layer_prefixes=[0, 1], layer_batches=[1],
+             layer_runtimes=["eager", "onnxruntime"], layer_budget=0.05, layer_variants=["depthwise"])
 PROGRESS = sys.stderr.isatty()  # progress bars only where someone watches
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHOWN = {  # column -> format, for the terminal tables
@@ -47,6 +57,8 @@ SHOWN = {  # column -> format, for the terminal tables
     "speedup_vs_eager": "{:.3f}", "speedup_vs_pytorch": "{:.3f}", "original_ms": "{:.1f}", "replaced_ms": "{:.1f}",
     "macs_ratio": "{:.3f}", "gmacs": "{:.1f}", "max_abs_diff": "{:.1e}", "onnx_max_abs_diff": "{:.1e}",
     "first_call_s": "{:.1f}", "images_per_s": "{:.2f}", "peak_growth_mb": "{:.0f}", "peak_rss_mb": "{:.0f}",
+    "grid": "{}", "width": "{}", "prefix": "{}", "batch": "{}", "mixing": "{}", "original_us": "{:.0f}",
+    "replaced_us": "{:.0f}", "ratio": "{:.3f}", "ratio_best": "{:.3f}", "rounds": "{}",
 }
 
 
@@ -66,6 +78,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, float16 on GPU")
     p.add_argument("--scoring-model", metavar="MODEL:IMG_SIZE")
     p.add_argument("--scoring-images", nargs="+", type=int)
+    p.add_argument("--layer-grids", nargs="+", type=int, metavar="G", help="layers: g x g patch grids")
+    p.add_argument("--layer-widths", nargs="+", type=int, metavar="C", help="layers: widths " + str(
+        layer_speed.HEADS) + " (width: heads; other multiples of 64 get width / 64 heads)")
+    p.add_argument("--layer-prefixes", nargs="+", type=int, metavar="P", help="layers: prefix tokens")
+    p.add_argument("--layer-batches", nargs="+", type=int, metavar="B", help="layers: batch sizes")
+    p.add_argument("--layer-runtimes", nargs="+", choices=layer_speed.RUNTIMES)
+    p.add_argument("--layer-budget", type=float, metavar="S", help="layers: seconds of timed rounds per pair")
+    p.add_argument("--layer-variants", nargs="+", choices=layer_speed.LAYER_VARIANTS, help="layers: replacements")
     p.add_argument("--out", type=Path, default=Path("results/bench"))
     p.epilog = "defaults: " + str(FULL)
     args = p.parse_args(argv)
@@ -86,6 +106,10 @@ def check_args(args: argparse.Namespace) -> List[Setting]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConvHeadsError("--device cuda but no GPU is visible; use --device cpu")
     args.dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
+    args.layer_points = layer_speed.points(args.layer_grids, args.layer_widths, args.layer_prefixes, args.layer_batches,
+                                           args.layer_variants)
+    if args.layer_budget <= 0:
+        raise ConvHeadsError("--layer-budget must be positive (seconds)")
     settings = [Setting.parse(s) for s in args.settings]
     scoring = args.scoring_model.rsplit(":", 1)
     if len(scoring) != 2 or not scoring[1].isdigit():
@@ -147,6 +171,13 @@ def run(args: argparse.Namespace) -> Dict[str, pd.DataFrame]:
         tmp.write_text(json.dumps(meta, indent=1))
     print(f"threads {meta['threads']}, {device}, {meta['dtype']}, torch {torch.__version__}; results in {args.out}")
     tables = {}
+    if "layers" in args.sections:
+        print(f"\n== layers: {len(args.layer_points)} points x {args.layer_runtimes}, "
+              f"~{args.layer_budget:g} s of rounds per pair", flush=True)
+        rows = layer_speed.layer_speed(args.layer_points, args.layer_runtimes, args.layer_budget, device=device,
+                                       dtype=dtype, progress=PROGRESS)
+        tables["layers"] = section(args.out, "layers", rows)
+        layer_speed.plot_layers(rows, args.out / "layers.png")
     if "latency" in args.sections:
         rows = []
         for s in settings:

@@ -1,9 +1,21 @@
 """Timers: several models timed interleaved in one process, so that drift in the machine's speed
-(thermal, other load) hits every model alike and the ratios stay honest; and a peak-memory sampler."""
+(thermal, other load) hits every model alike and the ratios stay honest; ONNX sessions timed the
+same way in a process of their own; and a peak-memory sampler.
+
+Runtimes are never timed interleaved with each other: onnxruntime's and PyTorch's thread pools
+each keep their threads busy-waiting for a while after a call, and on a machine with as many
+cores as threads those waits steal the other runtime's cores (measured on 2 cores: PyTorch eager
+121 ms instead of 75 ms next to onnxruntime sessions). `time_onnx` runs the sessions in a fresh
+process, after PyTorch's timing, with spinning off and PyTorch's thread count.
+"""
+import concurrent.futures
+import multiprocessing
+import os
 import statistics
 import threading
 import time
-from typing import Callable, Dict, List, Mapping, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
 import psutil
 import torch
@@ -11,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from convheads import ConvHeadsError
+from convheads.precision import autocast
 
 
 def _sync(device: torch.device) -> None:
@@ -33,9 +46,9 @@ def check_repeats(repeats: int, warmup: int) -> None:
 
 @torch.inference_mode()
 def time_models(models: Mapping[str, Callable], inputs: torch.Tensor, warmup: int = 3, repeats: int = 7,
-                progress: bool = False) -> Dict[str, List[float]]:
+                progress: bool = False, precision: str = "fp32") -> Dict[str, List[float]]:
     """Seconds per forward pass of each model (a module or any callable) on `inputs`, `repeats`
-    rounds, models interleaved."""
+    rounds, models interleaved; under autocast for precision bf16 / fp16."""
     check_repeats(repeats, warmup)
     for m in models.values():
         if isinstance(m, nn.Module):
@@ -45,7 +58,8 @@ def time_models(models: Mapping[str, Callable], inputs: torch.Tensor, warmup: in
         for name, model in models.items():
             _sync(inputs.device)
             start = time.perf_counter()
-            model(inputs)
+            with autocast(precision, inputs.device):
+                model(inputs)
             _sync(inputs.device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
@@ -57,6 +71,68 @@ def time_pairs(runners: Mapping[Tuple[str, str], Callable], inputs: torch.Tensor
     """time_models for runners keyed by (variant, how it runs), interleaved, keyed the same way."""
     times = time_models({f"{v}/{how}": r for (v, how), r in runners.items()}, inputs, warmup, repeats, progress)
     return {key: times[f"{key[0]}/{key[1]}"] for key in runners}
+
+
+def in_fresh_process(fn: Callable, *args):
+    """fn(*args) in a newly spawned process (nothing of this one's threads or memory); its result."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def rounds_for(seconds_per_round: float, budget_s: float, min_rounds: int, max_rounds: int) -> int:
+    """How many timed rounds fit in budget_s, clamped to [min_rounds, max_rounds]."""
+    return max(min_rounds, min(max_rounds, int(budget_s / max(seconds_per_round, 1e-9))))
+
+
+def time_within(models: Mapping[str, Callable], inputs: torch.Tensor, warmup: int, budget_s: float,
+                min_rounds: int = 3, max_rounds: int = 200) -> Dict[str, List[float]]:
+    """time_models with as many rounds as fit in about budget_s (the warm-up rounds say how long one takes)."""
+    check_repeats(min_rounds, max(warmup, 1))
+    warm = time_models(models, inputs, 0, max(warmup, 1))
+    per_round = sum(min(t) for t in warm.values())
+    return time_models(models, inputs, 0, rounds_for(per_round, budget_s, min_rounds, max_rounds))
+
+
+def _time_sessions(paths: Mapping[str, str], shape: Sequence[int], threads: int, warmup: int, repeats: int,
+                   budget_s: float) -> Tuple[Dict[str, List[float]], dict]:
+    from convheads.export import OnnxModel
+
+    torch.set_num_threads(threads)  # no torch op runs while the sessions are timed; keep the pool small anyway
+    sessions = {name: OnnxModel(path, threads=threads) for name, path in paths.items()}
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    times = (time_within(sessions, x, warmup, budget_s, min_rounds=repeats) if budget_s
+             else time_models(sessions, x, warmup, repeats))
+    options = next(iter(sessions.values())).session.get_session_options()
+    return times, {"pid": os.getpid(), "threads": options.intra_op_num_threads,
+                   "spinning": options.get_session_config_entry("session.intra_op.allow_spinning")}
+
+
+class OnnxTimer:
+    """A process of its own in which ONNX sessions are timed (see the module doc); one process for
+    many timings. Use as a context manager."""
+
+    def __enter__(self) -> "OnnxTimer":
+        self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown()
+
+    def time(self, paths: Mapping[str, Union[str, Path]], shape: Sequence[int], threads: int, warmup: int = 3,
+             repeats: int = 7, budget_s: float = 0.0) -> Tuple[Dict[str, List[float]], dict]:
+        """Seconds per run of each exported model (onnxruntime, CPU) on a random input of `shape`,
+        sessions interleaved, with `threads` intra-op threads and spinning off (repeats rounds, or
+        as many as fit in budget_s but at least repeats); and how they ran ({"pid", "threads", "spinning"})."""
+        check_repeats(repeats, warmup)
+        return self._pool.submit(_time_sessions, {k: str(v) for k, v in paths.items()}, list(shape), threads,
+                                 warmup, repeats, budget_s).result()
+
+
+def time_onnx(paths: Mapping[str, Union[str, Path]], shape: Sequence[int], threads: int, warmup: int = 3,
+              repeats: int = 7) -> Tuple[Dict[str, List[float]], dict]:
+    """OnnxTimer.time in a process started for it."""
+    with OnnxTimer() as timer:
+        return timer.time(paths, shape, threads, warmup, repeats)
 
 
 def latency_stats(times: List[float], batch_size: int) -> Dict[str, float]:

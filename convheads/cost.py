@@ -1,9 +1,12 @@
 """Analytic cost of a model: parameters and multiply-accumulates (MACs) per image.
 
 Fused attention (scaled_dot_product_attention) is invisible to most FLOP counters, so the two
-token-by-token matmuls (Q K^T and A V: 2 N^2 d MACs per head) are counted explicitly. Counted:
-Linear and Conv2d layers and those attention matmuls. Not counted: elementwise work (norms,
-softmax, activations, the prefix-token scalars), which is small next to them.
+token-by-token matmuls (Q K^T and A V: 2 N^2 d MACs per head) are counted explicitly, and so are
+a replaced layer's depthwise convolution (k^2 MACs per patch and channel, whichever
+implementation runs it, see mixing.py) and a "fixed" head's matrix product (N^2 d MACs, the A V
+half of attention). Counted: Linear and Conv2d layers and those. Not counted: elementwise work
+(norms, softmax, activations, the prefix-token scalars, the global term's mean and add: about
+2 N per channel), which is small next to them.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -50,13 +53,19 @@ def model_cost(model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> 
             B, N, C = inputs[0].shape
             heads = module.num_kept if isinstance(module, ReplacedAttention) else module.num_heads
             totals["attention"] += 2 * B * heads * N * N * module.head_dim
+            if isinstance(module, ReplacedAttention) and hasattr(module, "conv"):
+                h, w = module.grid_size
+                totals["macs"] += B * h * w * module.conv.weight[0].numel() * module.conv.out_channels
+            if isinstance(module, ReplacedAttention) and module.variant == "fixed":
+                totals["attention"] += B * len(module.conv_heads) * N * N * module.head_dim
             if isinstance(module, EnsembleHeadAttention) and not module.folded:
                 # its training form calls F.linear with merged weights, which the Linear hooks miss;
                 # merging the weights is per forward, not per image, so it is not counted
                 totals["macs"] += 2 * B * N * C * module.head_dim
 
+    mixing = {id(m.conv) for m in model.modules() if isinstance(m, ReplacedAttention) and hasattr(m, "conv")}
     hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d, Attention, ReplacedAttention))]
+             if isinstance(m, (nn.Linear, nn.Conv2d, Attention, ReplacedAttention)) and id(m) not in mixing]
     was_training = model.training
     model.eval()
     try:

@@ -195,18 +195,28 @@ class SeededSampler(Sampler):
     """Every index (shuffled if `shuffle`) with its own random seed, both drawn from the global
     torch RNG when an epoch starts (convheads.training.train reseeds it every epoch). Augmentation
     then depends on the seed alone: not on the number of workers, nor on whether they persist
-    between epochs, and a resumed run equals an uninterrupted one."""
+    between epochs, and a resumed run equals an uninterrupted one.
 
-    def __init__(self, size: int, shuffle: bool):
-        self.size, self.shuffle = size, shuffle
+    For training over several processes (`batch_size`, the global batch of one update, with this
+    process's `rank` of `world`): every process draws the same order, as DistributedSampler does
+    from its seed and epoch; an incomplete last global batch is dropped (timm's drop_last), and
+    each process takes every world-th index of each global batch. The images of update s, over all
+    processes, are then those of update s in one process with the same global batch.
+    """
+
+    def __init__(self, size: int, shuffle: bool, batch_size: Optional[int] = None, rank: int = 0, world: int = 1):
+        self.size, self.shuffle, self.batch_size, self.rank, self.world = size, shuffle, batch_size, rank, world
+        used = size if batch_size is None else size // batch_size * batch_size
+        self.indices = range(rank, used, world)
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.indices)
 
     def __iter__(self):
         order = torch.randperm(self.size) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(0, 2**62, (self.size,))
-        return zip(order.tolist(), seeds.tolist())
+        order, seeds = order.tolist(), seeds.tolist()
+        return ((order[i], seeds[i]) for i in self.indices)
 
 
 class ImageLoader(DataLoader):
@@ -240,11 +250,32 @@ def default_num_workers() -> int:
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool = False, num_workers: int = 0,
-                pin_memory: bool = False, persistent_workers: bool = True) -> DataLoader:
-    """A loader over `dataset`; when `train`, shuffled with a seed per sample (SeededSampler)."""
+                pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = False,
+                rank: int = 0, world: int = 1, accumulation: int = 1) -> DataLoader:
+    """A loader over `dataset`; when `train`, shuffled with a seed per sample (SeededSampler).
+
+    drop_last (training): `batch_size` is the global batch of one update, over `world` processes
+    and `accumulation` steps; this process's loader yields its batch_size / (world x accumulation)
+    images per step, and an incomplete last update is dropped. Otherwise (evaluation) process
+    `rank` of `world` reads every world-th image, all of them together once.
+    """
+    if drop_last:
+        share = world * accumulation
+        if batch_size % share:
+            raise ConvHeadsError(f"batch_size {batch_size} (the global batch of one update) must be a multiple of "
+                                 f"processes x accumulation steps = {world} x {accumulation}")
+        if len(dataset) < share:
+            raise ConvHeadsError(f"the training split has {len(dataset)} images, fewer than processes x "
+                                 f"accumulation steps = {world} x {accumulation}")
+        batch_size = min(batch_size, len(dataset) // share * share)  # a split smaller than a batch: one update
+        sampler = SeededSampler(len(dataset), train, batch_size, rank, world)
+        batch_size //= world * accumulation
+    else:
+        sampler = SeededSampler(len(dataset), True) if train else (range(rank, len(dataset), world) if world > 1
+                                                                   else None)
     workers = num_workers
     # The loader's own generator: its worker base seed (drawn when workers start, i.e. only in the
     # first epoch if they persist) must not come from the global RNG the sampler draws from.
-    return ImageLoader(dataset, batch_size=batch_size, sampler=SeededSampler(len(dataset), True) if train else None,
+    return ImageLoader(dataset, batch_size=batch_size, sampler=sampler,
                        num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent_workers and workers > 0,
                        generator=torch.Generator().manual_seed(0))

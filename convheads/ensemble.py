@@ -9,7 +9,7 @@ them; it merges the weights before the matmuls (cheaper than merging the per-hea
 result). `fold()` bakes p in for inference: Linear(C -> d), the depthwise conv on d channels and
 Linear(d -> C), cheaper than the identity variant's C x C map. A folded layer cannot be unfolded.
 """
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +69,10 @@ class EnsembleHeadAttention(ReplacedAttention):
         super().init_kernels(kernels.mean(dim=0, keepdim=True))
 
     @torch.no_grad()
-    def init_from_attention(self, kernels: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor) -> None:
-        """Per-head fits (kernels [H, k, k]; beta, alpha [P, H]): the merged head starts from their means."""
-        super().init_from_attention(kernels, beta.mean(dim=1, keepdim=True), alpha.mean(dim=1, keepdim=True))
+    def init_from_fit(self, fit: Dict[str, torch.Tensor]) -> None:
+        """Per-head fits (kernel [H, k, k]; alpha, beta [P, H]): the merged head starts from their means."""
+        super().init_from_fit({"kernel": fit["kernel"], **{n: fit[n].mean(dim=1, keepdim=True)
+                                                           for n in ("alpha", "beta") if n in fit}})
 
     @torch.no_grad()
     def fold(self) -> "EnsembleHeadAttention":

@@ -43,26 +43,39 @@ def export_onnx(model: nn.Module, path: Union[str, Path], img_size: Optional[tup
         raise ConvHeadsError(f"batch_size must be a positive integer; got {batch_size!r}")
     if any(isinstance(m, EnsembleHeadAttention) and not m.folded for m in model.modules()):
         model = fold_ensembles(copy.deepcopy(model))
-    was_training = model.training
-    model.eval()
     p = next(model.parameters())
     x = torch.zeros(batch_size, as_vit(model).patch_embed.proj.in_channels, *size, device=p.device, dtype=p.dtype)
+    return export_module(model, x, path, input_name="images")
+
+
+def export_module(module: nn.Module, example: torch.Tensor, path: Union[str, Path], input_name: str = "input") -> Path:
+    """Trace `module` (in eval mode) on `example` and write it as ONNX (opset 17, static shapes), atomically.
+    Replaced layers export their mixing as one Conv node (see mixing.choose)."""
+    was_training = module.training
+    module.eval()
     try:
         with atomic_path(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", message=".*feature will be removed.*")
-            torch.onnx.export(model, (x,), str(tmp), opset_version=OPSET, dynamo=False, do_constant_folding=True,
-                              input_names=["images"], output_names=["output"])
+            warnings.filterwarnings("ignore", message=".*Only steps=1 can be constant folded.*")  # strided slices
+            torch.onnx.export(module, (example,), str(tmp), opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                              input_names=[input_name], output_names=["output"])
     finally:
-        model.train(was_training)
+        module.train(was_training)
     return Path(path)
 
 
 class OnnxModel:
-    """An exported model in onnxruntime (CPU) behind a torch-like call: tensor in, tensor out."""
+    """An exported model in onnxruntime (CPU) behind a torch-like call: tensor in, tensor out.
 
-    def __init__(self, path: Union[str, Path], threads: Optional[int] = None):
+    threads: intra-op threads (default: PyTorch's count). spinning: whether idle pool threads
+    busy-wait for the next op. Off by default: spinning threads burn the cores that anything else
+    in the process (PyTorch, the data loader) needs, and slow it down; turn it on for a process
+    that runs nothing but this session.
+    """
+
+    def __init__(self, path: Union[str, Path], threads: Optional[int] = None, spinning: bool = False):
         import onnxruntime as ort  # only needed to run exports
 
         if not Path(path).is_file():
@@ -70,13 +83,17 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.log_severity_level = 3  # errors only: an fp16 graph draws notes about unfoldable constants
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0]
+        # What the export takes: float16 for a model exported in half precision, else float32.
+        self.dtype = torch.float16 if self.input.type == "tensor(float16)" else torch.float32
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if list(images.shape) != self.input.shape:
             raise ConvHeadsError(f"the ONNX model takes inputs of shape {self.input.shape}; got {list(images.shape)}")
-        x = images.detach().cpu().float().contiguous().numpy()
+        x = images.detach().cpu().to(self.dtype).contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input.name: x})[0])
 
 
@@ -95,7 +112,7 @@ def check_onnx(model: nn.Module, path: Union[str, Path], atol: float = 1e-4, rto
         expected = model(x.to(p.device, p.dtype)).float().cpu()
     finally:
         model.train(was_training)
-    got = runner(x)
+    got = runner(x).float()
     if got.shape != expected.shape:
         raise ConvHeadsError(f"{path} outputs shape {tuple(got.shape)}, the model {tuple(expected.shape)}; "
                              f"was it exported from another model?")

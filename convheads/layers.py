@@ -1,15 +1,24 @@
-"""The replacement layers: attention where some heads are a fixed local mixing of their values.
+"""The replacement layers: attention where some heads are a fixed mixing of their values.
 
 For a head whose attention matrix A is a fixed band around each query patch, A @ V is exactly a
 depthwise convolution of V laid out on the patch grid (METHOD.md section 1). `ConvHeadAttention`
 keeps the pretrained value rows of W_V and the columns of W_O for the replaced heads, drops their
-W_Q / W_K rows, and mixes their values with a depthwise k x k convolution ("depthwise") or not at
-all ("identity", the speed limit of removing attention). `EnsembleHeadAttention` (ensemble.py)
-merges all heads of a block into one and mixes it the same way; `ReplacedAttention` holds what
-the two share.
+W_Q / W_K rows, and mixes their values by its variant:
+  "depthwise"         a depthwise k x k convolution (plus the prefix-token scalars);
+  "depthwise_global"  the same plus a global term per head: a learnable weight times the mean of
+                      the head's values over all tokens, added to every patch, and a P x P mixing
+                      of the prefix tokens. Band + uniform level: what many input-independent
+                      heads actually do (they attend broadly, not only locally), at linear cost;
+  "identity"          no mixing at all (the speed limit of removing attention);
+  "fixed"             each head's own stored [N, N] mean attention matrix (learnable), applied to
+                      its values: quadratic like attention, only Q and K are gone. A reference for
+                      what "input-independent" can keep at best (the frontier), not for deployment.
+`EnsembleHeadAttention` (ensemble.py) merges all heads of a block into one and mixes it like
+"depthwise"; `ReplacedAttention` holds what the layers share.
 """
 import copy
-from typing import Optional, Sequence, Tuple
+import functools
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +26,10 @@ from torch import nn
 from timm.layers import Attention
 
 from .errors import ConvHeadsError
+from .mixing import AUTO, ParameterCache, apply_banded, banded_matrix, check_implementation, choose, depthwise_mix
+
+# Variants whose mixing is the depthwise convolution (mixing.depthwise_mix), with or without the global term.
+CONV_VARIANTS = ("depthwise", "depthwise_global")
 
 
 def gaussian_kernel(kernel_size: int, sigma: float = 1.0) -> torch.Tensor:
@@ -49,7 +62,8 @@ class ReplacedAttention(nn.Module):
         prefix_out[j] = v_prefix[j] + alpha[j, i] * mean(V_i over patches)
         V_i(patches) += sum_j beta[j, i] * v_prefix[j]      (before the convolution)
     With P = 1 this is exactly the reference. Patch values are then convolved depthwise (k x k,
-    stride 1, zero "same" padding) on the h x w patch grid.
+    stride 1, zero "same" padding) on the h x w patch grid. mixing.py computes this, by one of three
+    implementations that `mixing` names ("auto": the fastest for each call).
     """
 
     def __init__(self, attn: Attention, conv_heads: Sequence[int], grid_size: Tuple[int, int],
@@ -66,16 +80,23 @@ class ReplacedAttention(nn.Module):
         self.kernel_size = kernel_size
         self.variant = variant
         self.proj_drop = attn.proj_drop
+        self.mixing = AUTO
 
-    def _init_mixing(self, heads: int, **dd) -> None:
-        """The depthwise conv on `heads` x head_dim channels (Gaussian init) and alpha, beta [P, heads]."""
-        channels, k = heads * self.head_dim, self.kernel_size
+    def _init_mixing(self, heads: int, global_term: bool = False, **dd) -> None:
+        """The depthwise conv on `heads` x head_dim channels (Gaussian init) and alpha, beta [P, heads];
+        with the global term also gamma [heads] (init 0) and phi [P, P, heads] (init identity): the
+        Gaussian start of "depthwise_global" computes what "depthwise" does."""
+        channels, k, P = heads * self.head_dim, self.kernel_size, self.num_prefix_tokens
         self.conv = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, bias=False, **dd)
         self.init_kernels(gaussian_kernel(k).expand(heads, -1, -1))
-        if self.num_prefix_tokens:
+        if P:
             # Reference init: uniform in [0, 1).
-            self.alpha = nn.Parameter(torch.rand(self.num_prefix_tokens, heads, **dd))
-            self.beta = nn.Parameter(torch.rand(self.num_prefix_tokens, heads, **dd))
+            self.alpha = nn.Parameter(torch.rand(P, heads, **dd))
+            self.beta = nn.Parameter(torch.rand(P, heads, **dd))
+        if global_term:
+            self.gamma = nn.Parameter(torch.zeros(heads, **dd))
+            if P:
+                self.phi = nn.Parameter(torch.eye(P, **dd)[..., None].repeat(1, 1, heads))
 
     @torch.no_grad()
     def init_kernels(self, kernels: torch.Tensor) -> None:
@@ -84,12 +105,30 @@ class ReplacedAttention(nn.Module):
         self.conv.weight.copy_(w[:, None])
 
     @torch.no_grad()
-    def init_from_attention(self, kernels: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor) -> None:
-        """Fit the mixing to the heads' mean attention (kernels [heads, k, k]; beta, alpha [P, heads])."""
-        self.init_kernels(kernels)
-        if self.num_prefix_tokens:
-            self.beta.copy_(beta)
-            self.alpha.copy_(alpha)
+    def init_from_fit(self, fit: Dict[str, torch.Tensor]) -> None:
+        """Start from parameters fitted to the mixed heads' mean attention (fitting.fit_mixing, for
+        these heads: "kernel" [heads, k, k]; "alpha", "beta" [P, heads]; "gamma" [heads] and "phi"
+        [P, P, heads] where the layer has them)."""
+        self.init_kernels(fit["kernel"])
+        for name in ("alpha", "beta", "gamma", "phi"):
+            if hasattr(self, name):
+                getattr(self, name).copy_(fit[name])
+
+    @property
+    def mixing(self) -> str:
+        """How the mixed heads are mixed: "auto" (per call the fastest, see mixing.choose) or one of
+        mixing.IMPLEMENTATIONS. Every choice computes the same function; save_model keeps it."""
+        return self._mixing
+
+    @mixing.setter
+    def mixing(self, name: str) -> None:
+        self._mixing = check_implementation(name)
+        self._banded = ParameterCache()
+
+    def mixing_parameters(self) -> List[nn.Parameter]:
+        """The parameters of the spatial mixing: kernels, then alpha and beta when there are prefix
+        tokens, then gamma and phi with the global term."""
+        return [self.conv.weight] + [getattr(self, n) for n in ("alpha", "beta", "gamma", "phi") if hasattr(self, n)]
 
     def _mix(self, v: torch.Tensor) -> torch.Tensor:
         """Spatially mix the mixed heads' values v [B, N, Cr] -> [B, N, Cr] (Cr = heads x head_dim)."""
@@ -100,18 +139,15 @@ class ReplacedAttention(nn.Module):
                 f"got {N} tokens but the convolution heads expect {P} prefix tokens + a {h} x {w} "
                 f"patch grid; run the model at the resolution it was built for (or build it with "
                 f"dynamic_img_size=True)")
-        patches = v[:, P:]                                            # [B, hw, Cr]
-        if P:
-            # Per-head views [B, tokens, heads, d]: alpha, beta [P, heads] broadcast without copies.
-            heads = v.unflatten(-1, (-1, self.head_dim))
-            prefix, patch_heads = heads[:, :P], heads[:, P:]
-            shift = (self.beta[..., None] * prefix).sum(dim=1, keepdim=True)             # [B, 1, heads, d]
-            prefix = prefix + self.alpha[..., None] * patch_heads.mean(dim=1, keepdim=True)
-            patches = (patch_heads + shift).flatten(2)
-        # [B, hw, Cr] -> [B, Cr, h, w] as a channels-last view: no copy on the way in or out.
-        y = self.conv(patches.reshape(B, h, w, Cr).permute(0, 3, 1, 2))
-        y = y.permute(0, 2, 3, 1).reshape(B, h * w, Cr)
-        return torch.cat([prefix.flatten(2), y], dim=1) if P else y
+        how = self._mixing if self._mixing != AUTO else choose(B, N, Cr, P, v.device)
+        alpha, beta, gamma, phi = (getattr(self, n, None) for n in ("alpha", "beta", "gamma", "phi"))
+        mix = functools.partial(depthwise_mix, weight=self.conv.weight, alpha=alpha, beta=beta,
+                                grid_size=self.grid_size, head_dim=self.head_dim, gamma=gamma, phi=phi)
+        if how == "banded":
+            params = self.mixing_parameters()
+            matrix = self._banded.get(self.grid_size, params, lambda: banded_matrix(mix, N, Cr, params[0]))
+            return apply_banded(v, matrix)
+        return mix(v, how=how)
 
     def forward(
             self,
@@ -122,12 +158,13 @@ class ReplacedAttention(nn.Module):
         if attn_mask is not None or is_causal:
             raise ConvHeadsError("convolution heads mix the full patch grid: attention masks and "
                                  "causal attention are not supported")
-        return self.proj_drop(self._attend(x))  # _attend: [B, N, C] -> [B, N, C], defined by each layer
+        x = self._attend(x)  # [B, N, C] -> [B, N, C], defined by each layer
+        return self.proj_drop(x) if self.training else x  # (eval: skip a no-op module call)
 
     def extra_repr(self) -> str:
         return (f"conv_heads={list(self.conv_heads)}, num_heads={self.num_heads}, variant={self.variant!r}, "
                 f"kernel_size={self.kernel_size}, grid_size={self.grid_size}, "
-                f"num_prefix_tokens={self.num_prefix_tokens}")
+                f"num_prefix_tokens={self.num_prefix_tokens}, mixing={self.mixing!r}")
 
 
 class ConvHeadAttention(ReplacedAttention):
@@ -138,7 +175,8 @@ class ConvHeadAttention(ReplacedAttention):
     permuted to match, so the function is the original one for the kept heads. Replaced heads mix
     prefix tokens as ReplacedAttention says. The "identity" variant passes values through
     unchanged (prefix tokens included); a block whose heads are all identity heads folds W_V and
-    W_O into one Linear(C -> C).
+    W_O into one Linear(C -> C). The "fixed" variant holds `attention` [heads, N, N] (rows: the
+    query token, columns: the key token; built for one token count N) and computes attention @ V.
     """
 
     def __init__(
@@ -189,20 +227,53 @@ class ConvHeadAttention(ReplacedAttention):
             if b_out is not None:
                 self.proj.bias.data.copy_(b_out)
 
-        if variant == "depthwise":
-            self._init_mixing(len(self.conv_heads), **dd)
+        if variant in CONV_VARIANTS:
+            self._init_mixing(len(self.conv_heads), global_term=variant == "depthwise_global", **dd)
+        elif variant == "fixed":
+            self.attention = nn.Parameter(self._gaussian_matrix(len(self.conv_heads), **dd))
+
+    def _gaussian_matrix(self, heads: int, **dd) -> torch.Tensor:
+        """[heads, N, N]: the Gaussian k x k convolution's banded matrix on the patches, the identity on
+        the prefix tokens (the start of "fixed" without scores; the scores' mean attention replaces it)."""
+        (h, w), P, k = self.grid_size, self.num_prefix_tokens, self.kernel_size
+        weight = gaussian_kernel(k).to(**dd).expand(heads, 1, k, k)
+        zeros = torch.zeros(P, heads, **dd) if P else None
+        mix = functools.partial(depthwise_mix, weight=weight, alpha=zeros, beta=zeros, grid_size=(h, w), head_dim=1)
+        return banded_matrix(mix, P + h * w, heads, weight).permute(2, 1, 0).contiguous()  # [from, to, h] -> [h, to, from]
+
+    def mixing_parameters(self) -> List[nn.Parameter]:
+        return [self.attention] if self.variant == "fixed" else super().mixing_parameters()
+
+    @torch.no_grad()
+    def init_from_fit(self, fit: Dict[str, torch.Tensor]) -> None:
+        if self.variant == "fixed":  # fit["attention"]: the heads' mean attention [heads, N, N]
+            self.attention.copy_(fit["attention"])
+        else:
+            super().init_from_fit(fit)
+
+    def _fixed_mix(self, v: torch.Tensor) -> torch.Tensor:
+        """attention [heads, N, N] @ the heads' values v [B, N, heads x d]."""
+        B, N, Cr = v.shape
+        if N != self.attention.shape[-1]:
+            raise ConvHeadsError(f"got {N} tokens but the fixed-attention heads hold [{self.attention.shape[-1]} x "
+                                 f"{self.attention.shape[-1]}] matrices; run the model at the resolution it was "
+                                 f"built for")
+        heads = v.view(B, N, -1, self.head_dim).transpose(1, 2)              # [B, heads, N, d]
+        return (self.attention @ heads).transpose(1, 2).reshape(B, N, Cr)
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         x = self.in_proj(x)
         kept_dim = 3 * self.num_kept * self.head_dim
-        out = x[..., kept_dim:]
-        if self.variant == "depthwise":
+        out = x[..., kept_dim:] if kept_dim else x
+        if self.variant in CONV_VARIANTS:
             out = self._mix(out)
+        elif self.variant == "fixed":
+            out = self._fixed_mix(out)
         if self.num_kept:
             qkv = x[..., :kept_dim].reshape(B, N, 3, self.num_kept, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             kept = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
             out = torch.cat([kept.transpose(1, 2).reshape(B, N, -1), out], dim=-1)
-        return self.proj(self.norm(out))
+        return self.proj(out if isinstance(self.norm, nn.Identity) else self.norm(out))

@@ -386,6 +386,7 @@ def _build(spec: dict, replacement: List[dict], segmentation: Optional[dict] = N
                       kernel_size=entry["kernel_size"], variant=entry["variant"])
         if entry["folded"]:
             model.blocks[entry["block"]].attn.fold()
+        model.blocks[entry["block"]].attn.mixing = entry.get("mixing", "auto")  # files before it existed: auto
     return SegmentationModel(model, **segmentation) if segmentation else model
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConvHeadsError
 from .layers import ReplacedAttention
+from .precision import autocast, input_dtype
 from .vit import as_vit, vit_info
 
 
@@ -29,6 +30,12 @@ class HeadScores:
     num_images: int
     grid_size: Tuple[int, int]
     num_prefix_tokens: int
+    prefix_to_prefix: Optional[torch.Tensor] = None  # [depth, heads, P, P]: mean attention from prefix j to j'
+    # [depth, heads, N, N] float16: the mean attention E[A] itself (rows: queries, columns: keys), for
+    # the fit scores, the "depthwise_global" fit and the "fixed" variant. Half precision halves the
+    # file: 4 bytes per block x head x N^2, e.g. 260 MB for ViT-L/14 at 336 px with 4 registers
+    # (24 x 16 x 581^2). None in score files from before it was kept: score again.
+    mean_attention: Optional[torch.Tensor] = None
 
     # offset_attention[b, i, h-1+dy, w-1+dx] is the mean attention weight, over images and over
     # the query patches p whose neighbour p + (dy, dx) lies on the grid, from p to that neighbour.
@@ -57,18 +64,31 @@ class HeadScores:
         padded = F.pad(self.offset_attention, (r, r, r, r))
         return padded[..., h - 1: h + 2 * r, w - 1: w + 2 * r].float()
 
+    def attention_maps(self, why: str) -> torch.Tensor:
+        """E[A] [depth, heads, N, N] in float32, or a clear error for `why` if these scores lack it."""
+        return self.required("mean_attention", why).float()
+
+    def required(self, field: str, why: str) -> torch.Tensor:
+        """A field that older score files lack, or a clear error for `why`."""
+        if getattr(self, field) is None:
+            raise ConvHeadsError(f"{why} needs the scores' {field}, which these scores (from an older "
+                                 f"convheads) lack; score the model again (score_heads, or the score stage)")
+        return getattr(self, field)
+
     def to_dict(self) -> dict:
         return dict(sigma_h=self.sigma_h, offset_attention=self.offset_attention,
                     patch_to_prefix=self.patch_to_prefix, prefix_to_patches=self.prefix_to_patches,
                     num_images=self.num_images, grid_size=list(self.grid_size),
-                    num_prefix_tokens=self.num_prefix_tokens)
+                    num_prefix_tokens=self.num_prefix_tokens, prefix_to_prefix=self.prefix_to_prefix,
+                    mean_attention=self.mean_attention)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadScores":
         return cls(sigma_h=d["sigma_h"], offset_attention=d["offset_attention"],
                    patch_to_prefix=d["patch_to_prefix"], prefix_to_patches=d["prefix_to_patches"],
                    num_images=int(d["num_images"]), grid_size=tuple(d["grid_size"]),
-                   num_prefix_tokens=int(d["num_prefix_tokens"]))
+                   num_prefix_tokens=int(d["num_prefix_tokens"]), prefix_to_prefix=d.get("prefix_to_prefix"),
+                   mean_attention=d.get("mean_attention"))
 
 
 class _RunningMoments:
@@ -134,18 +154,21 @@ def score_heads(
         batches: Iterable,
         max_images: Optional[int] = 1000,
         progress: bool = True,
+        precision: str = "fp32",
 ) -> HeadScores:
     """Score every attention head of a timm ViT on up to `max_images` images (METHOD.md section 3).
 
     batches: an iterable of image tensors [B, 3, H, W] or of (images, labels) pairs, e.g. a DataLoader.
-    The model runs in eval mode; its previous mode is restored afterwards.
+    The model runs in eval mode; its previous mode is restored afterwards. precision bf16 / fp16
+    computes the attention maps under autocast (in low precision); their statistics are
+    accumulated in float64 whatever the precision.
     """
     info, model = vit_info(model), as_vit(model)  # a segmentation model: its backbone's heads
     if any(isinstance(b.attn, ReplacedAttention) for b in model.blocks):
         raise ConvHeadsError("the model already has replaced heads; score the model before replace_heads")
     if max_images is not None and max_images < 2:
         raise ConvHeadsError(f"max_images must be at least 2 (a variance needs two images); got {max_images}")
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, input_dtype(model)
     moments = [_RunningMoments() for _ in model.blocks]
     hooks = [
         block.attn.register_forward_pre_hook(
@@ -166,7 +189,8 @@ def score_heads(
                 if grid is not None and g != grid:
                     raise ConvHeadsError(f"all scoring images must have one size; got grids {grid} and {g}")
                 grid = g
-                model.forward_features(images.to(device))
+                with autocast(precision, device):
+                    model.forward_features(images.to(device, dtype))
                 seen += len(images)
                 bar.update(len(images))
                 if max_images is not None and seen >= max_images:
@@ -185,4 +209,5 @@ def score_heads(
         offset_attention=torch.stack([_offset_means(m, grid, P) for m in means]).cpu(),
         patch_to_prefix=means[..., P:, :P].mean(dim=-2).cpu(),
         prefix_to_patches=means[..., :P, P:].sum(dim=-1).cpu(),
-        num_images=seen, grid_size=grid, num_prefix_tokens=P)
+        num_images=seen, grid_size=grid, num_prefix_tokens=P, prefix_to_prefix=means[..., :P, :P].cpu(),
+        mean_attention=means.half().cpu())

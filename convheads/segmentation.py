@@ -16,6 +16,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import distributed
 from .errors import ConvHeadsError
 from .evaluation import predictions
 from .vit import vit_info
@@ -66,6 +68,18 @@ class SegmentationModel(nn.Module):
         """What save_model records to rebuild the head."""
         return {"num_classes": self.num_classes, "feature_blocks": list(self.feature_blocks)}
 
+    @property
+    def uses_every_parameter(self) -> bool:
+        """Whether a forward pass reaches every parameter (DDP must otherwise look for the unused
+        ones): not when the head reads an earlier block than the last (the later blocks are not run),
+        nor when the backbone has weights for its pooled output (fc_norm, an attention pool)."""
+        b = self.backbone
+        unused = [*b.blocks[self.feature_blocks[-1] + 1:], b.fc_norm, b.head, getattr(b, "attn_pool", None)]
+        return not any(True for m in unused if m is not None for _ in m.parameters())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
     def features(self, x: torch.Tensor) -> List[torch.Tensor]:
         """[B, C, h, w] patch features of each feature block (later blocks are not run)."""
         return self.backbone.forward_intermediates(x, indices=self.feature_blocks, norm=True, stop_early=True,
@@ -91,24 +105,27 @@ def segmentation_metrics(num_classes: int, ignore_index: int = IGNORE_INDEX):
 
 @torch.no_grad()
 def evaluate_segmentation(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, num_classes: int,
-                          device: str = "cpu", progress: bool = True, ignore_index: int = IGNORE_INDEX) -> Dict:
+                          device: str = "cpu", progress: bool = True, ignore_index: int = IGNORE_INDEX,
+                          precision: str = "fp32") -> Dict:
     """{"miou", "pixel_acc", "loss", "iou" (per class, NaN where absent), "num_images"} over (images, masks).
 
     `model` is an nn.Module (in eval mode for the pass, then restored) or any function from images
-    to [B, classes, H, W] logits, e.g. a model loaded back from MLflow."""
+    to [B, classes, H, W] logits, e.g. a model loaded back from MLflow. precision: as in
+    convheads.evaluation. Inside a process group (torchrun) each process scores its share of the
+    loader and the totals (torchmetrics' states too) are gathered: every process gets them."""
     metrics = segmentation_metrics(num_classes, ignore_index).to(device)
-    n, loss, pixels = 0, 0.0, 0
-    for images, masks, logits in predictions(model, loader, device, progress):
-        valid = int((masks != ignore_index).sum())
-        if valid:
-            loss += F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction="sum").item()
-        pixels += valid
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # images, labelled pixels, loss
+    for images, masks, logits in predictions(model, loader, device, progress, precision):
+        sums += torch.stack([torch.tensor(len(images), dtype=torch.float64, device=device),
+                             (masks != ignore_index).sum().double(),
+                             F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction="sum").double()])
         metrics.update(logits.argmax(1), masks)
-        n += len(images)
+    n, pixels, loss = distributed.all_sum(sums).tolist()
     if n == 0:
         raise ConvHeadsError("the evaluation loader yielded no images")
     if pixels == 0:
-        raise ConvHeadsError(f"every pixel of the {n} evaluated masks is ignore_index {ignore_index}; nothing to score")
+        raise ConvHeadsError(f"every pixel of the {int(n)} evaluated masks is ignore_index {ignore_index}; nothing to "
+                             f"score")
     values = metrics.compute()
     return {"miou": values["miou"].item(), "pixel_acc": values["pixel_acc"].item(), "loss": loss / pixels,
-            "iou": values["iou"].tolist(), "num_images": n}
+            "iou": values["iou"].tolist(), "num_images": int(n)}

@@ -1,13 +1,25 @@
-"""Which heads to replace: by score (lowest Sigma first) or from an explicit mapping."""
+"""Which heads to replace: by score or from an explicit mapping.
+
+Methods (`METHODS`, the `select.method` of the pipeline) rank the heads (or blocks) and take the first:
+  sigma      lowest Sigma_h (Sigma_b) first: the heads whose attention depends least on the input
+  fit        highest fit score first (fitting.fit_scores): the heads whose mean attention the
+             replacement represents best (band + uniform level + prefix terms)
+  sigma_fit  lowest sum of the two ranks first (ties: the lower Sigma). Ranks, not a product or a
+             sum of the scores: Sigma is a sum of standard deviations over N^2 entries (its scale
+             depends on the token count and the model), fit a bounded fraction; ranks are
+             scale-free and give "input-independent" and "representable" an equal say.
+"""
 import json
 from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
 
 from .errors import ConvHeadsError
+from .fitting import fit_scores
 from .scoring import HeadScores
 
 GRANULARITIES = ("head", "block")
+METHODS = ("sigma", "fit", "sigma_fit")
 
 
 class Selection:
@@ -101,18 +113,52 @@ def check_count(count, depth: int, num_heads: int, granularity: str = "head") ->
         raise ConvHeadsError(f"count must be an integer from 1 to {units} (the model's {granularity}s); got {count!r}")
 
 
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ConvHeadsError(f"selection method must be one of {METHODS}; got {method!r}")
+    return method
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """0 for the smallest value, ties by index."""
+    ranks = torch.empty(len(values), dtype=torch.long)
+    ranks[torch.argsort(values, stable=True)] = torch.arange(len(values))
+    return ranks
+
+
+def ranking(scores: HeadScores, method: str = "sigma", granularity: str = "head", kernel_size: int = 3) -> torch.Tensor:
+    """The heads (flat index block * heads + head) or blocks, in the order `method` replaces them."""
+    check_method(method)
+    depth, num_heads = scores.sigma_h.shape
+    _units(depth, num_heads, granularity)
+    sigma = scores.sigma_h if granularity == "head" else scores.sigma_b[:, None]
+    if method == "sigma":
+        return torch.argsort(sigma.flatten(), stable=True)
+    fit = fit_scores(scores, kernel_size).double()
+    fit = (fit if granularity == "head" else fit.mean(dim=1, keepdim=True)).flatten()
+    if method == "fit":
+        return torch.argsort(-fit, stable=True)
+    by_sigma = _ranks(sigma.flatten())
+    combined = (by_sigma + _ranks(-fit)) * len(fit) + by_sigma     # rank sum, then the lower Sigma
+    return torch.argsort(combined, stable=True)
+
+
 def select_heads(
         scores: HeadScores,
         count: Optional[int] = None,
         fraction: Optional[float] = None,
         granularity: str = "head",
+        method: str = "sigma",
+        kernel_size: int = 3,
 ) -> Selection:
-    """The `count` (or `fraction` of all) lowest-scoring heads ("head") or whole blocks ("block").
+    """The first `count` (or `fraction` of all) heads ("head") or whole blocks ("block") by `method`
+    (see METHODS above; "fit" and "sigma_fit" score the fit of a k x k kernel, `kernel_size`).
 
     Ties are broken by index, so the result is deterministic.
     """
     depth, num_heads = scores.sigma_h.shape
     units = _units(depth, num_heads, granularity)
+    check_method(method)
     if (count is None) == (fraction is None):
         raise ConvHeadsError("give exactly one of count= or fraction=")
     if fraction is not None:
@@ -120,10 +166,9 @@ def select_heads(
             raise ConvHeadsError(f"fraction must be in (0, 1]; got {fraction}")
         count = max(1, round(fraction * units))
     check_count(count, depth, num_heads, granularity)
+    order = ranking(scores, method, granularity, kernel_size)[:count].tolist()
     if granularity == "block":
-        order = torch.argsort(scores.sigma_b, stable=True)[:count].tolist()
         return Selection.from_blocks(order, num_heads=num_heads, depth=depth)
-    order = torch.argsort(scores.sigma_h.flatten(), stable=True)[:count].tolist()
     heads: Dict[int, List[int]] = {}
     for flat in order:
         heads.setdefault(flat // num_heads, []).append(flat % num_heads)

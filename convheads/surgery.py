@@ -6,13 +6,14 @@ from torch import nn
 
 from .errors import ConvHeadsError
 from .ensemble import EnsembleHeadAttention
+from .fitting import fit_mixing, for_heads
 from .layers import ConvHeadAttention, ReplacedAttention
 from .scoring import HeadScores
 from .selection import Selection
 from .vit import as_vit, vit_info
 
 INITS = ("gaussian", "attention")
-VARIANTS = ("depthwise", "identity", "ensemble")
+VARIANTS = ("depthwise", "depthwise_global", "identity", "ensemble", "fixed")
 
 
 def replace_heads(
@@ -26,12 +27,16 @@ def replace_heads(
     """Replace the selected heads of `model` in place and return it.
 
     init: "gaussian" (normalised 2-D Gaussian, sigma 1, on every channel; alpha, beta uniform in
-    [0, 1) as in the reference) or "attention" (fitted to each head's mean attention, from
-    `scores`: kernel[delta] = mean weight from a patch to its neighbour at offset delta,
-    beta[j] = mean weight from a patch to prefix token j, alpha[j] = prefix token j's total
-    weight on the patches; the ensemble variant starts from their means over the block's heads).
-    variant: "depthwise" (k x k depthwise convolution), "identity" (no spatial mixing) or "ensemble"
-    (all heads of a block merged into one depthwise-convolution head; whole blocks only, see ensemble.py).
+    [0, 1) as in the reference; depthwise_global's gamma 0 and phi the identity; "fixed": the
+    Gaussian convolution's matrix) or "attention" (fitted to each head's mean attention from
+    `scores`, see fitting.py: the kernel from the mean weight per neighbour offset, beta so that a
+    prefix token's weight through the kernel matches, alpha from the prefix tokens' weight on the
+    patches; "depthwise_global" splits off the uniform level first; "fixed" takes E[A] itself;
+    the ensemble variant starts from the block's mean fit).
+    variant: "depthwise" (k x k depthwise convolution), "depthwise_global" (the same plus a global
+    term per head), "identity" (no spatial mixing), "ensemble" (all heads of a block merged into one
+    depthwise-convolution head; whole blocks only, see ensemble.py) or "fixed" (each head's mean
+    attention matrix; quadratic, a reference, not for deployment); see layers.py.
     Everything is checked before the model is touched, so a bad call leaves it unchanged.
     """
     info, vit = vit_info(model), as_vit(model)
@@ -51,6 +56,12 @@ def replace_heads(
             raise ConvHeadsError(
                 f"the scores are for a model with {tuple(scores.sigma_h.shape)} blocks x heads, but this model "
                 f"has ({info.depth}, {info.num_heads}); score this model")
+        if variant == "fixed" and (tuple(scores.grid_size), scores.num_prefix_tokens) != (
+                tuple(info.grid_size), info.num_prefix_tokens):
+            raise ConvHeadsError(
+                f"variant='fixed' takes the scored [N, N] mean attention, but the scores are for {scores.num_prefix_tokens} "
+                f"prefix tokens + a {scores.grid_size} patch grid and the model has {info.num_prefix_tokens} + "
+                f"{tuple(info.grid_size)}; score the model at the resolution it runs at")
     if variant == "ensemble":
         partial = {b: hs for b, hs in selection.heads.items() if len(hs) != info.num_heads}
         if partial:
@@ -65,7 +76,9 @@ def replace_heads(
         if isinstance(vit.blocks[b].attn, ReplacedAttention):
             raise ConvHeadsError(f"block {b} already has replaced heads; select heads on the original model")
 
-    kernels = scores.kernels(kernel_size) if init == "attention" else None
+    fit = None
+    if init == "attention" and variant != "identity":
+        fit = fit_mixing(scores, kernel_size, "depthwise" if variant == "ensemble" else variant)
     layers = {}
     for b, heads in selection.heads.items():  # build every layer first: a bad block leaves the model as it was
         attn = vit.blocks[b].attn
@@ -74,9 +87,8 @@ def replace_heads(
         else:
             layers[b] = ConvHeadAttention(attn, heads, info.grid_size, info.num_prefix_tokens,
                                           kernel_size=kernel_size, variant=variant)
-        if variant != "identity" and kernels is not None:  # the layer starts from the Gaussian
-            layers[b].init_from_attention(kernels[b, heads], scores.patch_to_prefix[b, heads].T,
-                                          scores.prefix_to_patches[b, heads].T)
+        if fit is not None:  # else the layer starts from the Gaussian
+            layers[b].init_from_fit(for_heads(fit, b, heads))
     for b, layer in layers.items():
         vit.blocks[b].attn = layer
     if info.dynamic_img_size and not getattr(vit, "_convheads_grid_hook", False):
@@ -102,7 +114,7 @@ def replaced_selection(model: nn.Module) -> Selection:
 
 def replacement_config(model: nn.Module) -> List[dict]:
     """Per replaced block: what replace_heads (and, for a folded ensemble, fold) needs to rebuild the
-    same structure."""
+    same structure, and the layer's mixing implementation."""
     return [dict(block=i, heads=list(b.attn.conv_heads), kernel_size=b.attn.kernel_size, variant=b.attn.variant,
-                 folded=getattr(b.attn, "folded", False))
+                 folded=getattr(b.attn, "folded", False), mixing=b.attn.mixing)
             for i, b in enumerate(as_vit(model).blocks) if isinstance(b.attn, ReplacedAttention)]

@@ -1,21 +1,45 @@
-"""Fine-tuning loop (both stages of METHOD.md section 4): AdamW, warm-up + cosine schedule."""
-import math
+"""The training engine: fine-tuning for both stages of the method (baseline and recovery).
+
+Built from timm's parts: AdamW from `create_optimizer_v2` (no weight decay on 1-D parameters, on
+what `model.no_weight_decay()` names -- position embedding, CLS and register tokens -- nor on the
+replaced layers' new parameters; optional layer-wise lr decay), a cosine schedule with warm-up
+from `create_scheduler_v2`, stepped per update, and an optional EMA of the weights (`ModelEmaV3`).
+On top: bf16 / fp16 autocast (fp16 with gradient scaling), gradient accumulation, clipping and
+checkpointing, and data parallelism (DDP) when the process runs under torchrun
+(convheads.distributed): gradients are averaged over the processes, rank 0 alone writes the
+checkpoint, and validation is sharded over the processes and summed exactly.
+
+Both tasks train here: classification (labels [B], logits [B, classes]) and segmentation (masks
+[B, H, W], logits [B, classes, H, W]; pixels labelled `ignore_index` count nowhere). A task head
+built on the backbone (convheads.segmentation) starts from scratch and trains at HEAD_LR_SCALE x lr.
+"""
+import contextlib
+import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import distributed
+from .ensemble import EnsembleHeadAttention
 from .errors import ConvHeadsError
 from .evaluation import evaluate
-from .ensemble import EnsembleHeadAttention
 from .files import save_torch
 from .layers import ReplacedAttention
-from .segmentation import HEAD_LR_SCALE, SegmentationModel
+from .precision import autocast, check_precision, input_dtype
+from .segmentation import HEAD_LR_SCALE
+from .vit import as_vit
 
 TRAINABLE = ("all", "new")
+LOG_EVERY = 10  # updates between progress-bar refreshes: the only host syncs inside an epoch
 
 
 def new_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -23,10 +47,33 @@ def new_parameters(model: nn.Module) -> List[nn.Parameter]:
     params = []
     for m in model.modules():
         if isinstance(m, ReplacedAttention) and m.variant != "identity":
-            params += [m.conv.weight] + ([m.alpha, m.beta] if m.num_prefix_tokens else [])
+            params += m.mixing_parameters()
         if isinstance(m, EnsembleHeadAttention) and not m.folded:
             params.append(m.logits)
     return params
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> List[Dict]:
+    """timm's parameter groups (weight decay, or weight decay and layer-wise lr scales), with the
+    replaced layers' new parameters among the ones without weight decay: they are few and shape
+    the mixing (a kernel pulled towards zero mixes nothing). A model built on a ViT backbone (a
+    segmentation model): the backbone's groups, as timm makes them for it, and the head's at
+    HEAD_LR_SCALE x lr -- a head from scratch must first move its biases to the class priors."""
+    vit = as_vit(model)
+    new = {id(p) for p in new_parameters(vit)}
+    no_decay = set(getattr(vit, "no_weight_decay", lambda: set())())
+    no_decay |= {name for name, p in vit.named_parameters() if id(p) in new}
+    if layer_decay is not None:
+        groups = param_groups_layer_decay(vit, weight_decay=weight_decay, layer_decay=layer_decay,
+                                          no_weight_decay_list=no_decay)
+    else:
+        groups = param_groups_weight_decay(vit, weight_decay=weight_decay, no_weight_decay_list=no_decay)
+    if vit is not model:
+        inside = {id(p) for p in vit.parameters()}
+        head = [p for p in model.parameters() if id(p) not in inside and p.requires_grad]
+        groups += [{"params": [p for p in head if p.ndim > 1], "weight_decay": weight_decay, "lr_scale": HEAD_LR_SCALE},
+                   {"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": HEAD_LR_SCALE}]
+    return [g for g in groups if g["params"]]
 
 
 def train(
@@ -44,94 +91,188 @@ def train(
         on_epoch: Optional[Callable[[Dict], None]] = None,
         checkpoint: Optional[Union[str, Path]] = None,
         seed: int = 0,
+        precision: str = "fp32",
+        accumulation: int = 1,
+        clip_grad: Optional[float] = None,
+        grad_checkpointing: bool = False,
+        ema_decay: Optional[float] = None,
+        layer_decay: Optional[float] = None,
         ignore_index: int = -100,
         validate: Callable[..., Dict] = evaluate,
 ) -> List[Dict]:
     """Train `model` in place; return one metrics dict per epoch (also passed to `on_epoch`).
 
+    train_loader yields micro-batches; `accumulation` of them make one update (an incomplete last
+    update is dropped). convheads.data.make_loader(drop_last=True, ...) builds one per process.
     trainable: "all" parameters (default), or only the "new" ones that replace_heads created.
-    Kernels and the prefix scalars get no weight decay (they are few and shape the mixing). A
-    segmentation model's head trains at HEAD_LR_SCALE x lr.
-    checkpoint: a file written after every epoch (model, optimiser, schedule); if it exists when
-    training starts, training resumes after its epoch.
+    precision: fp32, bf16 or fp16 (autocast; fp16 scales the loss and needs a GPU).
+    clip_grad: clip the gradients' global norm to this. ema_decay: keep an EMA of the weights with
+    this decay (e.g. 0.999); it is validated, and the model ends with its weights.
+    layer_decay: layer-wise lr decay (timm's; e.g. 0.75 scales each block's lr by 0.75 per block
+    from the top). grad_checkpointing: recompute each block's activations in the backward pass
+    (timm's set_grad_checkpointing), trading ~30% more compute for far less activation memory.
+    checkpoint: a file written after every epoch (model, optimiser, EMA, loss scaler); if it
+    exists when training starts, training resumes after its epoch, with any number of processes.
     seed: the global torch RNG is reseeded from (seed, epoch) at every epoch, so shuffling,
     augmentation and dropout are reproducible and a resumed run equals an uninterrupted one.
-    Classification: labels [B], logits [B, classes], train_top1. Segmentation: masks [B, H, W],
-    logits [B, classes, H, W], train_pixel_acc over the pixels not labelled `ignore_index`.
-    validate(model, val_loader, device=device, progress=False): the val_* metrics (default: top-1/top-5/loss).
+    Under torchrun (convheads.distributed.setup) the processes train one model together (DDP).
+    Targets labelled `ignore_index` (segmentation: unlabelled pixels) count nowhere; the row's
+    accuracy is train_top1 for labels [B], train_pixel_acc for masks [B, H, W].
+    validate(model, val_loader, device=, progress=, precision=): the val_* metrics (its float values;
+    default: convheads.evaluation.evaluate's top-1, top-5 and loss).
     """
     if trainable not in TRAINABLE:
         raise ConvHeadsError(f"trainable must be one of {TRAINABLE}; got {trainable!r}")
     if epochs < 0:
         raise ConvHeadsError(f"epochs must be >= 0; got {epochs}")
+    if accumulation < 1:
+        raise ConvHeadsError(f"accumulation must be >= 1; got {accumulation}")
+    check_precision(precision, device)
     new = {id(p) for p in new_parameters(model)}
     if trainable == "new" and not new:
         raise ConvHeadsError('trainable="new" but the model has no replaced depthwise heads or ensemble blocks to train')
+    if grad_checkpointing and not hasattr(model, "set_grad_checkpointing"):
+        raise ConvHeadsError(f"{type(model).__name__} has no set_grad_checkpointing (timm models do)")
+    updates_per_epoch = len(train_loader) // accumulation
+    if epochs and updates_per_epoch == 0:
+        raise ConvHeadsError(f"the training loader yields {len(train_loader)} batches, fewer than one update "
+                             f"({accumulation} accumulation steps)")
     for p in model.parameters():
         p.requires_grad_(trainable == "all" or id(p) in new)
-    # A segmentation head starts from scratch and must first learn the class priors (a bias of
-    # several units): it trains at HEAD_LR_SCALE x the learning rate, as decoders usually do.
-    head = {id(p) for p in model.head.parameters()} if isinstance(model, SegmentationModel) else set()
-    groups = []
-    for in_head in (False, True):
-        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head) == in_head]
-        decay = [p for p in params if p.ndim >= 2 and id(p) not in new]
-        no_decay = [p for p in params if p.ndim < 2 or id(p) in new]
-        scale = HEAD_LR_SCALE if in_head else 1.0
-        groups += [{"params": decay, "weight_decay": weight_decay, "lr": lr * scale},
-                   {"params": no_decay, "weight_decay": 0.0, "lr": lr * scale}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    steps_per_epoch = len(train_loader)
-    total, warmup = max(1, epochs * steps_per_epoch), int(warmup_epochs * steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
-        (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))))
     model.to(device)
-    history: List[Dict] = []
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        history = state["history"]
-        if progress:
-            tqdm.write(f"resuming from {checkpoint}: {len(history)} of {epochs} epochs done")
-    for epoch in range(len(history), epochs):
-        torch.manual_seed(seed * 100_003 + epoch)
-        model.train()
-        seen = correct = images_seen = 0
-        loss_sum = 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
-        for images, labels in bar:
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing)
-            if not torch.isfinite(loss):
-                raise ConvHeadsError(f"training loss became {loss.item()} in epoch {epoch + 1}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            valid = labels != ignore_index
-            images_seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            seen += valid.sum().item()
-            correct += ((logits.argmax(1) == labels) & valid).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / images_seen:.3f}", acc=f"{correct / max(1, seen):.3f}")
-        accuracy = "train_top1" if labels.ndim == 1 else "train_pixel_acc"
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, images_seen), accuracy: correct / max(1, seen),
-               "lr": schedule.get_last_lr()[0]}
-        if val_loader is not None:
-            row.update({f"val_{k}": v for k, v in validate(model, val_loader, device=device, progress=False).items()
-                        if isinstance(v, float)})
-        history.append(row)
-        if checkpoint is not None:
-            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "history": history}, checkpoint)
-        if progress:
-            tqdm.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        if on_epoch is not None:
-            on_epoch(row)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay,
+                                    param_group_fn=lambda m: param_groups(m, weight_decay, layer_decay))
+    schedule = None
+    if epochs:  # counted in updates: a linear warm-up, then a cosine from lr to 0 over the remaining updates
+        warmup = min(round(warmup_epochs * updates_per_epoch), epochs * updates_per_epoch - 1)
+        schedule, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=epochs * updates_per_epoch - warmup,
+                                          warmup_epochs=warmup, warmup_prefix=True, step_on_epochs=False,
+                                          updates_per_epoch=1)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+    ema = ModelEmaV3(model, decay=ema_decay) if ema_decay else None
+    history = _resume(checkpoint, model, optimizer, schedule, scaler, ema, device, updates_per_epoch, epochs,
+                      progress)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    net = (DistributedDataParallel(model, device_ids=[torch.device(device).index]
+                                   if torch.device(device).type == "cuda" else None,
+                                   find_unused_parameters=not getattr(model, "uses_every_parameter", True))
+           if distributed.active() else model)
+    main = distributed.is_main()
+    dtype = input_dtype(model)
+    try:
+        for epoch in range(len(history), epochs):
+            torch.manual_seed(seed * 100_003 + epoch)  # the same on every process: the same data order
+            model.train()
+            started = time.perf_counter()
+            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x images, correct, targets, images
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+                       disable=not (progress and main), leave=False)
+            for i, (images, labels) in enumerate(bar):
+                if i == updates_per_epoch * accumulation:
+                    break
+                images = images.to(device, dtype, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                last = (i + 1) % accumulation == 0
+                # Between updates, gradients accumulate locally; DDP averages them once, at the last.
+                with net.no_sync() if net is not model and not last else contextlib.nullcontext():
+                    with autocast(precision, device):
+                        logits = net(images)
+                    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing)
+                    scaler.scale(loss / accumulation).backward()
+                valid = labels != ignore_index
+                sums += torch.stack([loss.detach().double() * len(labels),
+                                     ((logits.detach().argmax(1) == labels) & valid).sum().double(),
+                                     valid.sum().double(), sums.new_tensor(len(labels))])
+                if not last:
+                    continue
+                _update(model, optimizer, scaler, clip_grad)
+                updates = epoch * updates_per_epoch + (i + 1) // accumulation
+                schedule.step_update(updates)
+                if ema is not None:
+                    ema.update(model, step=updates)
+                if progress and main and (i + 1) // accumulation % LOG_EVERY == 0:
+                    loss_sum, correct, targets, seen = sums.tolist()
+                    _check_finite(loss_sum, epoch)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / max(1, targets):.3f}")
+            loss_sum, correct, targets, seen = distributed.all_sum(sums).tolist()
+            seconds = time.perf_counter() - started
+            _check_finite(loss_sum, epoch)
+            accuracy = "train_top1" if labels.ndim == 1 else "train_pixel_acc"
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), accuracy: correct / max(1, targets),
+                   "lr": max(g["lr"] / (g.get("lr_scale") or 1.0) for g in optimizer.param_groups),  # the schedule's
+                   "train_seconds": seconds, "train_images_per_sec": seen / seconds}
+            if val_loader is not None:
+                scored = ema.module if ema is not None else model
+                row.update({f"val_{k}": v for k, v in validate(scored, val_loader, device=device, progress=False,
+                                                                precision=precision).items() if isinstance(v, float)})
+            history.append(row)
+            if checkpoint is not None and main:
+                save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "ema": ema.module.state_dict() if ema is not None else None, "history": history,
+                            "updates_per_epoch": updates_per_epoch, "world_size": distributed.world_size()},
+                           checkpoint)
+            if progress and main:
+                tqdm.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            if on_epoch is not None and main:
+                on_epoch(row)
+    finally:
+        if grad_checkpointing:
+            model.set_grad_checkpointing(False)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     model.eval()
     return history
+
+
+def _update(model: nn.Module, optimizer, scaler, clip_grad: Optional[float]) -> None:
+    """One optimiser step from the accumulated (and, over processes, averaged) gradients."""
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _check_finite(loss_sum: float, epoch: int) -> None:
+    if not torch.isfinite(torch.tensor(loss_sum)):
+        raise ConvHeadsError(f"training loss became {loss_sum} in epoch {epoch + 1}; lower the learning rate")
+
+
+def _resume(checkpoint, model, optimizer, schedule, scaler, ema, device: str, updates_per_epoch: int, epochs: int,
+            progress: bool) -> List[Dict]:
+    """Load `checkpoint` if it exists (on every process); return the history it holds."""
+    state = None
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    done = len(state["history"]) if state else 0
+    if not distributed.same_everywhere(done, device):
+        raise ConvHeadsError(f"the processes find different numbers of finished epochs in {checkpoint} (process "
+                             f"{distributed.rank()}: {done}): every machine must see the same checkpoint (put the "
+                             f"outputs folder on a filesystem they share)")
+    if state is None:
+        return []
+    if state["updates_per_epoch"] != updates_per_epoch:
+        raise ConvHeadsError(
+            f"{checkpoint} was written with {state['updates_per_epoch']} updates per epoch, this run has "
+            f"{updates_per_epoch}: a different global batch (batch size per process x {state['world_size']} "
+            f"processes then, x {distributed.world_size()} now, x accumulation steps). Resume with the same global "
+            f"batch, or delete the checkpoint to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.step_update(done * updates_per_epoch)  # the schedule is a function of the update count
+    scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if state["ema"] is None:
+            raise ConvHeadsError(f"{checkpoint} has no EMA weights but this run keeps an EMA; delete the checkpoint "
+                                 f"to start over")
+        ema.module.load_state_dict(state["ema"])
+    if progress and distributed.is_main():
+        tqdm.write(f"resuming from {checkpoint}: {done} of {epochs} epochs done (written by {state['world_size']} "
+                   f"process{'es' if state['world_size'] > 1 else ''}, now {distributed.world_size()})")
+    return state["history"]

@@ -15,7 +15,12 @@ A run holds the project's outputs and data folders: a second run on them fails a
 import argparse
 import contextlib
 import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Dict, Optional
+
+import yaml
 
 import mlflow
 from prefect import flow, get_client, get_run_logger, task
@@ -29,11 +34,12 @@ from flows import checked_config, exit_status, prefect_api
 from convheads import ConvHeadsError
 from tasks import preflight
 from tasks.config import PipelineConfig
+from tasks.launch import TRAINING_STAGES, launch, world_size
 from tasks.lock import hold
 from tasks.pipeline import STAGES
 from tasks.registry import PROMOTION_WAIT, SETTINGS_TAG, local_store, register, registered_version, settings_hash
 from tasks.report import QUALITY, summary, table
-from tasks.runner import Outcome, execute, read_record, up_to_date
+from tasks.runner import Outcome, execute, fingerprint, output_dir, read_record, up_to_date
 from tasks.tracking import (FINGERPRINT_TAG, check_reachable, config_hash, last_run_with, log_stage, pipeline_run,
                             tracking_uri)
 
@@ -46,7 +52,29 @@ PROMOTION_LIMIT = "convheads-promotion"
 
 @task(cache_policy=NONE)  # stages skip themselves by fingerprint; Prefect need not cache results
 def run_stage(name: str, cfg: PipelineConfig) -> Outcome:
+    if name in TRAINING_STAGES and world_size(cfg) > 1:
+        return launched_stage(name, cfg)
     return execute(STAGES[name], cfg)
+
+
+def launched_stage(name: str, cfg: PipelineConfig) -> Outcome:
+    """A training stage over several processes: the stage's command line under torchrun, as DVC
+    runs it (`python -m tasks run NAME`), with this run's whole configuration as its params file."""
+    stage = STAGES[name]
+    record = read_record(cfg, name)
+    if record is not None and record["fingerprint"] == fingerprint(stage, cfg):
+        return Outcome(name, output_dir(cfg, name), record["summary"], record["fingerprint"], True, 0.0)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        status = launch(cfg, ["run", name, "--params", str(params)])
+    record = read_record(cfg, name)
+    if status != 0 or record is None:
+        raise (ConvHeadsError if status == 2 else RuntimeError)(
+            f"stage {name} failed in its torchrun processes (exit status {status}); their output says why")
+    return Outcome(name, output_dir(cfg, name), record["summary"], record["fingerprint"], False,
+                   time.perf_counter() - start)
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=3)  # a hiccup; log_stage never logs twice

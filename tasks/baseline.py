@@ -5,7 +5,8 @@ from typing import Dict
 
 import pandas as pd
 
-from convheads import count_params, fold_ensembles, save_model
+from convheads import count_params, distributed, fold_ensembles, save_model
+from convheads.precision import resolve_device
 from convheads.training import train
 
 from .config import PipelineConfig
@@ -21,11 +22,17 @@ def fine_tune(cfg: PipelineConfig, stage: str, model, out: Path, trainable: str 
     """Train `model` with the settings of `stage` (baseline or recover); write model.pt and history.csv into `out`."""
     tcfg = cfg.training(stage)
     resume = out / "resume.pt"  # the stage's work folder survives an interruption: resume there
-    history = train(model, loader(cfg, model, "train", tcfg.batch_size, train=True, augment=tcfg.augment),
+    history = train(model, loader(cfg, model, "train", tcfg.batch_size, train=True, augment=tcfg.augment,
+                                  accumulation=tcfg.accumulation),
                     loader(cfg, model, "val", cfg.evaluate.batch_size), epochs=tcfg.epochs, lr=tcfg.lr,
                     weight_decay=tcfg.weight_decay, warmup_epochs=tcfg.warmup_epochs,
-                    label_smoothing=tcfg.label_smoothing, trainable=trainable, device=cfg.device,
-                    checkpoint=resume, seed=cfg.seed, **objective(cfg).train_kwargs())
+                    label_smoothing=tcfg.label_smoothing, trainable=trainable,
+                    device=distributed.local_device(resolve_device(cfg.device)), checkpoint=resume, seed=cfg.seed,
+                    precision=cfg.precision, accumulation=tcfg.accumulation, clip_grad=tcfg.clip_grad,
+                    grad_checkpointing=tcfg.grad_checkpointing, ema_decay=tcfg.ema_decay,
+                    layer_decay=tcfg.layer_decay, **objective(cfg).train_kwargs())
+    if not distributed.is_main():  # rank 0 writes the outputs
+        return {}
     if fold:  # the compressed model is the inference form: ensembles folded into thin linear maps
         fold_ensembles(model)
     save_model(model.cpu(), out / MODEL_FILE)

@@ -1,12 +1,20 @@
-"""Stage 8: latency and throughput of the baseline vs the compressed model, timed interleaved."""
+"""Stage 8: latency and throughput of the baseline vs the compressed model in each configured
+runtime, the two models timed interleaved; the first runtime gives the headline speedup.
+
+onnxruntime times the models exported to ONNX (as deployed) in a process of its own (spinning off,
+PyTorch's thread count: benchmarks.timing explains why); eager and compile time them in PyTorch.
+"""
+import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import pandas as pd
 import torch
+from torch import nn
 
-from benchmarks.timing import latency_stats, time_models
-from convheads import model_cost, vit_info
+from benchmarks.timing import OnnxTimer, latency_stats, time_models
+from convheads import export_onnx, model_cost, vit_info
+from convheads.precision import resolve_device
 
 from .config import PipelineConfig
 from .evaluate import MODELS
@@ -16,33 +24,56 @@ from .runner import write_json
 BENCHMARK, BENCHMARK_TABLE = "benchmark.json", "benchmark.csv"
 
 
+def time_runtime(models: Dict[str, nn.Module], runtime: str, x: torch.Tensor, cfg: PipelineConfig,
+                 workdir: Path, onnx: OnnxTimer) -> Dict[str, List[float]]:
+    """Seconds per call of each model as `runtime` runs it, the models interleaved."""
+    b = cfg.benchmark
+    if runtime == "onnxruntime":  # static shapes: one export per batch size, timed in the timer's own process
+        paths = {name: export_onnx(m, workdir / f"{name}_b{len(x)}.onnx", batch_size=len(x))
+                 for name, m in models.items()}
+        return onnx.time(paths, x.shape, torch.get_num_threads(), b.warmup, b.repeats)[0]
+    run_with = {name: torch.compile(m) for name, m in models.items()} if runtime == "compile" else models
+    return time_models(run_with, x, warmup=b.warmup, repeats=b.repeats, progress=True, precision=cfg.precision)
+
+
 def run(cfg: PipelineConfig, out: Path) -> Dict:
     b = cfg.benchmark
     if b.threads:
         torch.set_num_threads(b.threads)
-    models = {name: stage_model(cfg, MODELS[name]).to(cfg.device) for name in ("baseline", "compressed")}
+    device = resolve_device(cfg.device)
+    models = {name: stage_model(cfg, MODELS[name]).to(device) for name in ("baseline", "compressed")}
     costs = {name: model_cost(m) for name, m in models.items()}
-    rows = []
     size = vit_info(models["baseline"]).img_size  # segmentation: segmentation.image_size
-    for batch_size in b.batch_sizes:
-        x = torch.randn(batch_size, 3, *size, device=cfg.device)
-        times = time_models(models, x, warmup=b.warmup, repeats=b.repeats, progress=True)
-        for name, t in times.items():
-            rows.append({"model": name, **latency_stats(t, batch_size), "param_count": costs[name].params,
-                         "infer_gmacs": costs[name].gmacs})
+    rows = []
+    # onnxruntime times the CPU: on a GPU it would not measure the device the models run on
+    runtimes = [r for r in b.runtimes if r != "onnxruntime" or device == "cpu"] or ["eager"]
+    with tempfile.TemporaryDirectory() as tmp, OnnxTimer() as onnx:
+        for runtime in runtimes:
+            for batch_size in b.batch_sizes:
+                x = torch.randn(batch_size, 3, *size, device=device)
+                times = time_runtime(models, runtime, x, cfg, Path(tmp), onnx)
+                for name, t in times.items():
+                    rows.append({"runtime": runtime, "model": name, **latency_stats(t, batch_size),
+                                 "param_count": costs[name].params, "infer_gmacs": costs[name].gmacs})
     table = pd.DataFrame(rows)
     table.to_csv(out / BENCHMARK_TABLE, index=False)
-    result = {"threads": torch.get_num_threads(), "device": cfg.device, "repeats": b.repeats, "img_size": list(size),
+    result = {"runtime": runtimes[0], "runtimes": runtimes, "threads": torch.get_num_threads(),
+              "device": device, "precision": cfg.precision, "repeats": b.repeats, "img_size": list(size),
               "params_ratio": costs["compressed"].params / costs["baseline"].params,
               "macs_ratio": costs["compressed"].macs / costs["baseline"].macs,
               **{f"{name}_params": c.params for name, c in costs.items()},
               **{f"{name}_gmacs": c.gmacs for name, c in costs.items()}}
-    for batch_size in b.batch_sizes:
-        t = table[table.batch_size == batch_size].set_index("model")
-        result[f"speedup_b{batch_size}"] = t.infer_step_time["baseline"] / t.infer_step_time["compressed"]
-        for name in models:
-            result[f"{name}_b{batch_size}_ms"] = t.infer_step_time[name]
-            result[f"{name}_b{batch_size}_p90_ms"] = t.infer_step_time_p90[name]
-            result[f"{name}_b{batch_size}_samples_per_sec"] = t.infer_samples_per_sec[name]
+    for runtime in runtimes:
+        for batch_size in b.batch_sizes:
+            t = table[(table.runtime == runtime) & (table.batch_size == batch_size)].set_index("model")
+            speedup = t.infer_step_time["baseline"] / t.infer_step_time["compressed"]
+            result[f"{runtime}_speedup_b{batch_size}"] = speedup
+            if runtime != runtimes[0]:
+                continue  # the headline runtime's numbers also go under the plain keys
+            result[f"speedup_b{batch_size}"] = speedup
+            for name in models:
+                result[f"{name}_b{batch_size}_ms"] = t.infer_step_time[name]
+                result[f"{name}_b{batch_size}_p90_ms"] = t.infer_step_time_p90[name]
+                result[f"{name}_b{batch_size}_samples_per_sec"] = t.infer_samples_per_sec[name]
     write_json(out / BENCHMARK, result)
     return result

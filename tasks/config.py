@@ -8,9 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from convheads import ConvHeadsError
 from convheads.data import AUGMENTATIONS
-from convheads.selection import GRANULARITIES
+from convheads.precision import DEVICES, PRECISIONS
+from convheads.selection import GRANULARITIES, METHODS
 from convheads.surgery import INITS, VARIANTS
 from convheads.training import TRAINABLE
+
+RUNTIMES = ("onnxruntime", "eager", "compile")  # benchmark.runtimes
 
 
 class Section(BaseModel):
@@ -114,6 +117,14 @@ class TrainConfig(Section):
     # flip, colour jitter); light: small shifts and rotations, no flips or crops; none: eval transform
     augment: Literal[AUGMENTATIONS] = "auto"
 
+    # One update sees batch_size images, whatever the number of processes: each of P processes takes
+    # batch_size / (P x accumulation) per step, and the gradients of `accumulation` steps add up.
+    accumulation: PositiveInt = 1
+    clip_grad: Optional[float] = Field(None, gt=0)        # clip the gradients' global norm to this
+    grad_checkpointing: bool = False                      # recompute activations in the backward pass: less memory
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # keep an EMA of the weights (e.g. 0.999); saved instead
+    layer_decay: Optional[float] = Field(None, gt=0, le=1)  # layer-wise lr decay (timm), e.g. 0.75
+
     @field_validator("augment", mode="before")
     @classmethod
     def _bool_augment(cls, v):  # params files from before the presets: true / false
@@ -141,7 +152,10 @@ class ScoreConfig(Section):
 
 
 class SelectConfig(Section):
-    """What to replace; the first rule that is set wins: blocks, then count, then fraction."""
+    """What to replace; the first rule that is set wins: blocks, then count, then fraction. `method`
+    ranks the heads for count / fraction (convheads.selection.METHODS): sigma (lowest Sigma first),
+    fit (best fit of a replace.kernel_size band + uniform level first) or sigma_fit (rank sum)."""
+    method: Literal[METHODS] = "sigma"
     granularity: Literal[GRANULARITIES] = "block"
     blocks: Optional[List[int]] = None      # exactly these whole blocks (e.g. a published list)
     count: Optional[PositiveInt] = None     # this many heads (or blocks, by granularity)
@@ -166,9 +180,40 @@ class EvaluateConfig(Section):
 
 class BenchmarkConfig(Section):
     batch_sizes: List[PositiveInt] = [1, 64]
+    # Where the models are timed; the first gives the headline speedup (summary, registry gate).
+    # onnxruntime: the ONNX export, as deployed (CPU); eager / compile: PyTorch (torch.compile).
+    runtimes: List[Literal[RUNTIMES]] = Field(["onnxruntime", "eager"], min_length=1)
     repeats: PositiveInt = 20
     warmup: int = Field(3, ge=0)
     threads: Optional[PositiveInt] = None   # None: torch's default for this machine
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        if len(set(self.runtimes)) != len(self.runtimes):
+            raise ValueError(f"benchmark.runtimes lists a runtime twice: {self.runtimes}")
+        return self
+
+
+class DistributedConfig(Section):
+    """The training stages (baseline, recover) over several processes: torchrun starts
+    nproc_per_node on each of nnodes machines; not in any fingerprint (the same global batch gives
+    the same model, to float rounding, on any number of processes)."""
+    nproc_per_node: PositiveInt = 1       # processes on this machine: one per GPU (or a share of the CPU cores)
+    nnodes: PositiveInt = 1               # machines
+    node_rank: int = Field(0, ge=0)       # this machine's rank: 0 hosts the rendezvous and writes the outputs
+    rdzv_endpoint: Optional[str] = None   # several machines: node 0's host:port, e.g. 10.0.0.1:29500
+    rdzv_timeout: PositiveInt = 300       # seconds a machine waits for the others to join
+
+    @model_validator(mode="after")
+    def _machines(self):
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"distributed.node_rank must be below distributed.nnodes={self.nnodes}")
+        if self.nnodes > 1:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("several machines (distributed.nnodes > 1) need distributed.rdzv_endpoint: node 0's "
+                                 "host:port, e.g. 10.0.0.1:29500")
+        return self
 
 
 class TrackingConfig(Section):
@@ -210,7 +255,9 @@ class ScheduleConfig(Section):
 class PipelineConfig(Section):
     task: Literal["classification", "segmentation"] = "classification"
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"                      # auto (cuda when there is a GPU) | cpu | cuda | cuda:N
+    precision: Literal[PRECISIONS] = "fp32"   # fp32 | bf16 | fp16 (autocast; fp16 needs a GPU)
+    distributed: DistributedConfig = DistributedConfig()
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -226,6 +273,13 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if v not in DEVICES and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N)")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -1,13 +1,16 @@
 """One run at a time per project folder, and one promotion at a time per registry store.
 
-A run holds an exclusive lock (fcntl.flock) on its outputs folder and its data folder for as long
-as it runs stages or logs them; a second run on the same folders fails at once, naming the run
-that holds them (pid, host, start time, command). The lock file holds that description while
-it is held. The kernel drops the lock when its process dies, even by `kill -9`, so a crashed run
-never blocks the next one. flock is per machine: on a network filesystem (NFS) it may not hold
-between machines, so give each machine its own project folder.
+A run holds an exclusive lock (a POSIX record lock, fcntl.lockf) on its outputs folder and its
+data folder for as long as it runs stages or logs them; a second run on the same folders fails at
+once, naming the run that holds them (pid, host, start time, command). The lock file holds that
+description while it is held. The kernel drops the lock when its process dies, even by `kill -9`,
+so a crashed run never blocks the next one. A record lock belongs to the process alone: the
+children it forks (DataLoader workers) do not inherit it, so they cannot keep a killed run's lock
+(flock would let them). Give each machine its own project folder: locks on a network filesystem
+are only as good as its lock manager.
 """
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -45,9 +48,11 @@ def exclusive(path: Path, holder: str, wait: float = 0.0) -> Iterator[None]:
         deadline = time.monotonic() + wait
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
                 if time.monotonic() >= deadline:
                     raise TimeoutError(_describe(path)) from None
                 time.sleep(0.2)
@@ -63,7 +68,7 @@ def exclusive(path: Path, holder: str, wait: float = 0.0) -> Iterator[None]:
         finally:
             _HELD.discard(path)
             os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 
@@ -89,3 +94,33 @@ def hold(cfg: PipelineConfig, holder: str) -> Iterator[None]:
                     f"one in folders of its own: paths.outputs=<folder> paths.data=<folder>") from None
         yield
 
+
+
+# Set by tasks.launch for its torchrun workers: the pid of the launcher that holds the folders for them.
+HELD_BY = "CONVHEADS_FOLDERS_HELD_BY"
+
+
+@contextlib.contextmanager
+def held_by_launcher(cfg: PipelineConfig, holder: str) -> Iterator[None]:
+    """In a torchrun worker: the folders are held by the launcher that started it (checked: the
+    lock's record names that pid); a worker started by hand under torchrun holds them from rank 0.
+    On machines other than node 0 nothing is held: they share node 0's folders (a shared
+    filesystem), where node 0's run holds them, and write nothing there."""
+    pid = os.environ.get(HELD_BY)
+    if cfg.distributed.node_rank > 0:
+        yield
+    elif pid is not None:
+        for folder in (cfg.paths.outputs, cfg.paths.data):
+            try:
+                record = json.loads(lock_file(folder).read_text())
+            except (OSError, ValueError):
+                record = {}
+            if str(record.get("pid")) != pid:
+                raise ConvHeadsError(f"{folder} is not held by the launcher (pid {pid}) that started this process; "
+                                     f"start the stage as python -m tasks run ...")
+        yield
+    elif int(os.environ.get("RANK", "0")) == 0:
+        with hold(cfg, holder):
+            yield
+    else:
+        yield

@@ -4,7 +4,7 @@ leads with and the registry gate compares (`registry.max_<headline>_drop`). The 
 `objective(cfg)` and stay the same files for both tasks."""
 import functools
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 from timm.data import resolve_data_config
 from torch import nn
@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from convheads import as_vit, create_model, create_segmentation_model, vit_info
 from convheads.data import ManifestDataset, image_transform
 from convheads.evaluation import evaluate
+from convheads.precision import resolve_device
 from convheads.segdata import PairDataset, mask_transform
 from convheads.segmentation import IGNORE_INDEX, evaluate_segmentation
 
@@ -68,8 +69,11 @@ class Classification:
         transform = image_transform(data_config(self.cfg, model), augmentation(self.cfg, augment))
         return ManifestDataset(Path(self.cfg.paths.data) / MANIFEST, images_root(self.cfg), split, transform)
 
-    def evaluate(self, model: Callable, loader: Iterable, progress: bool = True) -> Dict:
-        return evaluate(model, loader, self.cfg.device, progress=progress)
+    def evaluate(self, model: Callable, loader: Iterable, progress: bool = True, device: Optional[str] = None,
+                 precision: Optional[str] = None) -> Dict:
+        """The task's metrics of `model` over `loader`, on `device` at `precision` (None: the configured ones)."""
+        return evaluate(model, loader, device or resolve_device(self.cfg.device), progress=progress,
+                        precision=precision or self.cfg.precision)
 
     def train_kwargs(self) -> Dict:
         """convheads.training.train's loss and validation settings."""
@@ -91,8 +95,10 @@ class Segmentation(Classification):
         return PairDataset(Path(self.cfg.paths.data) / MANIFEST, images_root(self.cfg), split, transform,
                            reduce_zero=self.cfg.segmentation.reduce_zero_label)
 
-    def evaluate(self, model: Callable, loader: Iterable, progress: bool = True) -> Dict:
-        return evaluate_segmentation(model, loader, self.num_classes, self.cfg.device, progress=progress)
+    def evaluate(self, model: Callable, loader: Iterable, progress: bool = True, device: Optional[str] = None,
+                 precision: Optional[str] = None) -> Dict:
+        return evaluate_segmentation(model, loader, self.num_classes, device or resolve_device(self.cfg.device),
+                                     progress=progress, precision=precision or self.cfg.precision)
 
     def train_kwargs(self) -> Dict:
         return {"ignore_index": IGNORE_INDEX,

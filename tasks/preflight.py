@@ -7,16 +7,27 @@ import torch
 
 from convheads import ConvHeadsError, SegmentationModel, Selection, create_model, vit_info
 from convheads.models import check_pretrained
+from convheads.precision import check_precision, resolve_device
 from convheads.segdata import scan_pairs
 from convheads.selection import check_count
 
 from .config import PipelineConfig
 from .data import source
+from .launch import check as check_launch
+
+
+def check_devices(cfg: PipelineConfig) -> None:
+    """The device, precision and processes asked for, against this machine (instant: every stage
+    command checks them)."""
+    if resolve_device(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConvHeadsError(f"device: {cfg.device!r} but no CUDA GPU is available here; use device=cpu (or auto)")
+    with _named("precision"):
+        check_precision(cfg.precision, cfg.device)
+    check_launch(cfg, torch.cuda.device_count())
 
 
 def check(cfg: PipelineConfig) -> None:
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConvHeadsError(f"device: {cfg.device!r} but no CUDA GPU is available here; use device=cpu")
+    check_devices(cfg)
     segmentation = cfg.task == "segmentation"
     if cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
         raise ConvHeadsError(f"data.path: {cfg.data.path} is not a folder (expected " + (

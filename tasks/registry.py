@@ -168,7 +168,8 @@ def evaluate_version(cfg: PipelineConfig, name: str, version) -> float:
         return torch.as_tensor(np.asarray(model.predict(images.numpy())))
 
     task = objective(cfg)
-    return task.evaluate(predict, loader(cfg, reference, "test", cfg.evaluate.batch_size), progress=False)[task.headline]
+    return task.evaluate(predict, loader(cfg, reference, "test", cfg.evaluate.batch_size), progress=False,
+                         device="cpu", precision="fp32")[task.headline]
 
 
 def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManager] = None) -> Dict:

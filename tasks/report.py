@@ -28,6 +28,8 @@ def summary(cfg: PipelineConfig) -> Dict:
         "latency_ms_baseline": bench[f"baseline_b{b1}_ms"], "latency_ms_compressed": bench[f"compressed_b{b1}_ms"],
         "latency_batch_size": b1, f"speedup_b{b1}": bench[f"speedup_b{b1}"], f"speedup_b{bn}": bench[f"speedup_b{bn}"],
         "largest_batch_size": bn, "threads": bench["threads"], "img_size": bench["img_size"],
+        "runtime": bench["runtime"], "other_runtimes": bench["runtimes"][1:],
+        **{f"{r}_speedup_b{b}": bench[f"{r}_speedup_b{b}"] for r in bench["runtimes"][1:] for b in (b1, bn)},
     }
 
 
@@ -47,7 +49,8 @@ def table(s: Dict) -> str:
         ("GMACs / image", f"{s['gmacs_baseline']:.4g}", f"{s['gmacs_compressed']:.4g}",
          f"{s['gmacs_compressed'] / s['gmacs_baseline'] - 1:+.1%}"),
         (f"latency, batch {b1}{at} (ms)", f"{s['latency_ms_baseline']:.2f}", f"{s['latency_ms_compressed']:.2f}",
-         f"speedup {s[f'speedup_b{b1}']:.3f}x ({s['threads']} threads)"),
-        (f"speedup, batch {bn}{at}", "", "", f"{s[f'speedup_b{bn}']:.3f}x"),
-    ]
+         f"speedup {s[f'speedup_b{b1}']:.3f}x ({s['runtime']}, {s['threads']} threads)"),
+        (f"speedup, batch {bn}{at}", "", "", f"{s[f'speedup_b{bn}']:.3f}x ({s['runtime']})"),
+    ] + [(f"speedup in {r}", "", "", f"batch {b1}: {s[f'{r}_speedup_b{b1}']:.3f}x, "
+                                      f"batch {bn}: {s[f'{r}_speedup_b{bn}']:.3f}x") for r in s["other_runtimes"]]
     return pd.DataFrame(rows, columns=["", "baseline", "compressed", "change"]).to_string(index=False)

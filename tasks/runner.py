@@ -5,7 +5,8 @@ sections, the fingerprints of the stages it reads, the seed, its own code and an
 watches); the folder replaces the stage's outputs, with `stage.json` (fingerprint and summary),
 only when the stage finished. A rerun whose fingerprint matches a finished stage is skipped, so an
 interrupted pipeline continues from the last finished stage; an interrupted stage finds its work
-folder again (training resumes from its last epoch there). DVC runs the same stages and keeps its
+folder again (training resumes from its last epoch there). Under torchrun every process runs the
+stage and rank 0 alone writes. DVC runs the same stages and keeps its
 own record (dvc.lock) on top; dvc.yaml lists the same code per stage (`stage_code`).
 
 Callers hold the project folder (tasks.lock.hold) while they run stages, so no other run can be
@@ -26,7 +27,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from convheads import ConvHeadsError
+from convheads import ConvHeadsError, distributed
 
 from .config import PipelineConfig
 
@@ -205,6 +206,8 @@ def execute(stage: Stage, cfg: PipelineConfig, force: bool = False) -> Outcome:
     work = out.parent / f".{out.name}.{fp}.partial"
     work.mkdir(parents=True, exist_ok=True)  # may hold an interrupted attempt's checkpoint
     summary = stage.run(cfg, work)
+    if not distributed.is_main():  # a torchrun worker beside rank 0, which writes the outputs
+        return Outcome(stage.name, out, summary, fp, False, time.perf_counter() - start)
     (work / STAGE_FILE).write_text(json.dumps({"stage": stage.name, "fingerprint": fp, "summary": summary},
                                               indent=2, sort_keys=True))
     _swap(work, out)

@@ -6,6 +6,7 @@ import pandas as pd
 import torch
 
 from convheads import HeadScores, score_heads
+from convheads.precision import resolve_device
 
 from .config import PipelineConfig
 from .inputs import loader, stage_model
@@ -15,9 +16,9 @@ SCORES, SCORES_TABLE = "scores.pt", "scores.csv"
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
-    model = stage_model(cfg, "baseline").to(cfg.device)
+    model = stage_model(cfg, "baseline").to(resolve_device(cfg.device))
     batches = loader(cfg, model, "train", cfg.score.batch_size, train=True)
-    scores = score_heads(model, batches, max_images=cfg.score.max_images)
+    scores = score_heads(model, batches, max_images=cfg.score.max_images, precision=cfg.precision)
     torch.save(scores.to_dict(), out / SCORES)
     scores_table(scores).to_csv(out / SCORES_TABLE, index=False)
     return {"num_images": scores.num_images, "sigma_h_min": scores.sigma_h.min().item(),

@@ -1,50 +1,73 @@
-"""Stage 4: select the heads (or whole blocks) to replace, and draw the scores with the choice."""
+"""Stage 4: select the heads (or whole blocks) to replace, and show the scores with the choice:
+Sigma_h and the fit score per head (heads.csv, heatmap.png)."""
 import json
 from pathlib import Path
 from typing import Dict
 
+import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend on servers and workers
 
 from convheads import HeadScores, Selection, select_heads
+from convheads.fitting import fit_scores
 
 from .config import PipelineConfig
 from .runner import output_dir
 from .score import load_scores
 
-SELECTION, HEATMAP = "selection.json", "heatmap.png"
+SELECTION, HEATMAP, HEADS_TABLE = "selection.json", "heatmap.png", "heads.csv"
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
-    scores, s = load_scores(cfg), cfg.select
+    scores, s, k = load_scores(cfg), cfg.select, cfg.replace.kernel_size
     depth, num_heads = scores.sigma_h.shape
     if s.blocks is not None:
         selection = Selection.from_blocks(s.blocks, num_heads=num_heads, depth=depth)
         selection.check(depth, num_heads)
     else:
         selection = select_heads(scores, count=s.count, fraction=None if s.count else s.fraction,
-                                 granularity=s.granularity)
+                                 granularity=s.granularity, method=s.method, kernel_size=k)
     (out / SELECTION).write_text(selection.to_json() + "\n")
-    plot_scores(scores, selection, out / HEATMAP)
+    fit = fit_scores(scores, k) if scores.mean_attention is not None else None  # older score files: Sigma only
+    heads_table(scores, fit, selection).to_csv(out / HEADS_TABLE, index=False)
+    plot_scores(scores, selection, out / HEATMAP, fit, k)
     return {"heads_replaced": selection.num_replaced, "heads_total": depth * num_heads,
-            "blocks_touched": len(selection.heads),
-            "whole_blocks": sorted(b for b, h in selection.heads.items() if len(h) == num_heads)}
+            "blocks_touched": len(selection.heads), "method": s.method if s.blocks is None else "blocks",
+            "whole_blocks": sorted(b for b, h in selection.heads.items() if len(h) == num_heads),
+            **({"fit_selected_mean": float(sum(fit[b, h].item() for b, hs in selection.heads.items() for h in hs)
+                                           / selection.num_replaced)} if fit is not None else {})}
 
 
 def load_selection(cfg: PipelineConfig) -> Selection:
     return Selection.from_dict(json.loads((output_dir(cfg, "select") / SELECTION).read_text()))
 
 
-def plot_scores(scores: HeadScores, selection: Selection, path: Path) -> None:
-    """Sigma_h per block and head (selected heads crossed out) beside Sigma_b per block."""
+def heads_table(scores: HeadScores, fit, selection: Selection) -> pd.DataFrame:
+    """One row per head: Sigma_h, Sigma_b, the fit score (when the scores have the maps), selected."""
     depth, heads = scores.sigma_h.shape
-    fig = Figure(figsize=(4 + 0.5 * heads, 1.5 + 0.4 * depth), layout="constrained")
-    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [heads, 3]})
-    im = ax.imshow(scores.sigma_h.numpy(), cmap="viridis", aspect="auto")
-    for b, hs in selection.heads.items():
-        ax.scatter(hs, [b] * len(hs), marker="x", color="red", s=60)
-    ax.set(xlabel="head", ylabel="block", xticks=range(heads), yticks=range(depth),
-           title=f"Sigma_h ({selection.num_replaced} of {depth * heads} heads replaced: x)")
-    fig.colorbar(im, ax=ax, label="Sigma_h (low = convolution-like)")
+    return pd.DataFrame([{"block": b, "head": h, "sigma_h": scores.sigma_h[b, h].item(),
+                          "sigma_b": scores.sigma_b[b].item(),
+                          **({"fit": fit[b, h].item(), "fit_b": fit[b].mean().item()} if fit is not None else {}),
+                          "selected": h in selection.heads.get(b, [])}
+                         for b in range(depth) for h in range(heads)])
+
+
+def plot_scores(scores: HeadScores, selection: Selection, path: Path, fit=None, kernel_size: int = 3) -> None:
+    """Sigma_h per block and head (selected heads crossed out), the fit score beside it, and Sigma_b per block."""
+    depth, heads = scores.sigma_h.shape
+    maps = [(scores.sigma_h, "viridis", "Sigma_h", "Sigma_h (low = convolution-like)")]
+    if fit is not None:
+        maps.append((fit, "magma", f"fit ({kernel_size}x{kernel_size} band + uniform)",
+                     "fit of E[A] (high = representable)"))
+    fig = Figure(figsize=(4 + 0.5 * heads * len(maps), 1.5 + 0.4 * depth), layout="constrained")
+    axes = fig.subplots(1, len(maps) + 1, gridspec_kw={"width_ratios": [heads] * len(maps) + [3]})
+    for ax, (values, cmap, name, label) in zip(axes, maps):
+        im = ax.imshow(values.numpy(), cmap=cmap, aspect="auto")
+        for b, hs in selection.heads.items():
+            ax.scatter(hs, [b] * len(hs), marker="x", color="red", s=60)
+        ax.set(xlabel="head", ylabel="block", xticks=range(heads), yticks=range(depth), title=name)
+        fig.colorbar(im, ax=ax, label=label)
+    axes[0].set_title(f"Sigma_h ({selection.num_replaced} of {depth * heads} heads replaced: x)")
+    bx = axes[-1]
     bx.barh(range(depth), scores.sigma_b.numpy(),
             color=["red" if len(selection.heads.get(b, [])) == heads else "grey" for b in range(depth)])
     bx.set(xlabel="Sigma_b", yticks=range(depth), ylim=(depth - 0.5, -0.5), title="block mean")

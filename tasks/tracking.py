@@ -22,6 +22,7 @@ from typing import Dict, Iterator, Optional
 import mlflow
 import pandas as pd
 import requests
+import torch
 import yaml
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
@@ -207,7 +208,8 @@ def log_model(cfg: PipelineConfig, stage: str, name: str):
     if earlier is not None:
         return earlier
     model = stage_model(cfg, stage)
-    images, _ = next(iter(loader(cfg, model, "test", batch_size=2)))
+    test = loader(cfg, model, "test", batch_size=2).dataset  # two samples: no loader workers to start and stop
+    images = torch.stack([test[i][0] for i in range(2)])
     logits = model(images).detach().numpy()
     example = images.numpy()
     return mlflow.pytorch.log_model(model, name=name, signature=infer_signature(example, logits),

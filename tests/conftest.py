@@ -109,3 +109,23 @@ def finished_pipeline(_finished_pipeline, tmp_path):
     for part in ("data", "outputs"):
         shutil.copytree(_finished_pipeline / part, tmp_path / part)
     return tmp_path
+
+
+def start_until_checkpoint(command, outputs, stage: str, poll: float = 0.02):
+    """Start a stage's command line in the project; return (the process, a function listing its
+    checkpoints) once it has written its first epoch's checkpoint (or ended, or 300 s passed)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    project = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, "-m", "tasks", *command], cwd=project,
+                               env={**os.environ, "PYTHONPATH": str(project)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    checkpoints = lambda: list(Path(outputs).glob(f".{stage}.*.partial/resume.pt"))  # noqa: E731
+    deadline = time.monotonic() + 300
+    while not checkpoints() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(poll)
+    return process, checkpoints

@@ -6,13 +6,15 @@ takes 13-20 s for a tiny model on a cold cache on 2 CPU cores. The suite's `mode
 inductor's outputs against eager at the real settings.
 """
 import json
+import os
 
 import pytest
 import torch
 
-from benchmarks import suite
-from convheads import ConvHeadsError
-from benchmarks.measure import Setting, benchmark_setting, compare_modes, sweep_blocks
+from benchmarks import layer_speed, suite
+from convheads import ConvHeadsError, export_onnx
+from convheads.export import OnnxModel
+from benchmarks.measure import Setting, benchmark_setting, compare_modes, compare_onnx, sweep_blocks
 from benchmarks.timing import time_models
 from conftest import replaced_tiny, tiny_vit
 
@@ -40,13 +42,16 @@ def test_channels_last_weights_and_inputs_give_the_same_outputs():
 
 def test_a_setting_gives_one_row_per_batch_size_and_variant_with_exact_cost_ratios():
     rows = benchmark_setting(Setting("vit_tiny_patch16_224", 64, 6), batch_sizes=(1, 2), repeats=1, warmup=0)
-    assert [(r["batch_size"], r["variant"]) for r in rows] == [(b, v) for b in (1, 2) for v in
-                                                               ("original", "depthwise", "identity", "ensemble")]
-    by = {r["variant"]: r for r in rows[:4]}
+    assert [(r["batch_size"], r["variant"]) for r in rows] == [(b, v) for b in (1, 2) for v in (
+        "original", "depthwise", "depthwise_global", "identity", "ensemble")]
+    by = {r["variant"]: r for r in rows[:5]}
     assert by["original"]["speedup"] == 1.0 and by["original"]["macs_ratio"] == 1.0
     # every variant removes more work than the one before it
     assert 1 < by["depthwise"]["macs_ratio"] < by["identity"]["macs_ratio"] < by["ensemble"]["macs_ratio"]
     assert by["original"]["params"] > by["depthwise"]["params"] > by["identity"]["params"] > by["ensemble"]["params"]
+    # the global term: the same MACs, gamma and phi (1 + 1 prefix token^2) per head of the 6 blocks' 3 heads
+    assert by["depthwise_global"]["macs_ratio"] == by["depthwise"]["macs_ratio"]
+    assert by["depthwise_global"]["params"] - by["depthwise"]["params"] == 6 * 3 * 2
     assert all(r["threads"] == torch.get_num_threads() and r["infer_step_time_p90"] >= r["infer_step_time"]
                for r in rows)
 
@@ -101,5 +106,51 @@ def test_the_suite_writes_tables_and_the_sweep_plot(tmp_path):
     assert set(tables) == {"latency", "sweep"}
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"run.json", "latency.csv", "latency.json", "sweep.csv", "sweep.json", "sweep.png"}
-    assert len(json.loads((tmp_path / "latency.json").read_text())) == 2 * 4  # quick: batch sizes 1, 2
+    assert len(json.loads((tmp_path / "latency.json").read_text())) == 2 * 5  # quick: batch sizes 1, 2; 5 variants
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_onnx_sessions_are_timed_in_a_process_of_their_own_with_torchs_threads_and_no_spinning():
+    """Interleaved in one process, onnxruntime's and PyTorch's busy-waiting threads slowed each other
+    (PyTorch eager 121 ms instead of 75 ms on 2 cores); each runtime is now timed on its own."""
+    rows = compare_onnx(Setting("vit_tiny_patch16_224", 32, 2), variants=("original", "depthwise"), repeats=1,
+                        warmup=0)
+    assert [(r["variant"], r["runtime"]) for r in rows] == [(v, r) for v in ("original", "depthwise")
+                                                            for r in ("pytorch", "onnxruntime")]
+    for r in rows:
+        assert (r["pid"] == os.getpid()) == (r["runtime"] == "pytorch")
+        assert r["onnx_max_abs_diff"] < 1e-4 and r["threads"] == torch.get_num_threads()
+        if r["runtime"] == "onnxruntime":
+            assert r["intra_op_threads"] == torch.get_num_threads() and r["spinning"] == "0"
+
+
+def test_onnx_runner_spins_only_when_asked(tmp_path):
+    path = export_onnx(tiny_vit(), tmp_path / "m.onnx")
+    for spinning, entry in ((False, "0"), (True, "1")):
+        options = OnnxModel(path, threads=1, spinning=spinning).session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+        assert options.intra_op_num_threads == 1
+
+
+def test_the_layer_benchmark_times_each_runtime_and_draws_the_ratios(tmp_path):
+    pts = layer_speed.points(grids=[4, 6], widths=[128], prefixes=[1], batches=[1],
+                             variants=["depthwise", "depthwise_global"])
+    rows = layer_speed.layer_speed(pts, ("eager", "onnxruntime"), budget_s=0.01, min_rounds=2)
+    assert [(r["grid"], r["variant"], r["runtime"]) for r in rows] == [
+        (g, v, r) for g in (4, 6) for v in ("depthwise", "depthwise_global") for r in ("eager", "onnxruntime")]
+    assert [r["mixing"] for r in rows] == ["banded", "conv"] * 4
+    assert all(r["tokens"] == 1 + r["grid"] ** 2 and r["rounds"] >= 2 and r["ratio"] > 0 for r in rows)
+    layer_speed.plot_layers(rows, tmp_path / "layers.png")
+    assert (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConvHeadsError, match="widths in"):
+        layer_speed.points(widths=[100])
+    with pytest.raises(ConvHeadsError, match="layer variants"):
+        layer_speed.points(variants=["fixed"])
+
+
+def test_the_digits_setting_is_the_pipelines_default_vit():
+    models = Setting.parse("digits:32:2").build(["original", "depthwise_global"])
+    assert models["original"].patch_embed.grid_size == (8, 8) and len(models["original"].blocks) == 6
+    assert models["depthwise_global"].blocks[1].attn.variant == "depthwise_global"
+    with pytest.raises(ConvHeadsError, match="32 px"):
+        Setting("digits", 64, 1).check()

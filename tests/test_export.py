@@ -67,3 +67,10 @@ def test_at_resolution_resamples_a_fixed_size_model_and_keeps_its_replacement():
     torch.testing.assert_close(same(x), model(x))
     plain = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)  # made by timm, not by us
     assert vit_info(at_resolution(plain, 48)).img_size == (48, 48)
+
+
+def test_a_half_precision_export_is_fed_and_checked_in_half_precision(tmp_path):
+    model = replaced_tiny().half()  # its patch_embed takes float16 inputs only
+    path = export_onnx(model, tmp_path / "half.onnx")
+    assert OnnxModel(path).dtype == torch.float16
+    assert check_onnx(model, path, atol=1e-2, rtol=1e-2) < 1e-2

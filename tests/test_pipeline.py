@@ -45,6 +45,7 @@ def test_the_pipeline_writes_every_output_and_reruns_only_what_changed(tiny_conf
     assert metrics["top1_drop"] == pytest.approx(metrics["baseline"]["top1"] - metrics["compressed"]["top1"])
     bench = pd.read_csv(f"{out}/benchmark/benchmark.csv")
     assert set(bench.model) == {"baseline", "compressed"} and set(bench.batch_size) == {1, 4}
+    assert set(bench.runtime) == {"onnxruntime", "eager"}  # the export as deployed, and PyTorch
     assert {"infer_samples_per_sec", "infer_step_time", "param_count", "infer_gmacs"} <= set(bench.columns)
     assert len(pd.read_csv(f"{out}/baseline/history.csv")) == 2
     assert load_model(f"{out}/recover/model.pt").blocks[0].attn is not None
@@ -181,6 +182,8 @@ def test_configuration_errors_name_the_key():
         (["data.source=folder"], "data.source=folder needs data.path"),
         (["replace.kernel_size=4"], "replace.kernel_size must be odd"),
         (["recover.epochs"], "is not key=value"),
+        (["benchmark.runtimes=[eager, eager]"], "lists a runtime twice"),
+        (["benchmark.runtimes=[tensorrt]"], "benchmark.runtimes.0: Input should be 'onnxruntime', 'eager' or"),
     ]:
         with pytest.raises(ConvHeadsError, match=match):
             load_config(None, overrides)
@@ -226,4 +229,21 @@ def test_the_closing_summary_reports_what_the_stages_measured(finished_pipeline)
     assert (s["heads_replaced"], s["heads_total"]) == (4, 8) and s["whole_blocks"] == [int(b) for b in selection["heads"]]
     text = table(s)
     assert f"{metrics['compressed']['top1']:.2%}" in text and "4 of 8" in text
-    assert f"whole blocks {s['whole_blocks'][0]}" in text and f"{s['speedup_b4']:.3f}x" in text
+    assert f"whole blocks {s['whole_blocks'][0]}" in text and f"{s['speedup_b4']:.3f}x (onnxruntime)" in text
+    assert "speedup in eager" in text and f"batch 1: {s['eager_speedup_b1']:.3f}x, batch 4: " in text
+
+
+def test_selection_by_fit_and_the_global_variant_run_as_stages(finished_pipeline):
+    cfg = with_changes(validate(tiny_params(finished_pipeline)), select={"method": "sigma_fit", "granularity": "head"},
+                       replace={"variant": "depthwise_global"})
+    for name in ("select", "replace"):
+        assert not execute(STAGES[name], cfg).skipped
+    out = cfg.paths.outputs
+    heads = pd.read_csv(f"{out}/select/heads.csv")
+    assert list(heads.columns) == ["block", "head", "sigma_h", "sigma_b", "fit", "fit_b", "selected"]
+    assert heads.fit.between(0, 1).all() and heads.selected.sum() == 4
+    assert read_record(cfg, "select")["summary"]["method"] == "sigma_fit"
+    model = load_model(f"{out}/replace/model.pt")
+    assert {b.attn.variant for b in model.blocks if hasattr(b.attn, "variant")} == {"depthwise_global"}
+    with pytest.raises(ConvHeadsError, match="select.method"):
+        load_config(None, ["select.method=dsp"])

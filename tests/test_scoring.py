@@ -135,7 +135,11 @@ def test_attention_init_fits_kernels_beta_and_alpha_from_the_scores():
     d = layer.head_dim
     kernels = scores.kernels(3)[1, [0, 3]]
     torch.testing.assert_close(layer.conv.weight[:, 0], kernels.repeat_interleave(d, dim=0))
-    torch.testing.assert_close(layer.beta, scores.patch_to_prefix[1, [0, 3]].T.float())
+    # beta is added before the convolution: the raw weight, divided by the kernel's mean in-grid sum
+    # (a 4 x 4 grid: the centre tap lands on it from all 16 patches, a side tap from 12, a corner tap from 9)
+    taps = torch.tensor([[9, 12, 9], [12, 16, 12], [9, 12, 9]]) / 16
+    mean_sum = (kernels * taps).sum(dim=(-2, -1))
+    torch.testing.assert_close(layer.beta, scores.patch_to_prefix[1, [0, 3]].T.float() / mean_sum)
     torch.testing.assert_close(layer.alpha, scores.prefix_to_patches[1, [0, 3]].T.float())
     assert layer.beta.shape == (3, 2)
 

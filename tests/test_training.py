@@ -9,8 +9,8 @@ from benchmarks.timing import latency_stats, percentile, time_models
 from convheads.data import ManifestDataset, digits_images, split_indices, write_split_folders
 from convheads.manifest import build_manifest, scan_folder
 from convheads.evaluation import evaluate
-from convheads.training import new_parameters, train
-from conftest import tiny_vit
+from convheads.training import new_parameters, param_groups, train
+from conftest import replaced_tiny, tiny_vit
 
 
 def fake_loader(n=16, classes=5, batch=8):
@@ -61,6 +61,79 @@ def test_training_only_the_new_parameters_leaves_the_rest_untouched():
     changed = {n for n, v in model.state_dict().items() if not torch.equal(v, before[n])}
     assert changed == {names[i] for i in new}
     assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+
+
+def test_weight_decay_spares_tokens_position_embedding_1d_and_the_new_parameters():
+    model = replaced_tiny()  # a CLS token and 2 register tokens, depthwise heads and an ensemble block
+    names = {id(p): n for n, p in model.named_parameters()}
+    new = {names[id(p)] for p in new_parameters(model)}
+    for layer_decay in (None, 0.75):
+        groups = param_groups(model, 0.05, layer_decay)
+        decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+        spared = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+        assert {"pos_embed", "cls_token", "reg_token"} | new <= spared
+        assert "blocks.2.attn.qkv.weight" in decayed and "blocks.0.norm1.weight" in spared
+        assert decayed | spared == set(names.values()) and not decayed & spared
+    scales = {g["lr_scale"] for g in param_groups(model, 0.05, 0.5)}
+    assert max(scales) == 1.0 and min(scales) == 0.5 ** 5  # the head at 1, the embeddings 5 layers down
+
+
+def test_accumulation_and_checkpointing_train_the_same_weights():
+    x, y = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.arange(16) % 5
+    trained = {}
+    for name, batch, options in [("plain", 8, {}), ("accumulated", 4, {"accumulation": 2}),
+                                 ("checkpointed", 8, {"grad_checkpointing": True})]:
+        torch.manual_seed(0)
+        model = tiny_vit()
+        train(model, [(x[i:i + batch], y[i:i + batch]) for i in range(0, 16, batch)], epochs=2, lr=3e-3,
+              warmup_epochs=0, progress=False, **options)
+        trained[name] = model.state_dict()
+        assert not model.grad_checkpointing
+    for name in ("accumulated", "checkpointed"):
+        assert all(torch.allclose(trained[name][k], v, atol=1e-4) for k, v in trained["plain"].items()), name
+
+
+def test_bf16_autocast_trains_evaluates_and_scores_on_the_cpu():
+    model, loader = tiny_vit(), fake_loader()
+    history = train(model, loader, loader, epochs=3, lr=3e-3, warmup_epochs=0, progress=False, precision="bf16")
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and np.isfinite(history[-1]["val_loss"])
+    fp32, bf16 = (evaluate(model, loader, progress=False, precision=p) for p in ("fp32", "bf16"))
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05) and bf16["num_images"] == 16
+    from convheads import score_heads
+
+    images = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))]
+    exact, low = (score_heads(model, images, progress=False, precision=p) for p in ("fp32", "bf16"))
+    assert low.sigma_h.dtype == torch.float64
+    assert torch.allclose(low.sigma_h, exact.sigma_h, rtol=0.1)
+    half = tiny_vit().half()  # a model cast to half precision takes its inputs cast to match
+    assert evaluate(half, loader, progress=False)["num_images"] == 16
+    with pytest.raises(ConvHeadsError, match="fp16 needs a CUDA GPU"):
+        train(tiny_vit(), loader, progress=False, precision="fp16")
+
+
+def test_a_resumed_run_with_ema_equals_an_uninterrupted_one(tmp_path):
+    loader = fake_loader()
+    options = dict(epochs=3, lr=3e-3, warmup_epochs=1, progress=False, ema_decay=0.9, clip_grad=1.0)
+    torch.manual_seed(0)
+    whole = tiny_vit()
+    train(whole, loader, loader, **options)
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(row):
+        raise Interrupted
+
+    torch.manual_seed(0)
+    with pytest.raises(Interrupted):  # after the first epoch and its checkpoint
+        train(tiny_vit(), loader, loader, **options, checkpoint=tmp_path / "resume.pt", on_epoch=interrupt)
+    torch.manual_seed(5)
+    resumed = tiny_vit()
+    history = train(resumed, loader, loader, **options, checkpoint=tmp_path / "resume.pt")
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all(torch.allclose(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())
+    # a checkpoint of another global batch (other batch sizes, or another number of processes) is refused
+    with pytest.raises(ConvHeadsError, match="was written with 2 updates per epoch, this run has 4"):
+        train(tiny_vit(), fake_loader(batch=4), **options, checkpoint=tmp_path / "resume.pt")
 
 
 def test_training_argument_errors():

@@ -1,0 +1,158 @@
+"""The spatial mixing of replaced heads: prefix-token scalars, then a depthwise k x k convolution
+of the patch grid (plus, optionally, a global term); one function, three implementations that compute it.
+
+    prefix_out[j] = v_prefix[j] + alpha[j, i] * mean(V_i over patches)       (per mixed head i)
+    patches_out   = conv_k(V_i(patches) + sum_j beta[j, i] * v_prefix[j])    (stride 1, zero "same" padding)
+
+With the global term (variant "depthwise_global", see layers.py) a head i also has gamma[i] and a
+P x P prefix mixing phi[:, :, i], and its prefix tokens are mixed like attention mixes them:
+
+    prefix_out[j] = sum_j' phi[j, j', i] v_prefix[j'] + alpha[j, i] * mean(V_i over patches)
+    patches_out   = conv_k(...as above...) + gamma[i] * mean(V_i over all N tokens)
+
+Implementations (`IMPLEMENTATIONS`), all on channels-last views of the values (no layout copies):
+  conv    the library's depthwise convolution (oneDNN on CPU, cuDNN on GPU). On a CPU a call costs
+          ~40 us whatever the size: more than the whole attention on a tiny grid.
+  shift   the k^2 shifted windows of the zero-padded grid (one strided view) times the taps,
+          summed. torch.compile fuses it with the prefix scalars into one loop, which beats
+          calling the library convolution from compiled code on all but large inputs.
+  banded  the [N, N] token-mixing matrix per channel that the whole function equals (prefix
+          scalars included; the fixed banded matrix of METHOD.md's derivation), applied as one
+          multiply and one sum: the cheapest on tiny grids. Built on every call while gradients
+          flow; without them built once and reused while the parameters keep their values.
+`choose` picks one per call from its shape, device and mode (gradients, torch.compile, ONNX
+export): a given kind of call always takes the same path. All three agree to float rounding.
+"""
+from typing import Callable, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConvHeadsError
+
+IMPLEMENTATIONS = ("conv", "shift", "banded")
+AUTO = "auto"
+# "banded" multiplies out a [B, N, N, C] product; above this many elements the convolution path
+# is faster (measured with benchmarks/layer_speed.py: width 128, batch 1 crosses over at a 6 x 6
+# grid without prefix tokens, 7 x 7 with them, since they cost the convolution path 4 more ops).
+BANDED_MAX_ELEMENTS = 150_000
+BANDED_MAX_ELEMENTS_PREFIX = 300_000
+# Under torch.compile the fused shift loop beats the library convolution called from compiled
+# code up to about this many values (B x h x w x C); above it, the library's blocked kernel wins.
+SHIFT_MAX_VALUES_COMPILED = 300_000
+
+
+def check_implementation(name: str) -> str:
+    if name != AUTO and name not in IMPLEMENTATIONS:
+        raise ConvHeadsError(f"mixing implementation must be {AUTO!r} or one of {IMPLEMENTATIONS}; got {name!r}")
+    return name
+
+
+def choose(batch: int, tokens: int, channels: int, prefix: int, device: torch.device) -> str:
+    """The fastest implementation for a call (measured with benchmarks/layer_speed.py)."""
+    if torch.onnx.is_in_onnx_export():
+        return "conv"        # one ONNX Conv node, which runtimes and TensorRT optimise
+    patches = batch * (tokens - prefix) * channels
+    if torch.compiler.is_compiling():  # inductor fuses shift with the prefix scalars into one loop
+        return "shift" if patches <= SHIFT_MAX_VALUES_COMPILED else "conv"
+    limit = BANDED_MAX_ELEMENTS_PREFIX if prefix else BANDED_MAX_ELEMENTS
+    if device.type == "cpu" and not torch.is_grad_enabled() and batch * tokens * tokens * channels <= limit:
+        return "banded"
+    return "conv"
+
+
+def _addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a + b * c: one fused op in PyTorch; plain ops in an ONNX export, where addcmul's float32
+    constant would turn a float16 graph float32 (onnxruntime then refuses the mixed LayerNorm)."""
+    return a + b * c if torch.onnx.is_in_onnx_export() else torch.addcmul(a, b, c)
+
+
+def _spatial(grid: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor:
+    """Depthwise k x k convolution (zero "same" padding) of grid [B, h, w, C] -> [B, h, w, C]."""
+    B, h, w, C = grid.shape
+    k = int(weight.shape[-1])  # plain ints, also while tracing for export
+    if how == "conv":  # a channels-last view in, a channels-last result out: no copies
+        return F.conv2d(grid.permute(0, 3, 1, 2), weight, None, 1, k // 2, 1, C).permute(0, 2, 3, 1)
+    # shift: the k^2 shifted windows of the zero-padded grid are one strided view [k, k, B, h, w, C]
+    # (no copy); multiply by the taps and sum over the outermost dimension (the fast way round).
+    r, h, w = k // 2, int(h), int(w)
+    padded = F.pad(grid, (0, 0, r, r, r, r))
+    sb, sy, sx, _ = padded.stride()
+    windows = padded.as_strided((k, k, B, h, w, C), (sy, sx, sb, sy, sx, 1))
+    taps = weight.view(C, k * k).t().contiguous().view(k, k, 1, 1, 1, C)  # contiguous: a fast multiply
+    return (windows * taps).flatten(0, 1).sum(dim=0)
+
+
+def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.Tensor],
+                  beta: Optional[torch.Tensor], grid_size: Tuple[int, int], head_dim: int,
+                  how: str = "conv", gamma: Optional[torch.Tensor] = None,
+                  phi: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mix values v [B, P + h*w, C] (C = heads x head_dim) -> the same shape, the convolution done
+    by `how` ("conv" or "shift"). weight [C, 1, k, k]; alpha, beta [P, heads] (None when P = 0);
+    with the global term: gamma [heads] and phi [P, P, heads] (None when P = 0)."""
+    B, N, C = v.shape
+    h, w = grid_size
+    P = N - h * w
+    heads = v.unflatten(-1, (-1, head_dim))       # [B, N, heads, d]: per-head scalars broadcast, no copies
+    if not P:
+        y = _spatial(v.reshape(B, h, w, C), weight, how).reshape(B, N, C)
+        return y if gamma is None else y + (heads.mean(dim=1) * gamma[:, None]).reshape(B, 1, C)
+    prefix, patches = heads[:, :P], heads[:, P:]
+    if P == 1:
+        shifted = _addcmul(patches, prefix, beta[..., None])
+    else:
+        shifted = patches + (prefix * beta[..., None]).sum(dim=1, keepdim=True)
+    patch_mean = patches.mean(dim=1, keepdim=True)                      # [B, 1, heads, d]
+    y = _spatial(shifted.reshape(B, h, w, C), weight, how).reshape(B, h * w, C)
+    if gamma is None:
+        prefix_out = _addcmul(prefix, alpha[..., None], patch_mean)
+    else:
+        # the mean over all N tokens from the patch mean: one reduction serves alpha and gamma
+        token_mean = (prefix.sum(dim=1, keepdim=True) + patch_mean * (h * w)) / N
+        y = y + (token_mean * gamma[:, None]).reshape(B, 1, C)
+        prefix_out = (prefix[:, None] * phi[..., None]).sum(dim=2) + alpha[..., None] * patch_mean
+    return torch.cat([prefix_out.flatten(2), y], dim=1)
+
+
+def banded_matrix(mix: Callable[[torch.Tensor], torch.Tensor], tokens: int, channels: int,
+                  like: torch.Tensor) -> torch.Tensor:
+    """M [N, N, C] with mix(v)[b, p, c] = sum_q M[q, p, c] v[b, q, c], for any token mixing that is
+    linear and acts on each channel alone: `mix` fed the N unit token vectors (row q: where token q
+    goes), so it is the same function by construction."""
+    units = torch.eye(tokens, dtype=like.dtype, device=like.device)[:, :, None].expand(tokens, tokens, channels)
+    return mix(units).contiguous()
+
+
+def apply_banded(v: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """v [B, N, C], matrix [N (from), N (to), C] -> [B, N, C]. The sum runs over the outermost
+    dimension of the product: twice as fast as over an inner one."""
+    return (matrix[:, None] * v.transpose(0, 1)[:, :, None]).sum(dim=0)
+
+
+class ParameterCache:
+    """A tensor computed from parameters, reused while they keep their values.
+
+    Only without gradients and outside torch.compile / tracing (there it is computed every call,
+    so gradients and graphs see the parameters). Values are compared rather than version counters,
+    which writes through `.data` do not bump."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._key: Optional[Hashable] = None
+        self._params: List[torch.Tensor] = []
+        self._value: Optional[torch.Tensor] = None
+
+    def _holds(self, key: Hashable, params: Sequence[torch.Tensor]) -> bool:
+        return (self._value is not None and key == self._key and len(params) == len(self._params)
+                and all(c.dtype == p.dtype and c.device == p.device and c.shape == p.shape and torch.equal(c, p)
+                        for c, p in zip(self._params, params)))
+
+    def get(self, key: Hashable, params: Sequence[torch.Tensor], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return compute()
+        if not self._holds(key, params):
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode
+                self._key, self._params, self._value = key, [p.detach().clone() for p in params], compute()
+        return self._value
