@@ -15,6 +15,9 @@ from .objective import objective
 from .runner import file_digest
 
 HISTORY = "history.csv"
+# history.csv's copy of the task's headline metric on the validation split (val_top1 or val_miou):
+# the one column dvc.yaml's plots can name for either task (its templating cannot pick by task)
+HEADLINE = "val_headline"
 
 
 def fine_tune(cfg: PipelineConfig, stage: str, model, out: Path, trainable: str = "all",
@@ -36,7 +39,10 @@ def fine_tune(cfg: PipelineConfig, stage: str, model, out: Path, trainable: str 
     if fold:  # the compressed model is the inference form: ensembles folded into thin linear maps
         fold_ensembles(model)
     save_model(model.cpu(), out / MODEL_FILE)
-    pd.DataFrame(history).to_csv(out / HISTORY, index=False)
+    table = pd.DataFrame(history)
+    if f"val_{objective(cfg).headline}" in table:
+        table[HEADLINE] = table[f"val_{objective(cfg).headline}"]
+    table.to_csv(out / HISTORY, index=False)
     resume.unlink(missing_ok=True)
     last = history[-1] if history else {}
     return {"epochs": len(history), "params": count_params(model),
