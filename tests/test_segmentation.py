@@ -1,5 +1,6 @@
 """Semantic segmentation: metrics, the digits scenes, the model on a replaced backbone, ADE20K-style
 folders and their bad input, and the pipeline end to end (Prefect flow, MLflow registry)."""
+import functools
 import json
 import math
 from pathlib import Path
@@ -81,6 +82,39 @@ def test_a_replaced_backbone_keeps_every_feature_map_and_saves_and_loads(tmp_pat
     torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(ConvHeadsError, match=r"feature_blocks \[4\] must be .* 0..3"):
         convheads.SegmentationModel(convheads.as_vit(model), 5, [4])
+
+
+@pytest.mark.parametrize("variant", ["depthwise_global", "fixed"])
+def test_a_replaced_segmentation_model_trains_on_the_engine(tmp_path, variant):
+    """The engine's options on a segmentation model with main's variants: bf16, accumulation, EMA and
+    a checkpoint; the head in groups of its own at HEAD_LR_SCALE x lr; 255 counts nowhere."""
+    from convheads.segmentation import HEAD_LR_SCALE
+    from convheads.training import param_groups, train
+
+    model = convheads.create_segmentation_model("vit_tiny_patch16_224", 3, feature_blocks=[0, 1], img_size=16,
+                                                patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    x = torch.randn(8, 3, 16, 16)
+    masks = torch.randint(0, 3, (8, 16, 16))
+    masks[:, 0] = 255
+    scores = convheads.score_heads(model, [x], progress=False)
+    convheads.replace_heads(model, convheads.Selection.from_blocks([1], 2), variant=variant, init="attention",
+                            scores=scores)
+    head = {id(p) for p in model.head.parameters()}
+    groups = param_groups(model, 0.05)
+    assert {g.get("lr_scale", 1.0) for g in groups if {id(p) for p in g["params"]} <= head} == {HEAD_LR_SCALE}
+    assert not any(id(p) in head for g in groups if g.get("lr_scale", 1.0) != HEAD_LR_SCALE for p in g["params"])
+    assert model.uses_every_parameter
+    batches = [(x[:4], masks[:4]), (x[4:], masks[4:])]
+    history = train(model, batches, batches, epochs=2, lr=1e-3, warmup_epochs=0, progress=False,
+                    precision="bf16", accumulation=2, ema_decay=0.9, checkpoint=tmp_path / "resume.pt",
+                    ignore_index=255, validate=functools.partial(evaluate_segmentation, num_classes=3))
+    assert [h["epoch"] for h in history] == [1, 2] and history[-1]["lr"] < 1e-3
+    assert {"train_pixel_acc", "val_miou", "val_pixel_acc", "val_loss"} <= set(history[0])
+    assert all(0 <= h["train_pixel_acc"] <= 1 and math.isfinite(h["val_loss"]) for h in history)
+    assert model(x).shape == (8, 3, 16, 16)
+    earlier = convheads.create_segmentation_model("vit_tiny_patch16_224", 3, feature_blocks=[0], img_size=16,
+                                                  patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    assert not earlier.uses_every_parameter  # block 1 never runs: DDP must look for unused parameters
 
 
 def write_pairs(root: Path, n: int = 12, size=(16, 16), classes=3) -> Path:
