@@ -113,7 +113,7 @@ def main(argv: List[str] = None) -> None:
         seeds=("top1", "size"), top1_mean=("top1", "mean"), top1_min=("top1", "min"), top1_max=("top1", "max"),
         ci_low_min=("ci_low", "min"), ci_high_max=("ci_high", "max")).reset_index()
     with atomic_path(args.out / "summary.md") as tmp:
-        tmp.write_text(f"selection: {selection}; recover: {cfg.recover.epochs} epochs\n\n"
+        tmp.write_text(f"selection: {selection}; recover: {cfg.training('recover').epochs} epochs\n\n"
                        + summary.to_markdown(index=False, floatfmt=".3f") + "\n")
     print(summary.to_string(index=False))
 

@@ -14,6 +14,7 @@ import contextlib
 import io
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -249,6 +250,16 @@ def default_num_workers() -> int:
     return max(0, min(8, cpu_cores() - 1))
 
 
+def forget_parent_exit_hooks(worker_id: int) -> None:
+    """DataLoader worker init. Workers are forked, so they inherit the parent's thread-exit callbacks
+    (threading._register_atexit): a workflow engine's, such as Prefect's service drains, then run at the
+    worker's exit, fail there (its service threads do not exist in the child) and make a worker that
+    finished cleanly exit with code 1, which the loader reports as a crashed worker."""
+    hooks = getattr(threading, "_threading_atexits", None)  # private in CPython 3.9-3.13: hence getattr
+    if hooks is not None:
+        hooks.clear()
+
+
 def make_loader(dataset: Dataset, batch_size: int, train: bool = False, num_workers: int = 0,
                 pin_memory: bool = False, persistent_workers: bool = True, drop_last: bool = False,
                 rank: int = 0, world: int = 1, accumulation: int = 1) -> DataLoader:
@@ -278,4 +289,4 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool = False, num_work
     # first epoch if they persist) must not come from the global RNG the sampler draws from.
     return ImageLoader(dataset, batch_size=batch_size, sampler=sampler,
                        num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent_workers and workers > 0,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(0), worker_init_fn=forget_parent_exit_hooks)

@@ -248,3 +248,26 @@ def test_bad_input_fails_in_the_preflight_or_once_not_after_retries(tmp_path):
         preflight.check(cfg)  # the layout is checked in seconds, before any stage
     assert not transient(None, None, Failed(data=ConvHeadsError("1 file(s) are not readable images: ...")))
     assert transient(None, None, Failed(data=OSError("connection reset by peer")))  # a download may pass next time
+
+
+def test_loader_workers_forked_inside_a_prefect_task_exit_cleanly(prefect_api):
+    """Forked workers inherit Prefect's thread-exit callbacks; left in place they fail at the worker's
+    exit (code 1) and the loader prints a "worker exited unexpectedly" traceback after every stage."""
+    from prefect import flow, task
+    from torch.utils.data import TensorDataset
+    from convheads.data import make_loader
+
+    @task
+    def read_twice():
+        loader = make_loader(TensorDataset(torch.arange(32.0)), batch_size=8, num_workers=2)
+        batches = [b for _ in range(2) for (b,) in loader]
+        it = loader._iterator  # persistent workers: the iterator the loader keeps
+        workers = list(it._workers)
+        it._shutdown_workers()
+        return len(batches), [w.exitcode for w in workers]
+
+    @flow
+    def read():
+        return read_twice()
+
+    assert read() == (8, [0, 0])

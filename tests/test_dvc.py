@@ -61,7 +61,7 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(repo):
     runs = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db").search_runs(
         [mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db").get_experiment_by_name("convheads").experiment_id],
         "tags.runner = 'dvc'")
-    assert len(runs) == 2 and {r.data.params["recover.lr"] for r in runs} == {"0.0005", "0.002"}
+    assert len(runs) == 2 and {r.data.params["recover.lr"] for r in runs} == {"0.001", "0.002"}
 
     # an experiment with one parameter set on the command line reruns from the stage that reads it
     assert ran(sh(repo, "dvc", "exp", "run", "-S", "select.granularity=head", "-S", "select.fraction=0.25"))[:2] \
