@@ -9,4 +9,4 @@ from .inputs import stage_model
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
     model = stage_model(cfg, "replace")
-    return fine_tune(cfg, cfg.recover, model, out, trainable=cfg.recover.trainable, fold=True)
+    return fine_tune(cfg, "recover", model, out, trainable=cfg.recover.trainable, fold=True)
