@@ -28,6 +28,7 @@ from scipy.stats import beta as beta_dist
 
 from convheads import ConvHeadsError, HeadScores, load_model, replace_heads, score_heads, select_heads
 from convheads.evaluation import evaluate
+from convheads.precision import resolve_device
 from convheads.files import atomic_path
 from tasks.baseline import fine_tune
 from tasks.config import load_config
@@ -46,7 +47,7 @@ def interval(correct: int, n: int) -> tuple:
 
 
 def top1(cfg, model) -> dict:
-    m = evaluate(model, loader(cfg, model, "test", cfg.evaluate.batch_size), cfg.device)
+    m = evaluate(model, loader(cfg, model, "test", cfg.evaluate.batch_size), resolve_device(cfg.device))
     correct = round(m["top1"] * m["num_images"])
     lo, hi = interval(correct, m["num_images"])
     return {"top1": m["top1"], "correct": correct, "n": m["num_images"], "ci_low": lo, "ci_high": hi}
@@ -102,7 +103,7 @@ def main(argv: List[str] = None) -> None:
                 run_cfg = cfg.model_copy(update={"seed": seed})
                 work = args.out / f"{method}-{seed}"
                 work.mkdir(exist_ok=True)
-                fine_tune(run_cfg, cfg.recover, model, work, trainable=cfg.recover.trainable)
+                fine_tune(run_cfg, "recover", model, work, trainable=cfg.recover.trainable)
                 rows.append({"method": method, "seed": seed, "stage": "recovered", **top1(cfg, model)})
                 print(rows[-1], flush=True)
             with atomic_path(args.out / "methods.csv") as tmp:
@@ -112,7 +113,7 @@ def main(argv: List[str] = None) -> None:
         seeds=("top1", "size"), top1_mean=("top1", "mean"), top1_min=("top1", "min"), top1_max=("top1", "max"),
         ci_low_min=("ci_low", "min"), ci_high_max=("ci_high", "max")).reset_index()
     with atomic_path(args.out / "summary.md") as tmp:
-        tmp.write_text(f"selection: {selection}; recover: {cfg.recover.epochs} epochs\n\n"
+        tmp.write_text(f"selection: {selection}; recover: {cfg.training('recover').epochs} epochs\n\n"
                        + summary.to_markdown(index=False, floatfmt=".3f") + "\n")
     print(summary.to_string(index=False))
 

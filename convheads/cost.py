@@ -17,7 +17,7 @@ from timm.layers import Attention
 
 from .ensemble import EnsembleHeadAttention
 from .layers import ReplacedAttention
-from .vit import vit_info
+from .vit import as_vit, vit_info
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def model_cost(model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> 
     model.eval()
     try:
         p = next(model.parameters())
-        model(torch.zeros(1, model.patch_embed.proj.in_channels, height, width, device=p.device, dtype=p.dtype))
+        model(torch.zeros(1, as_vit(model).patch_embed.proj.in_channels, height, width, device=p.device, dtype=p.dtype))
     finally:
         for h in hooks:
             h.remove()

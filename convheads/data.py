@@ -138,7 +138,7 @@ def image_transform(data_config: Dict, augment: str = "none"):
 
 
 @contextlib.contextmanager
-def _seeded(seed: Optional[int]) -> Iterator[None]:
+def seeded(seed: Optional[int]) -> Iterator[None]:
     """Seed the generators the transforms draw from (Python's random, torch's CPU generator) for
     one sample, and put them back afterwards (the caller's streams, e.g. dropout's, go on as they
     were). numpy's is left alone: none of the augment presets use it, and saving it costs more
@@ -188,7 +188,7 @@ class ManifestDataset(Dataset):
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, None)
         img = open_image(self.root / self.paths[i].decode())
-        with _seeded(seed):
+        with seeded(seed):
             return self.transform(img), int(self.labels[i])
 
 

@@ -33,7 +33,7 @@ from .layers import CONV_VARIANTS, ConvHeadAttention, ReplacedAttention
 from .scoring import HeadScores
 from .selection import GRANULARITIES, Selection
 from .surgery import INITS, track_grid_size
-from .vit import vit_info
+from .vit import as_vit, vit_info
 
 GATES = "dsp_gates"     # the attribute of the model that holds its gates while it is gated
 GATE_LR = 0.01          # the gates' own learning rate (no weight decay)
@@ -168,7 +168,7 @@ class GatedAttention(ReplacedAttention):
 
 
 def _gated_blocks(model: nn.Module) -> List[GatedAttention]:
-    return [b.attn for b in model.blocks if isinstance(b.attn, GatedAttention)]
+    return [b.attn for b in as_vit(model).blocks if isinstance(b.attn, GatedAttention)]
 
 
 def _apply_gates(model: nn.Module, args) -> None:
@@ -176,8 +176,9 @@ def _apply_gates(model: nn.Module, args) -> None:
     function of the module it runs on, so a deep copy (an EMA of the model) uses its own gates."""
     gates: DSPGates = getattr(model, GATES)
     w = gates()
-    heads = model.blocks[0].attn.num_heads
-    for b, block in enumerate(model.blocks):
+    blocks = as_vit(model).blocks  # the backbone's, in a segmentation model
+    heads = blocks[0].attn.num_heads
+    for b, block in enumerate(blocks):
         block.attn.weight = w[b].expand(heads) if gates.granularity == "block" else w[b * heads:(b + 1) * heads]
 
 
@@ -199,7 +200,7 @@ def gate_model(
     temperature[0] to temperature[1]. init, variant, kernel_size, scores: as replace_heads (the
     mixing of every head starts where replace_heads would start it). Returns the gates (also
     `model.dsp_gates`); their logits start at 0, so the first choices are the noise's."""
-    info = vit_info(model)
+    info, blocks = vit_info(model), as_vit(model).blocks
     if granularity not in GRANULARITIES:
         raise ConvHeadsError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
     num_gates = info.depth if granularity == "block" else info.depth * info.num_heads
@@ -209,22 +210,22 @@ def gate_model(
         raise ConvHeadsError(f"init must be one of {INITS}; got {init!r}")
     if init == "attention" and scores is None:
         raise ConvHeadsError('init="attention" needs the scores (score_heads)')
-    if hasattr(model, GATES) or any(isinstance(b.attn, ReplacedAttention) for b in model.blocks):
+    if hasattr(model, GATES) or any(isinstance(b.attn, ReplacedAttention) for b in blocks):
         raise ConvHeadsError("DSP gates the original model: this one already has gated or replaced blocks")
     layers = [GatedAttention(b.attn, info.grid_size, info.num_prefix_tokens, kernel_size, variant)
-              for b in model.blocks]
+              for b in blocks]
     if init == "attention":
         fit = fit_mixing(scores, kernel_size, variant)
         for b, layer in enumerate(layers):
             layer.init_from_fit(for_heads(fit, b, range(info.num_heads)))
-    for block, layer in zip(model.blocks, layers):
+    for block, layer in zip(blocks, layers):
         block.attn = layer
     gates = DSPGates(num_gates, k, granularity, anneal_steps, *temperature, seed=seed,
-                     lr=lr).to(model.cls_token.device if model.cls_token is not None else "cpu")
+                     lr=lr).to(next(model.parameters()).device)
     setattr(model, GATES, gates)
     model._dsp_hook = model.register_forward_pre_hook(_apply_gates)
     if info.dynamic_img_size:
-        track_grid_size(model)
+        track_grid_size(as_vit(model))
     return gates
 
 
@@ -257,8 +258,9 @@ def finalise(model: nn.Module) -> Selection:
         raise ConvHeadsError("the model has no DSP gates (convheads.dsp.gate_model) to finalise")
     layers = _gated_blocks(model)
     first = layers[0]
-    selection = selection_of(gates, len(model.blocks), first.num_heads)
-    for b, (block, layer) in enumerate(zip(model.blocks, layers)):
+    blocks = as_vit(model).blocks
+    selection = selection_of(gates, len(blocks), first.num_heads)
+    for b, (block, layer) in enumerate(zip(blocks, layers)):
         heads = selection.heads.get(b)
         if not heads:
             block.attn = layer.attn

@@ -17,7 +17,7 @@ from torch import nn
 from .ensemble import EnsembleHeadAttention, fold_ensembles
 from .errors import ConvHeadsError
 from .files import atomic_path
-from .vit import vit_info
+from .vit import as_vit, vit_info
 
 OPSET = 17
 
@@ -44,7 +44,7 @@ def export_onnx(model: nn.Module, path: Union[str, Path], img_size: Optional[tup
     if any(isinstance(m, EnsembleHeadAttention) and not m.folded for m in model.modules()):
         model = fold_ensembles(copy.deepcopy(model))
     p = next(model.parameters())
-    x = torch.zeros(batch_size, model.patch_embed.proj.in_channels, *size, device=p.device, dtype=p.dtype)
+    x = torch.zeros(batch_size, as_vit(model).patch_embed.proj.in_channels, *size, device=p.device, dtype=p.dtype)
     return export_module(model, x, path, input_name="images")
 
 

@@ -24,9 +24,10 @@ from torch import nn
 
 from .errors import ConvHeadsError
 from .files import save_torch
+from .segmentation import SegmentationModel
 from .selection import Selection
 from .surgery import replace_heads, replacement_config
-from .vit import vit_info
+from .vit import as_vit, vit_info
 
 FORMAT = "convheads-model"
 FORMAT_VERSION = 1
@@ -180,6 +181,17 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Union
     return model
 
 
+def create_segmentation_model(name: str, num_classes: int, feature_blocks: Optional[List[int]] = None,
+                              pretrained: bool = False, checkpoint: Optional[Union[str, Path]] = None,
+                              device: str = "cpu", **kwargs) -> SegmentationModel:
+    """A timm ViT backbone (as `create_model` builds it, without its classifier) with a linear
+    segmentation head on the patch tokens of `feature_blocks` (None: the last block), see
+    convheads.segmentation. A checkpoint's classifier, if it has one, is left out."""
+    backbone = create_model(name, pretrained=pretrained, checkpoint=checkpoint, device=device,
+                            **{**kwargs, "num_classes": 0})
+    return SegmentationModel(backbone, num_classes, feature_blocks).to(device)
+
+
 def _spec(model: nn.Module, name: str, kwargs: dict) -> dict:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return {"name": name, "kwargs": dict(kwargs), "pretrained_cfg": {k: cfg[k] for k in PREPROCESSING if k in cfg}}
@@ -240,6 +252,7 @@ def check_state_dict(model: nn.Module, state: dict, source: str, new_classifier:
         state = {k: own[k] if k.startswith(heads) and k in own and getattr(v, "shape", None) != own[k].shape else v
                  for k, v in state.items()}
         state.update({k: v for k, v in own.items() if k.startswith(heads) and k not in state})  # a backbone's
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(heads)}  # a model without one
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -337,10 +350,11 @@ def build_spec(model: nn.Module) -> dict:
 
 
 def save_model(model: nn.Module, path: Union[str, Path]) -> Path:
-    """Save a (possibly replaced) timm ViT so that `load_model` rebuilds it."""
-    spec = build_spec(model)
+    """Save a (possibly replaced) timm ViT, or a segmentation model on one, so that `load_model` rebuilds it."""
+    spec = build_spec(as_vit(model))
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec,
                "replacement": replacement_config(model),
+               "segmentation": model.config if isinstance(model, SegmentationModel) else None,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     return save_torch(payload, path)
 
@@ -356,11 +370,13 @@ def load_model(path: Union[str, Path]) -> nn.Module:
         raise ConvHeadsError(f"{path} is not a convheads model file (save one with convheads.save_model)")
     if payload["version"] > FORMAT_VERSION:
         raise ConvHeadsError(f"{path} was written by a newer convheads (format {payload['version']}); upgrade")
-    return _rebuild(payload["spec"], payload["replacement"], payload["state_dict"], str(path))
+    return _rebuild(payload["spec"], payload["replacement"], payload["state_dict"], str(path),
+                    payload.get("segmentation"))
 
 
-def _build(spec: dict, replacement: List[dict]) -> nn.Module:
-    """`spec` built on the meta device, with the replacement replayed and its preprocessing."""
+def _build(spec: dict, replacement: List[dict], segmentation: Optional[dict] = None) -> nn.Module:
+    """`spec` built on the meta device, with the replacement replayed and its preprocessing, and
+    wrapped in a segmentation head if `segmentation` has its settings."""
     model = create_model(spec["name"], device="meta", **spec["kwargs"])
     model.pretrained_cfg = {**model.pretrained_cfg, **spec.get("pretrained_cfg", {})}
     model.convheads_spec = spec
@@ -371,12 +387,13 @@ def _build(spec: dict, replacement: List[dict]) -> nn.Module:
         if entry["folded"]:
             model.blocks[entry["block"]].attn.fold()
         model.blocks[entry["block"]].attn.mixing = entry.get("mixing", "auto")  # files before it existed: auto
-    return model
+    return SegmentationModel(model, **segmentation) if segmentation else model
 
 
-def _rebuild(spec: dict, replacement: List[dict], state: dict, source: str) -> nn.Module:
+def _rebuild(spec: dict, replacement: List[dict], state: dict, source: str,
+             segmentation: Optional[dict] = None) -> nn.Module:
     """Build `spec` on the meta device, replay the replacement, then load `state` into it."""
-    model = _build(spec, replacement)
+    model = _build(spec, replacement, segmentation)
     _assign(model, check_state_dict(model, state, source))
     return model.eval()
 
@@ -388,14 +405,17 @@ def at_resolution(model: nn.Module, img_size: Union[int, Tuple[int, int]]) -> nn
     weights at another size (bicubic), and frozen there (dynamic_img_size=False); every other
     weight is copied. This is how to export or deploy at one resolution.
     """
-    spec = build_spec(model)
+    vit = as_vit(model)
+    spec = build_spec(vit)
     info = vit_info(model)
     size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
     grid = info.patch_grid(*size)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if getattr(model, "pos_embed", None) is not None:
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=grid, old_size=info.grid_size,
-            num_prefix_tokens=0 if model.no_embed_class else info.num_prefix_tokens)
+    key = "pos_embed" if vit is model else "backbone.pos_embed"
+    if getattr(vit, "pos_embed", None) is not None:
+        state[key] = resample_abs_pos_embed(
+            state[key], new_size=grid, old_size=info.grid_size,
+            num_prefix_tokens=0 if vit.no_embed_class else info.num_prefix_tokens)
     new_spec = {**spec, "kwargs": {**spec["kwargs"], "img_size": size, "dynamic_img_size": False}}
-    return _rebuild(new_spec, replacement_config(model), state, "the model")
+    return _rebuild(new_spec, replacement_config(model), state, "the model",
+                    model.config if isinstance(model, SegmentationModel) else None)

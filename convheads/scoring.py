@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .errors import ConvHeadsError
 from .layers import ReplacedAttention
 from .precision import autocast, input_dtype
-from .vit import vit_info
+from .vit import as_vit, vit_info
 
 
 @dataclass
@@ -163,7 +163,7 @@ def score_heads(
     computes the attention maps under autocast (in low precision); their statistics are
     accumulated in float64 whatever the precision.
     """
-    info = vit_info(model)
+    info, model = vit_info(model), as_vit(model)  # a segmentation model: its backbone's heads
     if any(isinstance(b.attn, ReplacedAttention) for b in model.blocks):
         raise ConvHeadsError("the model already has replaced heads; score the model before replace_heads")
     if max_images is not None and max_images < 2:

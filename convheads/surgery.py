@@ -10,7 +10,7 @@ from .fitting import fit_mixing, for_heads
 from .layers import ConvHeadAttention, ReplacedAttention
 from .scoring import HeadScores
 from .selection import Selection
-from .vit import vit_info
+from .vit import as_vit, vit_info
 
 INITS = ("gaussian", "attention")
 VARIANTS = ("depthwise", "depthwise_global", "identity", "ensemble", "fixed", "drop")
@@ -41,7 +41,7 @@ def replace_heads(
     earns its keep); see layers.py.
     Everything is checked before the model is touched, so a bad call leaves it unchanged.
     """
-    info = vit_info(model)
+    info, vit = vit_info(model), as_vit(model)
     if not isinstance(selection, Selection):
         raise ConvHeadsError(f"selection must be a convheads.Selection; got {type(selection).__name__}")
     selection.check(info.depth, info.num_heads)
@@ -71,11 +71,11 @@ def replace_heads(
                 f"variant='ensemble' merges all heads of a block, but the selection names only some heads of "
                 f"blocks {sorted(partial)}; select whole blocks (select_heads(..., granularity='block') or "
                 f"Selection.from_blocks)")
-    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+    if not isinstance(getattr(vit, "patch_drop", nn.Identity()), nn.Identity):
         raise ConvHeadsError("patch dropout removes tokens from the patch grid; build the model with "
                              "patch_drop_rate=0 before replacing heads")
     for b in selection.heads:
-        if isinstance(model.blocks[b].attn, ReplacedAttention):
+        if isinstance(vit.blocks[b].attn, ReplacedAttention):
             raise ConvHeadsError(f"block {b} already has replaced heads; select heads on the original model")
 
     fit = None
@@ -83,7 +83,7 @@ def replace_heads(
         fit = fit_mixing(scores, kernel_size, "depthwise" if variant == "ensemble" else variant)
     layers = {}
     for b, heads in selection.heads.items():  # build every layer first: a bad block leaves the model as it was
-        attn = model.blocks[b].attn
+        attn = vit.blocks[b].attn
         if variant == "ensemble":
             layers[b] = EnsembleHeadAttention(attn, info.grid_size, info.num_prefix_tokens, kernel_size=kernel_size)
         else:
@@ -92,17 +92,17 @@ def replace_heads(
         if fit is not None:  # else the layer starts from the Gaussian
             layers[b].init_from_fit(for_heads(fit, b, heads))
     for b, layer in layers.items():
-        model.blocks[b].attn = layer
+        vit.blocks[b].attn = layer
     if info.dynamic_img_size:
-        track_grid_size(model)
+        track_grid_size(vit)
     return model
 
 
-def track_grid_size(model: nn.Module) -> None:
+def track_grid_size(vit: nn.Module) -> None:
     """The patch grid follows the input size: tell every replaced layer before the blocks run."""
-    if not getattr(model, "_convheads_grid_hook", False):
-        model.patch_embed.register_forward_pre_hook(functools.partial(_set_grid_size, model.blocks))
-        model._convheads_grid_hook = True
+    if not getattr(vit, "_convheads_grid_hook", False):
+        vit.patch_embed.register_forward_pre_hook(functools.partial(_set_grid_size, vit.blocks))
+        vit._convheads_grid_hook = True
 
 
 def _set_grid_size(blocks: nn.ModuleList, patch_embed: nn.Module, args) -> None:
@@ -115,7 +115,7 @@ def _set_grid_size(blocks: nn.ModuleList, patch_embed: nn.Module, args) -> None:
 def replaced_selection(model: nn.Module) -> Selection:
     """The heads of `model` that are replaced, as a Selection."""
     info = vit_info(model)
-    return Selection({i: b.attn.conv_heads for i, b in enumerate(model.blocks) if isinstance(b.attn, ReplacedAttention)},
+    return Selection({i: b.attn.conv_heads for i, b in enumerate(as_vit(model).blocks) if isinstance(b.attn, ReplacedAttention)},
                      depth=info.depth, num_heads=info.num_heads)
 
 
@@ -124,4 +124,4 @@ def replacement_config(model: nn.Module) -> List[dict]:
     same structure, and the layer's mixing implementation."""
     return [dict(block=i, heads=list(b.attn.conv_heads), kernel_size=b.attn.kernel_size, variant=b.attn.variant,
                  folded=getattr(b.attn, "folded", False), mixing=b.attn.mixing)
-            for i, b in enumerate(model.blocks) if isinstance(b.attn, ReplacedAttention)]
+            for i, b in enumerate(as_vit(model).blocks) if isinstance(b.attn, ReplacedAttention)]

@@ -8,6 +8,10 @@ On top: bf16 / fp16 autocast (fp16 with gradient scaling), gradient accumulation
 checkpointing, and data parallelism (DDP) when the process runs under torchrun
 (convheads.distributed): gradients are averaged over the processes, rank 0 alone writes the
 checkpoint, and validation is sharded over the processes and summed exactly.
+
+Both tasks train here: classification (labels [B], logits [B, classes]) and segmentation (masks
+[B, H, W], logits [B, classes, H, W]; pixels labelled `ignore_index` count nowhere). A task head
+built on the backbone (convheads.segmentation) starts from scratch and trains at HEAD_LR_SCALE x lr.
 """
 import contextlib
 import time
@@ -32,6 +36,8 @@ from .evaluation import evaluate
 from .files import save_torch
 from .layers import ReplacedAttention
 from .precision import autocast, check_precision, input_dtype
+from .segmentation import HEAD_LR_SCALE
+from .vit import as_vit
 
 TRAINABLE = ("all", "new")
 LOG_EVERY = 10  # updates between progress-bar refreshes: the only host syncs inside an epoch
@@ -51,18 +57,26 @@ def new_parameters(model: nn.Module) -> List[nn.Parameter]:
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> List[Dict]:
     """timm's parameter groups (weight decay, or weight decay and layer-wise lr scales), with the
     replaced layers' new parameters among the ones without weight decay: they are few and shape
-    the mixing (a kernel pulled towards zero mixes nothing). DSP gates (convheads.dsp) get a group
-    of their own: their lr, no weight decay."""
-    new = {id(p) for p in new_parameters(model)}
-    no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
-    no_decay |= {name for name, p in model.named_parameters() if id(p) in new}
-    if layer_decay is not None:
-        groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
-                                          no_weight_decay_list=no_decay)
-    else:
-        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay)
+    the mixing (a kernel pulled towards zero mixes nothing). A model built on a ViT backbone (a
+    segmentation model): the backbone's groups, as timm makes them for it, and the head's at
+    HEAD_LR_SCALE x lr -- a head from scratch must first move its biases to the class priors.
+    DSP gates (convheads.dsp) get a group of their own: their lr, no weight decay."""
+    vit = as_vit(model)
     gates = gate_groups(model)
     own = {id(p) for g in gates for p in g["params"]}
+    new = {id(p) for p in new_parameters(vit)}
+    no_decay = set(getattr(vit, "no_weight_decay", lambda: set())())
+    no_decay |= {name for name, p in vit.named_parameters() if id(p) in new}
+    if layer_decay is not None:
+        groups = param_groups_layer_decay(vit, weight_decay=weight_decay, layer_decay=layer_decay,
+                                          no_weight_decay_list=no_decay)
+    else:
+        groups = param_groups_weight_decay(vit, weight_decay=weight_decay, no_weight_decay_list=no_decay)
+    if vit is not model:
+        inside = {id(p) for p in vit.parameters()} | own
+        head = [p for p in model.parameters() if id(p) not in inside and p.requires_grad]
+        groups += [{"params": [p for p in head if p.ndim > 1], "weight_decay": weight_decay, "lr_scale": HEAD_LR_SCALE},
+                   {"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": HEAD_LR_SCALE}]
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in own]} for g in groups]
     return [g for g in groups if g["params"]] + gates
 
@@ -88,6 +102,8 @@ def train(
         grad_checkpointing: bool = False,
         ema_decay: Optional[float] = None,
         layer_decay: Optional[float] = None,
+        ignore_index: int = -100,
+        validate: Callable[..., Dict] = evaluate,
 ) -> List[Dict]:
     """Train `model` in place; return one metrics dict per epoch (also passed to `on_epoch`).
 
@@ -105,6 +121,10 @@ def train(
     seed: the global torch RNG is reseeded from (seed, epoch) at every epoch, so shuffling,
     augmentation and dropout are reproducible and a resumed run equals an uninterrupted one.
     Under torchrun (convheads.distributed.setup) the processes train one model together (DDP).
+    Targets labelled `ignore_index` (segmentation: unlabelled pixels) count nowhere; the row's
+    accuracy is train_top1 for labels [B], train_pixel_acc for masks [B, H, W].
+    validate(model, val_loader, device=, progress=, precision=): the val_* metrics (its float values;
+    default: convheads.evaluation.evaluate's top-1, top-5 and loss).
     """
     if trainable not in TRAINABLE:
         raise ConvHeadsError(f"trainable must be one of {TRAINABLE}; got {trainable!r}")
@@ -140,7 +160,9 @@ def train(
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     net = (DistributedDataParallel(model, device_ids=[torch.device(device).index]
-                                   if torch.device(device).type == "cuda" else None) if distributed.active() else model)
+                                   if torch.device(device).type == "cuda" else None,
+                                   find_unused_parameters=not getattr(model, "uses_every_parameter", True))
+           if distributed.active() else model)
     main = distributed.is_main()
     dtype = input_dtype(model)
     try:
@@ -148,8 +170,7 @@ def train(
             torch.manual_seed(seed * 100_003 + epoch)  # the same on every process: the same data order
             model.train()
             started = time.perf_counter()
-            sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
-            seen = 0
+            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x images, correct, targets, images
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
                        disable=not (progress and main), leave=False)
             for i, (images, labels) in enumerate(bar):
@@ -162,11 +183,13 @@ def train(
                 with net.no_sync() if net is not model and not last else contextlib.nullcontext():
                     with autocast(precision, device):
                         logits = net(images)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+                    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing)
                     scaler.scale(loss / accumulation).backward()
+                valid = labels != ignore_index
                 sums += torch.stack([loss.detach().double() * len(labels),
-                                     (logits.detach().argmax(-1) == labels).sum().double()])
-                seen += len(labels)
+                                     ((logits.detach().argmax(1) == labels) & valid).sum().double(),
+                                     valid.sum().double(), sums.new_tensor(len(labels))])
                 if not last:
                     continue
                 _update(model, optimizer, scaler, clip_grad)
@@ -175,19 +198,20 @@ def train(
                 if ema is not None:
                     ema.update(model, step=updates)
                 if progress and main and (i + 1) // accumulation % LOG_EVERY == 0:
-                    loss_sum, correct = sums.tolist()
+                    loss_sum, correct, targets, seen = sums.tolist()
                     _check_finite(loss_sum, epoch)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-            totals = distributed.all_sum(torch.cat([sums, sums.new_tensor([seen])])).tolist()
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / max(1, targets):.3f}")
+            loss_sum, correct, targets, seen = distributed.all_sum(sums).tolist()
             seconds = time.perf_counter() - started
-            _check_finite(totals[0], epoch)
-            row = {"epoch": epoch + 1, "train_loss": totals[0] / max(1, totals[2]),
-                   "train_top1": totals[1] / max(1, totals[2]), "lr": max(g["lr"] for g in optimizer.param_groups),
-                   "train_seconds": seconds, "train_images_per_sec": totals[2] / seconds}
+            _check_finite(loss_sum, epoch)
+            accuracy = "train_top1" if labels.ndim == 1 else "train_pixel_acc"
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), accuracy: correct / max(1, targets),
+                   "lr": max(g["lr"] / (g.get("lr_scale") or 1.0) for g in optimizer.param_groups),  # the schedule's
+                   "train_seconds": seconds, "train_images_per_sec": seen / seconds}
             if val_loader is not None:
                 scored = ema.module if ema is not None else model
-                row.update({f"val_{k}": v for k, v in evaluate(scored, val_loader, device, progress=False,
-                                                                precision=precision).items() if k != "num_images"})
+                row.update({f"val_{k}": v for k, v in validate(scored, val_loader, device=device, progress=False,
+                                                                precision=precision).items() if isinstance(v, float)})
             history.append(row)
             if checkpoint is not None and main:
                 save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),

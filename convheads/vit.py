@@ -40,8 +40,17 @@ class VitInfo:
         return grid
 
 
+def as_vit(model: nn.Module) -> nn.Module:
+    """The timm ViT in `model`: the model itself, or the `backbone` of a model built on one (a
+    segmentation model). Scoring, replacement, costs and save/load work on it."""
+    backbone = getattr(model, "backbone", None)
+    return backbone if isinstance(backbone, VisionTransformer) else model
+
+
 def vit_info(model: nn.Module) -> VitInfo:
-    """Check that `model` is a timm ViT whose blocks use standard attention; describe it."""
+    """Check that `model` is (or is built on, see `as_vit`) a timm ViT whose blocks use standard
+    attention; describe it."""
+    model = as_vit(model)
     if not isinstance(model, VisionTransformer):
         raise ConvHeadsError(
             f"convheads works on timm VisionTransformer models (ViT, DeiT, DINOv2, ...); "

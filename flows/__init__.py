@@ -63,7 +63,8 @@ def prefect_api() -> Iterator[None]:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                                  temporary_settings)
 
     if PREFECT_API_URL.value():
         yield
@@ -72,7 +73,9 @@ def prefect_api() -> Iterator[None]:
     previous = os.environ.get("PREFECT_LOGGING_ROOT_LEVEL")
     os.environ["PREFECT_LOGGING_ROOT_LEVEL"] = "CRITICAL"  # read by the server's process only, at its start
     try:
-        server.start()
+        # Prefect's 20 s default is too short on a busy machine (training beside it): a run would fail
+        # before its first stage; a larger setting is kept
+        server.start(timeout=max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), 120))
     finally:
         if previous is None:
             del os.environ["PREFECT_LOGGING_ROOT_LEVEL"]

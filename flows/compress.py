@@ -37,7 +37,7 @@ from tasks.launch import TRAINING_STAGES, launch, world_size
 from tasks.lock import hold
 from tasks.pipeline import STAGES
 from tasks.registry import PROMOTION_WAIT, SETTINGS_TAG, local_store, register, registered_version, settings_hash
-from tasks.report import summary, table
+from tasks.report import QUALITY, summary, table
 from tasks.runner import Outcome, execute, fingerprint, output_dir, read_record, up_to_date
 from tasks.tracking import (FINGERPRINT_TAG, check_reachable, config_hash, last_run_with, log_stage, pipeline_run,
                             tracking_uri)
@@ -123,8 +123,9 @@ def compress(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] 
     with hold(config, f"flow run {flow_run.get_name()!r}"):
         result = _pipeline(config, run_name, force, logger)
     registry = result.get("registry")
-    logger.info("compressed top-1 %.2f%% (baseline %.2f%%)%s%s", 100 * result["compressed_top1"],
-                100 * result["baseline_top1"],
+    metric, label = QUALITY[config.task][0]
+    logger.info("compressed %s %.2f%% (baseline %.2f%%)%s%s", label, 100 * result[f"compressed_{metric}"],
+                100 * result[f"baseline_{metric}"],
                 f"; {registry['model_name']} version {registry['version']}: {registry['promotion']}" if registry else "",
                 f"; {result['reason']}" if result.get("reason") else "")
     return result

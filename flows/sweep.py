@@ -125,6 +125,9 @@ def points(cfg: PipelineConfig) -> List[Tuple[str, float, int]]:
 
 def check(cfg: PipelineConfig) -> None:
     """Bad input fails here, before any training: every point's configuration and budget."""
+    if cfg.task != "classification":  # its table and plot are in top-1
+        raise ConvHeadsError(f"the sweep measures classification (top-1) so far, not task={cfg.task}: run "
+                             "python -m flows.compress task=segmentation select.fraction=... per budget")
     preflight.check(cfg)
     for method, budget, seed in points(cfg):
         try:

@@ -1,27 +1,32 @@
-"""Stage 2: fine-tune the ViT on the task (step 1 of the method). `fine_tune` also serves recovery."""
+"""Stage 2: fine-tune the ViT (with its segmentation head, for segmentation) on the task (step 1 of
+the method). `fine_tune` also serves recovery."""
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import pandas as pd
 
-from convheads import count_params, create_model, distributed, fold_ensembles, save_model
+from convheads import count_params, distributed, fold_ensembles, save_model
 from convheads.precision import resolve_device
 from convheads.training import train
 
-from .config import PipelineConfig, TrainConfig
-from .data import read_meta
+from .config import PipelineConfig
 from .inputs import MODEL_FILE, loader
+from .objective import objective
 from .runner import file_digest
 
 HISTORY = "history.csv"
+# history.csv's copy of the task's headline metric on the validation split (val_top1 or val_miou):
+# the one column dvc.yaml's plots can name for either task (its templating cannot pick by task)
+HEADLINE = "val_headline"
 
 
-def fine_tune(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainable: str = "all",
+def fine_tune(cfg: PipelineConfig, stage: str, model, out: Path, trainable: str = "all",
               fold: bool = False, prepare: Optional[Callable] = None, on_epoch: Optional[Callable] = None,
               finish: Optional[Callable] = None) -> Dict:
-    """Train `model` with the `tcfg` settings; write model.pt and history.csv into `out`.
-    prepare(train_loader) runs before training, on_epoch(row) after each epoch (rank 0), finish(model)
-    after training, before the model is saved (rank 0); its dict joins the summary."""
+    """Train `model` with the settings of `stage` (baseline or recover); write model.pt and history.csv
+    into `out`. prepare(train_loader) runs before training, on_epoch(row) after each epoch (rank 0),
+    finish(model) after training, before the model is saved (rank 0); its dict joins the summary."""
+    tcfg = cfg.training(stage)
     resume = out / "resume.pt"  # the stage's work folder survives an interruption: resume there
     train_loader = loader(cfg, model, "train", tcfg.batch_size, train=True, augment=tcfg.augment,
                           accumulation=tcfg.accumulation)
@@ -34,14 +39,17 @@ def fine_tune(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainabl
                     device=distributed.local_device(resolve_device(cfg.device)), checkpoint=resume, seed=cfg.seed,
                     precision=cfg.precision, accumulation=tcfg.accumulation, clip_grad=tcfg.clip_grad,
                     grad_checkpointing=tcfg.grad_checkpointing, ema_decay=tcfg.ema_decay,
-                    layer_decay=tcfg.layer_decay)
+                    layer_decay=tcfg.layer_decay, **objective(cfg).train_kwargs())
     if not distributed.is_main():  # rank 0 writes the outputs
         return {}
     finished = finish(model) if finish is not None else {}
     if fold:  # the compressed model is the inference form: ensembles folded into thin linear maps
         fold_ensembles(model)
     save_model(model.cpu(), out / MODEL_FILE)
-    pd.DataFrame(history).to_csv(out / HISTORY, index=False)
+    table = pd.DataFrame(history)
+    if f"val_{objective(cfg).headline}" in table:
+        table[HEADLINE] = table[f"val_{objective(cfg).headline}"]
+    table.to_csv(out / HISTORY, index=False)
     resume.unlink(missing_ok=True)
     last = history[-1] if history else {}
     return {"epochs": len(history), "params": count_params(model),
@@ -49,10 +57,7 @@ def fine_tune(cfg: PipelineConfig, tcfg: TrainConfig, model, out: Path, trainabl
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
-    m = cfg.model
-    kwargs = {**m.build_kwargs, "num_classes": len(read_meta(cfg)["classes"])}
-    model = create_model(m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, **kwargs)
-    return fine_tune(cfg, cfg.baseline, model, out)
+    return fine_tune(cfg, "baseline", objective(cfg).build(), out)
 
 
 def checkpoint_digest(cfg: PipelineConfig):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from benchmarks.timing import OnnxTimer, latency_stats, time_models
-from convheads import export_onnx, model_cost
+from convheads import export_onnx, model_cost, vit_info
 from convheads.precision import resolve_device
 
 from .config import PipelineConfig
@@ -43,7 +43,7 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     device = resolve_device(cfg.device)
     models = {name: stage_model(cfg, MODELS[name]).to(device) for name in ("baseline", "compressed")}
     costs = {name: model_cost(m) for name, m in models.items()}
-    size = models["baseline"].patch_embed.img_size
+    size = vit_info(models["baseline"]).img_size  # segmentation: segmentation.image_size
     rows = []
     # onnxruntime times the CPU: on a GPU it would not measure the device the models run on
     runtimes = [r for r in b.runtimes if r != "onnxruntime" or device == "cpu"] or ["eager"]
@@ -58,7 +58,7 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     table = pd.DataFrame(rows)
     table.to_csv(out / BENCHMARK_TABLE, index=False)
     result = {"runtime": runtimes[0], "runtimes": runtimes, "threads": torch.get_num_threads(),
-              "device": device, "precision": cfg.precision, "repeats": b.repeats,
+              "device": device, "precision": cfg.precision, "repeats": b.repeats, "img_size": list(size),
               "params_ratio": costs["compressed"].params / costs["baseline"].params,
               "macs_ratio": costs["compressed"].macs / costs["baseline"].macs,
               **{f"{name}_params": c.params for name, c in costs.items()},

@@ -8,14 +8,17 @@ modes, and the DVC hash if the folder is tracked by DVC); the manifest's hash is
 """
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from convheads import ConvHeadsError
 from convheads.data import cpu_cores, digits_images, split_indices, write_split_folders
-from convheads.manifest import Source, build_manifest, listing_digest, scan_csv, scan_folder
+from convheads.manifest import Item, Source, build_manifest, listing_digest, scan_csv, scan_folder
+from convheads.scenes import CLASSES, digit_scenes
+from convheads.segdata import CLASSES_FILE, FOLDERS, build_pair_manifest, scan_pairs
 
 from .config import DataConfig, PipelineConfig
 
@@ -91,7 +94,46 @@ def hash_cache(cfg: PipelineConfig) -> Path:
     return Path(cfg.paths.data).parent / HASH_CACHE
 
 
+def _scenes(cfg: PipelineConfig, out: Path) -> None:
+    """The digits scenes (convheads.scenes) written in ADE20K's layout, with their class names."""
+    s = cfg.segmentation
+    folder = {split: name for name, split in FOLDERS.items()}
+    for split, (images, masks) in digit_scenes(s.image_size, cfg.data.seed, s.scenes.model_dump()).items():
+        for kind, arrays in (("images", images), ("annotations", masks)):
+            (out / kind / folder[split]).mkdir(parents=True, exist_ok=True)
+            for i, array in enumerate(arrays):
+                Image.fromarray(array).save(out / kind / folder[split] / f"{i:05d}.png")
+    (out / CLASSES_FILE).write_text("\n".join(CLASSES) + "\n")
+
+
+def _segmentation(cfg: PipelineConfig, out: Path) -> Tuple[Dict, str, str]:
+    """The data stage for task=segmentation: image/mask pairs checked and listed in a manifest."""
+    d, s = cfg.data, cfg.segmentation
+    generated = d.source == "digits"
+    if generated:
+        _scenes(cfg, out)
+    found = scan_pairs(out if generated else Path(d.path))
+    workers = min(8, cpu_cores()) if cfg.loader.num_workers is None else cfg.loader.num_workers
+    stats = build_pair_manifest(found, out / MANIFEST, s.num_classes, s.reduce_zero_label, seed=d.seed,
+                                val_fraction=d.val_fraction, test_fraction=d.test_fraction, workers=workers)
+    meta = {"source": d.source, "task": "segmentation", "root": None if generated else str(found.root),
+            "layout": "images/ + annotations/ (ADE20K)", "classes": stats.class_names, "counts": stats.counts,
+            "bytes": stats.bytes}
+    return meta, stats.data_version, f"{sum(stats.counts.values())} image/mask pairs, {stats.num_classes} classes"
+
+
 def run(cfg: PipelineConfig, out: Path) -> Dict:
+    meta, data_version, found = (_segmentation if cfg.task == "segmentation" else _classification)(cfg, out)
+    dvc = None if meta["root"] is None else dvc_record(Path(cfg.data.path))
+    if dvc:
+        meta["dvc"] = dvc
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"data: {found}, data version {data_version[:16]}")
+    return {**meta, "data_version": data_version}
+
+
+def _classification(cfg: PipelineConfig, out: Path) -> Tuple[Dict, str, str]:
+    """The data stage for task=classification: the images listed (and checked) in a manifest."""
     d = cfg.data
     if d.source in GENERATED:
         GENERATED[d.source](d, out)
@@ -104,13 +146,8 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
             "classes": stats.classes, "counts": stats.counts, "modes": stats.modes, "bytes": stats.bytes}
     if d.source == "digits":
         meta["image_size"] = d.image_size
-    dvc = None if generated else dvc_record(Path(d.path))
-    if dvc:
-        meta["dvc"] = dvc
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"data: {sum(stats.counts.values())} images ({stats.hashed} read, {stats.cached} unchanged since "
-          f"hashed), data version {stats.data_version[:16]}")
-    return {**meta, "data_version": stats.data_version}
+    return meta, stats.data_version, (f"{sum(stats.counts.values())} images ({stats.hashed} read, {stats.cached} "
+                                      f"unchanged since hashed)")
 
 
 def source_listing(cfg: PipelineConfig) -> Optional[str]:
@@ -119,11 +156,19 @@ def source_listing(cfg: PipelineConfig) -> Optional[str]:
     d = cfg.data
     if d.source in GENERATED:
         return None
-    found = source(d)
+    found = pair_source(Path(d.path)) if cfg.task == "segmentation" else source(d)
     dvc_file = Path(d.path).with_name(Path(d.path).name + ".dvc")
     if dvc_file.is_file():
         found.extra_files.append(dvc_file)
     return listing_digest(found)
+
+
+def pair_source(root: Path) -> Source:
+    """An ADE20K-style folder as a Source of its images and masks (what the listing digest reads)."""
+    found = scan_pairs(root)
+    items = [Item(path, "", folder) for folder, pairs in found.pairs.items() for pair in pairs for path in pair]
+    extra = [root / CLASSES_FILE] if (root / CLASSES_FILE).is_file() else []
+    return Source(root, [], "pairs", tuple(found.pairs), lambda: iter(items), extra_files=extra)
 
 
 def write_listing(cfg: PipelineConfig, path: Path) -> None:

@@ -1,30 +1,89 @@
-"""Stage 7: accuracy of the baseline, replaced and recovered models on the test split."""
+"""Stage 7: the task's metrics for the baseline, replaced and recovered models on the test split
+(classification: top-1/top-5/loss; segmentation: mIoU, pixel accuracy, loss, per-class IoU and a
+panel of predictions)."""
 from pathlib import Path
 from typing import Dict
 
+import numpy as np
 import pandas as pd
+import torch
+from matplotlib.figure import Figure  # no pyplot: no GUI backend on servers and workers
+from matplotlib.patches import Patch
 
-from convheads.evaluation import evaluate
-from convheads.precision import resolve_device
+from convheads.segmentation import IGNORE_INDEX
 
 from .config import PipelineConfig
+from .data import read_meta
 from .inputs import loader, stage_model
+from .objective import data_config, objective
 from .runner import write_json
 
 # What is compared: the stage whose model it is.
 MODELS = {"baseline": "baseline", "replaced": "replace", "compressed": "recover"}
 METRICS, TABLE = "metrics.json", "metrics.csv"
+PER_CLASS, PANEL = "per_class_iou.csv", "predictions.png"
+PANEL_IMAGES = 6
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
-    results = {}
+    task = objective(cfg)
+    results, per_class, models = {}, {}, {}
     for name, stage in MODELS.items():
-        model = stage_model(cfg, stage)
-        metrics = evaluate(model, loader(cfg, model, "test", cfg.evaluate.batch_size), resolve_device(cfg.device),
-                           precision=cfg.precision)
-        results[name] = {k: metrics[k] for k in ("top1", "top5", "loss")}
-    results["top1_drop"] = results["baseline"]["top1"] - results["compressed"]["top1"]
+        models[name] = stage_model(cfg, stage)
+        metrics = task.evaluate(models[name], loader(cfg, models[name], "test", cfg.evaluate.batch_size))
+        results[name] = {k: metrics[k] for k in task.metrics}
+        per_class[name] = metrics.get("iou")
+    results[f"{task.headline}_drop"] = results["baseline"][task.headline] - results["compressed"][task.headline]
     results["num_images"] = metrics["num_images"]
     write_json(out / METRICS, results)
     pd.DataFrame([{"model": n, **results[n]} for n in MODELS]).to_csv(out / TABLE, index=False)
+    if cfg.task == "segmentation":
+        classes = read_meta(cfg)["classes"]
+        pd.DataFrame({"class": classes, **{f"{n}_iou": per_class[n] for n in MODELS}}).to_csv(
+            out / PER_CLASS, index=False, float_format="%.6f")
+        plot_predictions(cfg, models["baseline"], models["compressed"], classes, out / PANEL)
     return results
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """[num_classes + 1, 3] fixed colours in [0, 1]: class 0 black, then tab20's (its dark shades
+    first), cycled; the last row (ignore_index) light grey."""
+    from matplotlib import colormaps
+
+    tab = colormaps["tab20"].colors
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    colours = [(0.0, 0.0, 0.0)] + [tab[order[i % 20]] for i in range(num_classes - 1)]
+    return np.array(colours + [(0.85, 0.85, 0.85)])
+
+
+@torch.no_grad()
+def plot_predictions(cfg: PipelineConfig, baseline, compressed, classes, path: Path) -> None:
+    """The first test images: image | ground truth | baseline | compressed, one row each, with a legend."""
+    dataset = objective(cfg).dataset(baseline, "test", augment="none")
+    images, masks = (torch.stack(t) for t in zip(*(dataset[i] for i in range(min(PANEL_IMAGES, len(dataset))))))
+    dc = data_config(cfg, baseline)
+    shown = (images * torch.tensor(dc["std"])[:, None, None] + torch.tensor(dc["mean"])[:, None, None]).clamp(0, 1)
+    colours = palette(len(classes))
+    ignore = len(colours) - 1
+
+    def coloured(labels: torch.Tensor) -> np.ndarray:
+        labels = labels.clone()
+        labels[labels == IGNORE_INDEX] = ignore
+        return colours[labels.numpy()]
+
+    columns = {"image": None, "ground truth": masks, "baseline": baseline.eval()(images).argmax(1),
+               "compressed": compressed.eval()(images).argmax(1)}
+    fig = Figure(figsize=(2 * len(columns) + 2, 2 * len(images)), layout="constrained")
+    axes = fig.subplots(len(images), len(columns), squeeze=False)
+    for row in range(len(images)):
+        for col, (title, labels) in enumerate(columns.items()):
+            ax = axes[row, col]
+            ax.imshow(shown[row].permute(1, 2, 0).numpy() if labels is None else coloured(labels[row]),
+                      interpolation="nearest")
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title)
+    handles = [Patch(color=colours[i], label=name) for i, name in enumerate(classes)]
+    handles.append(Patch(color=colours[ignore], label=f"ignored ({IGNORE_INDEX})"))
+    fig.legend(handles=handles, loc="outside right center", fontsize="small")
+    fig.savefig(path, dpi=80)

@@ -55,7 +55,7 @@ def check(cfg: PipelineConfig, gpus: int) -> None:
         raise ConvHeadsError(f"distributed.nproc_per_node={d.nproc_per_node} but this machine has {gpus} GPU"
                              f"{'s' if gpus != 1 else ''}: one process per GPU, so at most {gpus}")
     for name in TRAINING_STAGES:
-        t = getattr(cfg, name)
+        t = cfg.training(name)  # the task's defaults for what is left null
         if t.batch_size % (world_size(cfg) * t.accumulation):
             raise ConvHeadsError(
                 f"{name}.batch_size={t.batch_size} (the global batch of one update) must be a multiple of the "

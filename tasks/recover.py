@@ -30,7 +30,7 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     if cfg.select.method == DSP:
         return learn_selection(cfg, out)
     model = stage_model(cfg, "replace")
-    return fine_tune(cfg, cfg.recover, model, out, trainable=cfg.recover.trainable, fold=True)
+    return fine_tune(cfg, "recover", model, out, trainable=cfg.recover.trainable, fold=True)
 
 
 def learn_selection(cfg: PipelineConfig, out: Path) -> Dict:
@@ -45,8 +45,9 @@ def learn_selection(cfg: PipelineConfig, out: Path) -> Dict:
     log: List[Dict] = []
 
     def prepare(train_loader) -> None:  # the schedule in training forward passes
-        steps = len(train_loader) // cfg.recover.accumulation * cfg.recover.accumulation
-        gates.anneal_steps = steps * (d.anneal_epochs or cfg.recover.epochs)
+        tcfg = cfg.training("recover")  # the task's defaults filled in
+        steps = len(train_loader) // tcfg.accumulation * tcfg.accumulation
+        gates.anneal_steps = steps * (d.anneal_epochs or tcfg.epochs)
         log.extend(gate_log(gates, 0))
 
     def finish(model) -> Dict:
@@ -60,7 +61,7 @@ def learn_selection(cfg: PipelineConfig, out: Path) -> Dict:
                         "whole_blocks": sorted(b for b, h in selection.heads.items() if len(h) == info.num_heads),
                         "temperature_end": gates.temperature}}
 
-    return fine_tune(cfg, cfg.recover, model, out, trainable=cfg.recover.trainable, prepare=prepare,
+    return fine_tune(cfg, "recover", model, out, trainable=cfg.recover.trainable, prepare=prepare,
                      on_epoch=lambda row: log.extend(gate_log(gates, row["epoch"])), finish=finish)
 
 

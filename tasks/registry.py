@@ -1,8 +1,8 @@
 """The MLflow model registry: register each run's compressed model, gate the champion alias.
 
 Every registered version gets the alias `challenger`; `champion` moves to it only when the
-promotion gate passes (accuracy drop, speedup, better than the current champion on the same
-test data, at full precision). The decision and its reasons go to the run and to the version's
+promotion gate passes (drop of the task's headline metric, test top-1 or mIoU; speedup; better
+than the current champion on the same test data, at full precision). The decision and its reasons go to the run and to the version's
 tags. Everything here uses the MlflowClient API, so it works against any tracking server.
 
 Promotion is compare-and-set: reading the champion, measuring it and moving the alias happen
@@ -24,10 +24,10 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from convheads import ConvHeadsError, vit_info
-from convheads.evaluation import evaluate
 
 from .config import PipelineConfig
-from .inputs import data_config, loader, stage_model
+from .inputs import loader, stage_model
+from .objective import data_config, objective
 from .lock import exclusive, lock_file
 from .report import selection_summary
 from .runner import read_record
@@ -44,36 +44,39 @@ class Decision:
     reasons: List[str]
 
 
-def gate(top1: float, top1_drop: float, speedup: float, champion_top1: Optional[float],
+def gate(score: float, drop: float, speedup: float, champion_score: Optional[float],
          cfg: PipelineConfig, incomparable: Optional[str] = None) -> Decision:
-    """Whether a candidate may become champion, with a reason for every check. `incomparable` says
-    why the current champion cannot be compared with the candidate (then it does not pass)."""
+    """Whether a candidate may become champion, with a reason for every check. `score` is the task's
+    headline metric (top-1, or mIoU for segmentation) and `drop` its drop vs the run's baseline.
+    `incomparable` says why the current champion cannot be compared with the candidate (then it does
+    not pass)."""
     r = cfg.registry
+    task = objective(cfg)
+    label, max_drop = task.label, getattr(r, f"max_{task.headline}_drop")
     checks = [
-        (top1_drop <= r.max_top1_drop,
-         f"top-1 drop {top1_drop * 100:.2f} pts {'<=' if top1_drop <= r.max_top1_drop else '>'} "
-         f"max {r.max_top1_drop * 100:.2f} pts"),
+        (drop <= max_drop,
+         f"{label} drop {drop * 100:.2f} pts {'<=' if drop <= max_drop else '>'} max {max_drop * 100:.2f} pts"),
         (speedup >= r.min_speedup,
          f"speedup {speedup:.3f}x (batch {cfg.gate_batch_size}) {'>=' if speedup >= r.min_speedup else '<'} "
          f"min {r.min_speedup:.3f}x"),
     ]
     if incomparable:
         checks.append((False, incomparable))
-    elif champion_top1 is None:
+    elif champion_score is None:
         checks.append((True, "no current champion"))
     elif r.must_beat_champion:
-        checks.append(_beats(top1, champion_top1, r.min_improvement))
+        checks.append(_beats(score, champion_score, r.min_improvement, label))
     return Decision(all(ok for ok, _ in checks), [reason for _, reason in checks])
 
 
-def _beats(top1: float, champion_top1: float, min_improvement: float) -> Tuple[bool, str]:
+def _beats(score: float, champion_score: float, min_improvement: float, label: str) -> Tuple[bool, str]:
     """Strictly better than the champion, by at least `min_improvement`: a rerun of the same thing never wins."""
-    gain = top1 - champion_top1
+    gain = score - champion_score
     ok = gain > 0 and gain >= min_improvement
-    ours, theirs = _distinct(top1, champion_top1)
+    ours, theirs = _distinct(score, champion_score)
     if not min_improvement:
-        return ok, f"top-1 {ours} {'>' if ok else '<='} champion's {theirs} on the same test data"
-    return ok, (f"top-1 {ours} vs champion's {theirs} on the same test data: {gain * 100:+.2f} pts "
+        return ok, f"{label} {ours} {'>' if ok else '<='} champion's {theirs} on the same test data"
+    return ok, (f"{label} {ours} vs champion's {theirs} on the same test data: {gain * 100:+.2f} pts "
                 f"{'>=' if ok else '<'} min improvement {min_improvement * 100:.2f} pts")
 
 
@@ -110,7 +113,8 @@ def architecture(cfg: PipelineConfig) -> str:
     info = vit_info(model)
     dc = data_config(cfg, model)
     mean, std = (tuple(round(float(v), 4) for v in dc[k]) for k in ("mean", "std"))
-    return (f"{info.depth} blocks, width {info.num_heads * info.head_dim} ({info.num_heads} heads), patch "
+    head = f"segmentation head on blocks {model.feature_blocks}, " if cfg.task == "segmentation" else ""
+    return (f"{head}{info.depth} blocks, width {info.num_heads * info.head_dim} ({info.num_heads} heads), patch "
             f"{'x'.join(map(str, info.patch_size))}, input {'x'.join(map(str, info.img_size))}, "
             f"{info.num_prefix_tokens} prefix tokens, {model.num_classes} classes, mean {mean}, std {std}")
 
@@ -141,21 +145,22 @@ def promotion_lock(cfg: PipelineConfig, holder: str):
                              f"registration of {e}; run again when it is done") from None
 
 
-def _champion_top1(client, name: str, champion, data_version: str, cfg: PipelineConfig) -> float:
-    """The champion's test top-1 on this run's test data, at full precision: as its run measured it
-    if on the same data version, else measured now."""
+def _champion_score(client, name: str, champion, data_version: str, cfg: PipelineConfig) -> float:
+    """The champion's headline metric (test top-1 or mIoU) on this run's test data, at full
+    precision: as its run measured it if on the same data version, else measured now."""
+    metric = objective(cfg).headline
     if champion.tags.get("data_version") == data_version:
-        metric = client.get_run(champion.run_id).data.metrics.get("evaluate/compressed/top1")
-        if metric is not None:
-            return metric
-        if "top1" in champion.tags:
-            return float(champion.tags["top1"])
+        value = client.get_run(champion.run_id).data.metrics.get(f"evaluate/compressed/{metric}")
+        if value is not None:
+            return value
+        if metric in champion.tags:
+            return float(champion.tags[metric])
     return evaluate_version(cfg, name, champion.version)
 
 
 def evaluate_version(cfg: PipelineConfig, name: str, version) -> float:
-    """Test top-1 of a registered version on this run's test split, whatever format it was logged in
-    (MLflow's generic pyfunc interface: a pt2 model loads back as an exported program)."""
+    """The headline metric of a registered version on this run's test split, whatever format it was
+    logged in (MLflow's generic pyfunc interface: a pt2 model loads back as an exported program)."""
     mlflow.set_tracking_uri(tracking_uri(cfg))
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     reference = stage_model(cfg, "recover")  # the pipeline's own model: input size and normalisation
@@ -163,7 +168,9 @@ def evaluate_version(cfg: PipelineConfig, name: str, version) -> float:
     def predict(images: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(np.asarray(model.predict(images.numpy())))
 
-    return evaluate(predict, loader(cfg, reference, "test", cfg.evaluate.batch_size), progress=False)["top1"]
+    task = objective(cfg)
+    return task.evaluate(predict, loader(cfg, reference, "test", cfg.evaluate.batch_size), progress=False,
+                         device="cpu", precision="fp32")[task.headline]
 
 
 def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManager] = None) -> Dict:
@@ -178,7 +185,8 @@ def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManage
         raise ConvHeadsError(f"run {run_id} has no logged {LOGGED_MODELS['recover']} to register")
     ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
     data_version = read_record(cfg, "data")["summary"]["data_version"]
-    top1, drop = ev["compressed"]["top1"], ev["top1_drop"]
+    metric = objective(cfg).headline
+    score, drop = ev["compressed"][metric], ev[f"{metric}_drop"]
     speedup = bench[f"speedup_b{cfg.gate_batch_size}"]
     ours = architecture(cfg)
     with serialise or promotion_lock(cfg, f"run {run_id}"):
@@ -194,11 +202,11 @@ def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManage
             name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
             tags={"base_model": cfg.model.name,
                   "heads_replaced": str(selection_summary(cfg)["heads_replaced"]),
-                  "data_version": data_version, "top1": repr(top1), "top1_drop": f"{drop:.6f}",
+                  "data_version": data_version, metric: repr(score), f"{metric}_drop": f"{drop:.6f}",
                   "speedup": f"{speedup:.4f}", "architecture": ours, "git_commit": git_commit()})
         # Read the champion only now, inside the lock: it may have moved while this run trained.
         champion = version_by_alias(client, name, CHAMPION)
-        champion_top1 = incomparable = None
+        champion_score = incomparable = None
         if champion is not None and str(champion.version) != str(version.version):  # not the champion's own run
             theirs = champion.tags.get("architecture")
             if theirs is not None and theirs != ours:
@@ -206,8 +214,8 @@ def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManage
                                 f"({theirs}) from this model ({ours}); register each architecture under its "
                                 f"own registry.model_name, or promote by hand")
             else:
-                champion_top1 = _champion_top1(client, name, champion, data_version, cfg)
-        decision = gate(top1, drop, speedup, champion_top1, cfg, incomparable)
+                champion_score = _champion_score(client, name, champion, data_version, cfg)
+        decision = gate(score, drop, speedup, champion_score, cfg, incomparable)
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         if decision.promoted:
             client.set_registered_model_alias(name, CHAMPION, version.version)
@@ -215,7 +223,7 @@ def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManage
     client.set_model_version_tag(name, version.version, "promotion", outcome)
     client.set_model_version_tag(name, version.version, "promotion_reasons", "; ".join(decision.reasons))
     result = {"model_name": name, "version": int(version.version), "promotion": outcome,
-              "previous_champion": int(champion.version) if champion else None, "champion_top1": champion_top1,
+              "previous_champion": int(champion.version) if champion else None, f"champion_{metric}": champion_score,
               **asdict(decision)}
     client.set_tag(run_id, "registry_version", f"{name}/{version.version}")
     client.set_tag(run_id, "promotion", outcome)

@@ -4,7 +4,11 @@ from typing import Dict
 import pandas as pd
 
 from .config import PipelineConfig
+from .objective import OBJECTIVES
 from .runner import read_record
+
+# The table's first rows per task: (metric, label); the first is the headline.
+QUALITY = {task: kind.quality for task, kind in OBJECTIVES.items()}
 
 
 def summary(cfg: PipelineConfig) -> Dict:
@@ -12,17 +16,19 @@ def summary(cfg: PipelineConfig) -> Dict:
     ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
     sel = selection_summary(cfg)
     b1, bn = cfg.benchmark.batch_sizes[0], cfg.benchmark.batch_sizes[-1]
+    quality = {f"{model}_{metric}": ev[model][metric] for metric, _ in QUALITY[cfg.task]
+               for model in ("baseline", "replaced", "compressed")}
+    headline = QUALITY[cfg.task][0][0]
     return {
-        "baseline_top1": ev["baseline"]["top1"], "replaced_top1": ev["replaced"]["top1"],
-        "compressed_top1": ev["compressed"]["top1"], "top1_drop": ev["top1_drop"],
+        "task": cfg.task, **quality, f"{headline}_drop": ev[f"{headline}_drop"],
         "heads_replaced": sel["heads_replaced"], "heads_total": sel["heads_total"],
         "whole_blocks": sel["whole_blocks"], "selected_by": sel.get("method"),
         "params_baseline": bench["baseline_params"], "params_compressed": bench["compressed_params"],
         "gmacs_baseline": bench["baseline_gmacs"], "gmacs_compressed": bench["compressed_gmacs"],
         "latency_ms_baseline": bench[f"baseline_b{b1}_ms"], "latency_ms_compressed": bench[f"compressed_b{b1}_ms"],
         "latency_batch_size": b1, f"speedup_b{b1}": bench[f"speedup_b{b1}"], f"speedup_b{bn}": bench[f"speedup_b{bn}"],
-        "largest_batch_size": bn, "threads": bench["threads"], "runtime": bench["runtime"],
-        "other_runtimes": bench["runtimes"][1:],
+        "largest_batch_size": bn, "threads": bench["threads"], "img_size": bench["img_size"],
+        "runtime": bench["runtime"], "other_runtimes": bench["runtimes"][1:],
         **{f"{r}_speedup_b{b}": bench[f"{r}_speedup_b{b}"] for r in bench["runtimes"][1:] for b in (b1, bn)},
     }
 
@@ -34,19 +40,24 @@ def selection_summary(cfg: PipelineConfig) -> Dict:
 
 def table(s: Dict) -> str:
     b1, bn = s["latency_batch_size"], s["largest_batch_size"]
+    # segmentation models run at the dataset's resolution, not the classifier's: say which
+    at = f" at {s['img_size'][0]} x {s['img_size'][1]}" if s.get("task") == "segmentation" else ""
     rows = [
-        ("test top-1", f"{s['baseline_top1']:.2%}", f"{s['compressed_top1']:.2%}",
-         f"{-s['top1_drop'] * 100:+.2f} pts (" + ("Sigma's choice " if s.get("selected_by") == "dsp" else "")
-         + f"before recovery: {s['replaced_top1']:.2%})"),
+        (f"test {label}", f"{s[f'baseline_{m}']:.2%}", f"{s[f'compressed_{m}']:.2%}",
+         f"{(s[f'compressed_{m}'] - s[f'baseline_{m}']) * 100:+.2f} pts ("
+         + ("Sigma's choice " if s.get("selected_by") == "dsp" else "")
+         + f"before recovery: {s[f'replaced_{m}']:.2%})")
+        for m, label in QUALITY[s.get("task", "classification")]
+    ] + [
         ("heads replaced", "-", f"{s['heads_replaced']} of {s['heads_total']}",
          f"whole blocks {', '.join(map(str, s['whole_blocks']))}" if s["whole_blocks"] else "scattered"),
         ("parameters", f"{s['params_baseline']:,}", f"{s['params_compressed']:,}",
          f"{s['params_compressed'] / s['params_baseline'] - 1:+.1%}"),
         ("GMACs / image", f"{s['gmacs_baseline']:.4g}", f"{s['gmacs_compressed']:.4g}",
          f"{s['gmacs_compressed'] / s['gmacs_baseline'] - 1:+.1%}"),
-        (f"latency, batch {b1} (ms)", f"{s['latency_ms_baseline']:.2f}", f"{s['latency_ms_compressed']:.2f}",
+        (f"latency, batch {b1}{at} (ms)", f"{s['latency_ms_baseline']:.2f}", f"{s['latency_ms_compressed']:.2f}",
          f"speedup {s[f'speedup_b{b1}']:.3f}x ({s['runtime']}, {s['threads']} threads)"),
-        (f"speedup, batch {bn}", "", "", f"{s[f'speedup_b{bn}']:.3f}x ({s['runtime']})"),
+        (f"speedup, batch {bn}{at}", "", "", f"{s[f'speedup_b{bn}']:.3f}x ({s['runtime']})"),
     ] + [(f"speedup in {r}", "", "", f"batch {b1}: {s[f'{r}_speedup_b{b1}']:.3f}x, "
                                       f"batch {bn}: {s[f'{r}_speedup_b{bn}']:.3f}x") for r in s["other_runtimes"]]
     return pd.DataFrame(rows, columns=["", "baseline", "compressed", "change"]).to_string(index=False)

@@ -34,7 +34,7 @@ from .config import PipelineConfig
 from .inputs import MODEL_FILE, loader, stage_model
 from .runner import PROJECT, STAGE_FILE, output_dir, read_record, up_to_date
 from .pipeline import STAGES
-from .baseline import HISTORY
+from .baseline import HEADLINE, HISTORY
 
 FINGERPRINT_TAG = "pipeline_fingerprint"  # all stage fingerprints: equal means nothing changed
 
@@ -195,7 +195,8 @@ def _inside(run_id: str) -> Iterator[None]:
 
 
 def _history_rows(path: Path):
-    return pd.read_csv(path).to_dict("records")
+    """The per-epoch metrics (without the headline's copy, which is there for dvc plots)."""
+    return pd.read_csv(path).drop(columns=HEADLINE, errors="ignore").to_dict("records")
 
 
 def log_model(cfg: PipelineConfig, stage: str, name: str):

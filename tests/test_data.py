@@ -164,7 +164,8 @@ def folder_config(tmp_path, per_class=8, **data):
 
 
 def test_loaders_use_timms_transforms_at_the_models_size_and_augment_reproducibly(tmp_path):
-    from tasks.inputs import data_config, loader
+    from tasks.inputs import loader
+    from tasks.objective import data_config
     from convheads import create_model
     cfg = folder_config(tmp_path, per_class=12)
     execute(STAGES["data"], cfg)

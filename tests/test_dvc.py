@@ -61,7 +61,7 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(repo):
     runs = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db").search_runs(
         [mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db").get_experiment_by_name("convheads").experiment_id],
         "tags.runner = 'dvc'")
-    assert len(runs) == 2 and {r.data.params["recover.lr"] for r in runs} == {"0.0005", "0.002"}
+    assert len(runs) == 2 and {r.data.params["recover.lr"] for r in runs} == {"0.001", "0.002"}
 
     # an experiment with one parameter set on the command line reruns from the stage that reads it
     assert ran(sh(repo, "dvc", "exp", "run", "-S", "select.granularity=head", "-S", "select.fraction=0.25"))[:2] \
@@ -147,3 +147,25 @@ def test_dvc_reruns_the_data_stage_when_a_dvc_tracked_folder_changes(repo):
     assert sorted(p.name for p in (repo / "data/dataset").iterdir()) == ["manifest.csv", "meta.json", "stage.json"]
     Image.new("RGB", (10, 10)).save(repo / "images/dog/new.png")
     assert ran(sh(repo, "dvc", "repro", "data")) == ["source", "data"]
+
+
+def test_dvc_repro_runs_the_segmentation_pipeline_and_shows_its_pictures(repo):
+    from test_segmentation import seg_params
+
+    params = seg_params(".")
+    params["paths"] = {"data": "data/dataset", "outputs": "outputs"}
+    params["tracking"]["tracking_uri"] = f"sqlite:///{repo}/mlflow.db"
+    params["registry"].update(min_speedup=0.01, max_miou_drop=1.0)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(sh(repo, "dvc", "repro"))[-1] == "track"
+    shown = next(iter(json.loads(sh(repo, "dvc", "metrics", "show", "--json")).values()))["data"]
+    metrics = shown["outputs/evaluate/metrics.json"]["data"]
+    assert 0 <= metrics["compressed"]["miou"] <= 1 and "miou_drop" in metrics
+    shown = json.loads(sh(repo, "dvc", "plots", "show", "--json"))
+    assert not shown.get("errors"), shown["errors"]  # e.g. a plot naming a column only classification writes
+    plots = shown["data"]
+    assert plots["outputs/evaluate/predictions.png"] and plots["per-class IoU"]
+    assert "val_headline" in json.dumps(plots["outputs/recover/history.csv"])
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    version = client.get_model_version(f"convheads-{params['model']['name']}-segmentation", "1")
+    assert version.tags["promotion"] == "champion" and "miou" in version.tags

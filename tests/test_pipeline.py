@@ -53,7 +53,7 @@ def test_the_pipeline_writes_every_output_and_reruns_only_what_changed(tiny_conf
     again = run_all(tiny_config)
     assert all(o.skipped for o in again.values())
 
-    changed = run_all(with_changes(tiny_config, recover={"lr": 1e-3}))
+    changed = run_all(with_changes(tiny_config, recover={"lr": 2e-3}))
     assert [n for n, o in changed.items() if not o.skipped] == ["recover", "evaluate", "benchmark"]
 
 

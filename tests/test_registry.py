@@ -26,7 +26,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 def test_the_gate_gives_a_reason_for_every_check():
     cfg = validate({**tiny_params("/tmp/x"), "registry": {"max_top1_drop": 0.02, "min_speedup": 1.1}})
-    ok = gate(top1=0.95, top1_drop=0.01, speedup=1.2, champion_top1=0.94, cfg=cfg)
+    ok = gate(score=0.95, drop=0.01, speedup=1.2, champion_score=0.94, cfg=cfg)
     assert ok.promoted and ok.reasons == [
         "top-1 drop 1.00 pts <= max 2.00 pts", "speedup 1.200x (batch 4) >= min 1.100x",
         "top-1 0.9500 > champion's 0.9400 on the same test data"]
