@@ -112,3 +112,24 @@ def test_finalised_model_saves_and_loads(tmp_path):
     convheads.save_model(model, tmp_path / "m.pt")
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(convheads.load_model(tmp_path / "m.pt")(x), model(x), atol=1e-6)
+
+
+def test_dsp_gates_the_backbone_of_a_segmentation_model():
+    torch.manual_seed(0)
+    base = convheads.SegmentationModel(convheads.as_vit(tiny_vit(depth=4, num_classes=0)), 4, [1, 3]).eval()
+    scores = convheads.score_heads(base, [torch.randn(4, 3, 32, 32)], progress=False)
+    gated = copy.deepcopy(base)
+    gates = gate_model(gated, 2, "block", init="attention", scores=scores)
+    groups = param_groups(gated, weight_decay=0.05)
+    assert groups[-1]["params"] == [gates.logits]  # the gates' own group, not among the head's
+    assert sum(len(g["params"]) for g in groups) == len(list(gated.parameters()))
+    with torch.no_grad():
+        gates.logits.copy_(torch.tensor([0.0, 3.0, 0.0, 2.0] + [0.0] * (len(gates.logits) - 4)))
+    gated.eval()
+    x = torch.randn(2, 3, 32, 32)
+    hard = gated(x)
+    assert hard.shape == (2, 4, 32, 32)
+    selection = finalise(gated)
+    assert sorted(selection.heads) == [1, 3]
+    direct = convheads.replace_heads(copy.deepcopy(base), selection, init="attention", scores=scores)
+    assert torch.allclose(gated(x), direct(x), atol=1e-5) and torch.allclose(gated(x), hard, atol=1e-5)
