@@ -388,6 +388,11 @@ class PipelineConfig(Section):
     def gate_batch_size(self) -> int:
         return self.registry.speedup_batch_size or max(self.benchmark.batch_sizes)
 
+    def resolved(self) -> dict:
+        """The whole configuration as plain data with the training stages' task defaults filled in:
+        what a run records (MLflow params, its params.yaml), so that null never stands for a value."""
+        return {**self.model_dump(mode="json"), **{n: self.training(n).model_dump(mode="json") for n in TASK_DEFAULTS}}
+
     def section(self, *names: str) -> dict:
         """The named sections as plain data (what a stage's fingerprint depends on, what MLflow
         records), the training stages' with the task's defaults filled in; the segmentation

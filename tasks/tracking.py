@@ -132,8 +132,9 @@ def pipeline_run(cfg: PipelineConfig, run_name: Optional[str] = None, tags: Opti
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
     try:
         mlflow.set_tags({"git_commit": git_commit(), "config_hash": config_hash(cfg), **(tags or {})})
-        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
-        mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "params.yaml")
+        resolved = cfg.resolved()
+        mlflow.log_params(flatten(resolved))
+        mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), "params.yaml")
         yield run.info.run_id
     except BaseException as e:
         # The tracking server may be what failed: marking the run must not hide the first error.
