@@ -197,9 +197,14 @@ class ConvHeadAttention(ReplacedAttention):
         def head_rows(part: int, heads: Sequence[int]) -> list:  # part: 0 = q, 1 = k, 2 = v
             return [part * H * d + h * d + j for h in heads for j in range(d)]
 
+        # "drop" keeps nothing of its heads: neither their W_V rows nor their W_O columns.
+        mixed = () if variant == "drop" else self.conv_heads
         rows = head_rows(0, self.kept_heads) + head_rows(1, self.kept_heads) + head_rows(2, self.kept_heads)
-        rows += head_rows(2, self.conv_heads)
-        perm = torch.tensor([h * d + j for h in self.kept_heads + self.conv_heads for j in range(d)])
+        rows += head_rows(2, mixed)
+        perm = torch.tensor([h * d + j for h in self.kept_heads + mixed for j in range(d)], dtype=torch.long)
+        if variant == "drop" and not isinstance(attn.norm, nn.Identity):
+            raise ConvHeadsError("variant='drop' removes channels that the attention's output norm normalises over; "
+                                 "not supported for models with an attention output norm (scale_norm)")
         w_in = attn.qkv.weight.detach()[rows]
         b_in = attn.qkv.bias.detach()[rows] if attn.qkv.bias is not None else None
         w_out = attn.proj.weight.detach()[:, perm]
@@ -207,7 +212,11 @@ class ConvHeadAttention(ReplacedAttention):
         norm = _permute_norm(attn.norm, perm)
         dd = dict(device=w_in.device, dtype=w_in.dtype)
 
-        if variant == "identity" and self.num_kept == 0 and isinstance(norm, nn.Identity):
+        if variant == "drop" and self.num_kept == 0:
+            # Nothing attends: the block's attention adds W_O's bias alone (a learnable constant).
+            self.in_proj, self.norm, self.proj = None, nn.Identity(), None
+            self.bias = nn.Parameter(b_out.clone()) if b_out is not None else None
+        elif variant == "identity" and self.num_kept == 0 and isinstance(norm, nn.Identity):
             # y = (x W_V^T + b_V) W_O^T + b_O = x (W_O W_V)^T + (W_O b_V + b_O): one matmul.
             b = torch.zeros(w_out.shape[0], **dd) if b_out is None else b_out.clone()
             if b_in is not None:
@@ -242,6 +251,8 @@ class ConvHeadAttention(ReplacedAttention):
         return banded_matrix(mix, P + h * w, heads, weight).permute(2, 1, 0).contiguous()  # [from, to, h] -> [h, to, from]
 
     def mixing_parameters(self) -> List[nn.Parameter]:
+        if self.variant in ("identity", "drop"):  # nothing mixes
+            return []
         return [self.attention] if self.variant == "fixed" else super().mixing_parameters()
 
     @torch.no_grad()
@@ -262,11 +273,15 @@ class ConvHeadAttention(ReplacedAttention):
         return (self.attention @ heads).transpose(1, 2).reshape(B, N, Cr)
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
+        B, N, C = x.shape
+        if self.in_proj is None:  # every head dropped
+            return x.new_zeros(B, N, C) if self.bias is None else self.bias.expand(B, N, C)
         x = self.in_proj(x)
         kept_dim = 3 * self.num_kept * self.head_dim
         out = x[..., kept_dim:] if kept_dim else x
-        if self.variant in CONV_VARIANTS:
+        if self.variant == "drop":
+            out = out[..., :0]
+        elif self.variant in CONV_VARIANTS:
             out = self._mix(out)
         elif self.variant == "fixed":
             out = self._fixed_mix(out)

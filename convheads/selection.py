@@ -8,6 +8,7 @@ Methods (`METHODS`, the `select.method` of the pipeline) rank the heads (or bloc
              sum of the scores: Sigma is a sum of standard deviations over N^2 entries (its scale
              depends on the token count and the model), fit a bounded fraction; ranks are
              scale-free and give "input-independent" and "representable" an equal say.
+  random     a seeded random order: the control that says whether the scores earn their keep.
 """
 import json
 from typing import Dict, Iterable, List, Mapping, Optional
@@ -19,7 +20,7 @@ from .fitting import fit_scores
 from .scoring import HeadScores
 
 GRANULARITIES = ("head", "block")
-METHODS = ("sigma", "fit", "sigma_fit")
+METHODS = ("sigma", "fit", "sigma_fit", "random")
 
 
 class Selection:
@@ -126,11 +127,15 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def ranking(scores: HeadScores, method: str = "sigma", granularity: str = "head", kernel_size: int = 3) -> torch.Tensor:
-    """The heads (flat index block * heads + head) or blocks, in the order `method` replaces them."""
+def ranking(scores: HeadScores, method: str = "sigma", granularity: str = "head", kernel_size: int = 3,
+            seed: int = 0) -> torch.Tensor:
+    """The heads (flat index block * heads + head) or blocks, in the order `method` replaces them
+    (`seed`: the random order's)."""
     check_method(method)
     depth, num_heads = scores.sigma_h.shape
-    _units(depth, num_heads, granularity)
+    units = _units(depth, num_heads, granularity)
+    if method == "random":
+        return torch.randperm(units, generator=torch.Generator().manual_seed(seed))
     sigma = scores.sigma_h if granularity == "head" else scores.sigma_b[:, None]
     if method == "sigma":
         return torch.argsort(sigma.flatten(), stable=True)
@@ -150,9 +155,11 @@ def select_heads(
         granularity: str = "head",
         method: str = "sigma",
         kernel_size: int = 3,
+        seed: int = 0,
 ) -> Selection:
     """The first `count` (or `fraction` of all) heads ("head") or whole blocks ("block") by `method`
-    (see METHODS above; "fit" and "sigma_fit" score the fit of a k x k kernel, `kernel_size`).
+    (see METHODS above; "fit" and "sigma_fit" score the fit of a k x k kernel, `kernel_size`;
+    "random" draws its order from `seed`).
 
     Ties are broken by index, so the result is deterministic.
     """
@@ -166,7 +173,7 @@ def select_heads(
             raise ConvHeadsError(f"fraction must be in (0, 1]; got {fraction}")
         count = max(1, round(fraction * units))
     check_count(count, depth, num_heads, granularity)
-    order = ranking(scores, method, granularity, kernel_size)[:count].tolist()
+    order = ranking(scores, method, granularity, kernel_size, seed)[:count].tolist()
     if granularity == "block":
         return Selection.from_blocks(order, num_heads=num_heads, depth=depth)
     heads: Dict[int, List[int]] = {}

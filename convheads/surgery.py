@@ -13,7 +13,7 @@ from .selection import Selection
 from .vit import as_vit, vit_info
 
 INITS = ("gaussian", "attention")
-VARIANTS = ("depthwise", "depthwise_global", "identity", "ensemble", "fixed")
+VARIANTS = ("depthwise", "depthwise_global", "identity", "ensemble", "fixed", "drop")
 
 
 def replace_heads(
@@ -35,8 +35,10 @@ def replace_heads(
     the ensemble variant starts from the block's mean fit).
     variant: "depthwise" (k x k depthwise convolution), "depthwise_global" (the same plus a global
     term per head), "identity" (no spatial mixing), "ensemble" (all heads of a block merged into one
-    depthwise-convolution head; whole blocks only, see ensemble.py) or "fixed" (each head's mean
-    attention matrix; quadratic, a reference, not for deployment); see layers.py.
+    depthwise-convolution head; whole blocks only, see ensemble.py), "fixed" (each head's mean
+    attention matrix; quadratic, a reference, not for deployment) or "drop" (the heads removed
+    outright, their W_V rows and W_O columns too: the control that says whether the convolution
+    earns its keep); see layers.py.
     Everything is checked before the model is touched, so a bad call leaves it unchanged.
     """
     info, vit = vit_info(model), as_vit(model)
@@ -77,7 +79,7 @@ def replace_heads(
             raise ConvHeadsError(f"block {b} already has replaced heads; select heads on the original model")
 
     fit = None
-    if init == "attention" and variant != "identity":
+    if init == "attention" and variant not in ("identity", "drop"):
         fit = fit_mixing(scores, kernel_size, "depthwise" if variant == "ensemble" else variant)
     layers = {}
     for b, heads in selection.heads.items():  # build every layer first: a bad block leaves the model as it was
@@ -91,11 +93,16 @@ def replace_heads(
             layers[b].init_from_fit(for_heads(fit, b, heads))
     for b, layer in layers.items():
         vit.blocks[b].attn = layer
-    if info.dynamic_img_size and not getattr(vit, "_convheads_grid_hook", False):
-        # The patch grid follows the input size: tell every conv layer before the blocks run.
+    if info.dynamic_img_size:
+        track_grid_size(vit)
+    return model
+
+
+def track_grid_size(vit: nn.Module) -> None:
+    """The patch grid follows the input size: tell every replaced layer before the blocks run."""
+    if not getattr(vit, "_convheads_grid_hook", False):
         vit.patch_embed.register_forward_pre_hook(functools.partial(_set_grid_size, vit.blocks))
         vit._convheads_grid_hook = True
-    return model
 
 
 def _set_grid_size(blocks: nn.ModuleList, patch_embed: nn.Module, args) -> None:

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed
+from .dsp import gate_groups
 from .ensemble import EnsembleHeadAttention
 from .errors import ConvHeadsError
 from .evaluation import evaluate
@@ -46,11 +47,11 @@ def new_parameters(model: nn.Module) -> List[nn.Parameter]:
     """The parameters replace_heads created: kernels, prefix-token scalars and ensemble head logits."""
     params = []
     for m in model.modules():
-        if isinstance(m, ReplacedAttention) and m.variant != "identity":
+        if isinstance(m, ReplacedAttention):
             params += m.mixing_parameters()
         if isinstance(m, EnsembleHeadAttention) and not m.folded:
             params.append(m.logits)
-    return params
+    return params + [p for g in gate_groups(model) for p in g["params"]]
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> List[Dict]:
@@ -58,8 +59,11 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[fl
     replaced layers' new parameters among the ones without weight decay: they are few and shape
     the mixing (a kernel pulled towards zero mixes nothing). A model built on a ViT backbone (a
     segmentation model): the backbone's groups, as timm makes them for it, and the head's at
-    HEAD_LR_SCALE x lr -- a head from scratch must first move its biases to the class priors."""
+    HEAD_LR_SCALE x lr -- a head from scratch must first move its biases to the class priors.
+    DSP gates (convheads.dsp) get a group of their own: their lr, no weight decay."""
     vit = as_vit(model)
+    gates = gate_groups(model)
+    own = {id(p) for g in gates for p in g["params"]}
     new = {id(p) for p in new_parameters(vit)}
     no_decay = set(getattr(vit, "no_weight_decay", lambda: set())())
     no_decay |= {name for name, p in vit.named_parameters() if id(p) in new}
@@ -69,11 +73,12 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[fl
     else:
         groups = param_groups_weight_decay(vit, weight_decay=weight_decay, no_weight_decay_list=no_decay)
     if vit is not model:
-        inside = {id(p) for p in vit.parameters()}
+        inside = {id(p) for p in vit.parameters()} | own
         head = [p for p in model.parameters() if id(p) not in inside and p.requires_grad]
         groups += [{"params": [p for p in head if p.ndim > 1], "weight_decay": weight_decay, "lr_scale": HEAD_LR_SCALE},
                    {"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": HEAD_LR_SCALE}]
-    return [g for g in groups if g["params"]]
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in own]} for g in groups]
+    return [g for g in groups if g["params"]] + gates
 
 
 def train(

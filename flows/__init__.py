@@ -1,4 +1,5 @@
 """Prefect flows: the compression pipeline (compress), its schedule (serve) and promotion."""
+import argparse
 import contextlib
 import os
 import sys
@@ -10,6 +11,17 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from convheads import ConvHeadsError  # noqa: E402
 from tasks import preflight  # noqa: E402
 from tasks.config import PipelineConfig, load_config  # noqa: E402
+
+
+def parse_command_line(prog: str, doc: str, argv=None, force: bool = False) -> argparse.Namespace:
+    """A flow's command line: --params, --run-name, key=value overrides (and --force)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
+    p.add_argument("--run-name", default=None, help="name of the MLflow run")
+    if force:
+        p.add_argument("--force", action="store_true", help="log and register even if nothing changed")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
+    return p.parse_args(argv)
 
 
 def checked_config(params_file: str, overrides: List[str]) -> Optional[PipelineConfig]:

@@ -12,7 +12,6 @@ the run retrains and registers nothing and records what it found; when only the 
 registration is missing, it does that, without retraining. Everything goes to one MLflow run.
 A run holds the project's outputs and data folders: a second run on them fails at once.
 """
-import argparse
 import contextlib
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 
-from flows import checked_config, exit_status, prefect_api
+from flows import checked_config, exit_status, parse_command_line, prefect_api
 from convheads import ConvHeadsError
 from tasks import preflight
 from tasks.config import PipelineConfig
@@ -206,13 +205,7 @@ def report(result: Dict, config: PipelineConfig) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.compress", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
-    p.add_argument("--run-name", default=None, help="name of the MLflow run")
-    p.add_argument("--force", action="store_true", help="log and register even if nothing changed")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
-    args = p.parse_args(argv)
+    args = parse_command_line("python -m flows.compress", __doc__, argv, force=True)
     config = checked_config(args.params, args.overrides)
     if config is None:
         return 2

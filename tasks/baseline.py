@@ -1,7 +1,7 @@
 """Stage 2: fine-tune the ViT (with its segmentation head, for segmentation) on the task (step 1 of
 the method). `fine_tune` also serves recovery."""
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import pandas as pd
 
@@ -21,13 +21,19 @@ HEADLINE = "val_headline"
 
 
 def fine_tune(cfg: PipelineConfig, stage: str, model, out: Path, trainable: str = "all",
-              fold: bool = False) -> Dict:
-    """Train `model` with the settings of `stage` (baseline or recover); write model.pt and history.csv into `out`."""
+              fold: bool = False, prepare: Optional[Callable] = None, on_epoch: Optional[Callable] = None,
+              finish: Optional[Callable] = None) -> Dict:
+    """Train `model` with the settings of `stage` (baseline or recover); write model.pt and history.csv
+    into `out`. prepare(train_loader) runs before training, on_epoch(row) after each epoch (rank 0),
+    finish(model) after training, before the model is saved (rank 0); its dict joins the summary."""
     tcfg = cfg.training(stage)
     resume = out / "resume.pt"  # the stage's work folder survives an interruption: resume there
-    history = train(model, loader(cfg, model, "train", tcfg.batch_size, train=True, augment=tcfg.augment,
-                                  accumulation=tcfg.accumulation),
-                    loader(cfg, model, "val", cfg.evaluate.batch_size), epochs=tcfg.epochs, lr=tcfg.lr,
+    train_loader = loader(cfg, model, "train", tcfg.batch_size, train=True, augment=tcfg.augment,
+                          accumulation=tcfg.accumulation)
+    if prepare is not None:
+        prepare(train_loader)
+    history = train(model, train_loader, loader(cfg, model, "val", cfg.evaluate.batch_size), epochs=tcfg.epochs,
+                    lr=tcfg.lr, on_epoch=on_epoch,
                     weight_decay=tcfg.weight_decay, warmup_epochs=tcfg.warmup_epochs,
                     label_smoothing=tcfg.label_smoothing, trainable=trainable,
                     device=distributed.local_device(resolve_device(cfg.device)), checkpoint=resume, seed=cfg.seed,
@@ -36,6 +42,7 @@ def fine_tune(cfg: PipelineConfig, stage: str, model, out: Path, trainable: str 
                     layer_decay=tcfg.layer_decay, **objective(cfg).train_kwargs())
     if not distributed.is_main():  # rank 0 writes the outputs
         return {}
+    finished = finish(model) if finish is not None else {}
     if fold:  # the compressed model is the inference form: ensembles folded into thin linear maps
         fold_ensembles(model)
     save_model(model.cpu(), out / MODEL_FILE)
@@ -46,7 +53,7 @@ def fine_tune(cfg: PipelineConfig, stage: str, model, out: Path, trainable: str 
     resume.unlink(missing_ok=True)
     last = history[-1] if history else {}
     return {"epochs": len(history), "params": count_params(model),
-            **{k: v for k, v in last.items() if k.startswith("val_")}}
+            **{k: v for k, v in last.items() if k.startswith("val_")}, **finished}
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from convheads import ConvHeadsError
 from convheads.data import AUGMENTATIONS
+from convheads.layers import CONV_VARIANTS
 from convheads.precision import DEVICES, PRECISIONS
 from convheads.selection import GRANULARITIES, METHODS
 from convheads.surgery import INITS, VARIANTS
@@ -154,11 +155,32 @@ class ScoreConfig(Section):
     batch_size: PositiveInt = 8
 
 
+DSP = "dsp"  # select.method: learned during recovery (convheads.dsp)
+
+
+class DSPConfig(Section):
+    """select.method=dsp: gates learn the choice during recovery (convheads/dsp.py)."""
+    temperature_start: float = Field(1.0, gt=0)
+    temperature_end: float = Field(1e-3, gt=0)
+    anneal_epochs: Optional[PositiveInt] = None   # None: all of recover.epochs; then the end temperature
+    gate_lr: float = Field(0.01, gt=0)           # the gates' own lr (no weight decay)
+
+    @model_validator(mode="after")
+    def _falls(self):
+        if self.temperature_end > self.temperature_start:
+            raise ValueError(f"the temperature must fall: temperature_end {self.temperature_end} > temperature_start "
+                             f"{self.temperature_start} (e.g. 1.0 -> 0.001)")
+        return self
+
+
 class SelectConfig(Section):
     """What to replace; the first rule that is set wins: blocks, then count, then fraction. `method`
     ranks the heads for count / fraction (convheads.selection.METHODS): sigma (lowest Sigma first),
-    fit (best fit of a replace.kernel_size band + uniform level first) or sigma_fit (rank sum)."""
-    method: Literal[METHODS] = "sigma"
+    fit (best fit of a replace.kernel_size band + uniform level first), sigma_fit (rank sum),
+    random (seeded by `seed`: a control) or dsp (learned by gates during recovery: see DSPConfig)."""
+    method: Literal[METHODS + (DSP,)] = "sigma"
+    dsp: DSPConfig = DSPConfig()
+    max_drop: Optional[float] = Field(None, gt=0, le=1)  # flows.sweep: register the largest budget within this drop
     granularity: Literal[GRANULARITIES] = "block"
     blocks: Optional[List[int]] = None      # exactly these whole blocks (e.g. a published list)
     count: Optional[PositiveInt] = None     # this many heads (or blocks, by granularity)
@@ -219,6 +241,39 @@ class DistributedConfig(Section):
         return self
 
 
+SWEEP_METHODS = ("sigma_h", "sigma_b", DSP, "random", "drop")
+TASK_RUNNERS = ("local", "dask")
+
+
+class SweepConfig(Section):
+    """python -m flows.sweep: replace + recover + evaluate for every (method, budget, seed) on one
+    shared baseline and score file, then every model benchmarked together. Methods: sigma_h (heads
+    by Sigma_h), sigma_b (whole blocks by Sigma_b), dsp (learned; select.granularity), random
+    (seeded; select.granularity), drop (Sigma's choice at select.granularity, heads removed)."""
+    budgets: List[float] = Field([0.1667, 0.3333, 0.5], min_length=1)  # fractions of the heads (blocks)
+    methods: List[Literal[SWEEP_METHODS]] = Field(["sigma_b", "dsp", "random"], min_length=1)
+    seeds: List[int] = Field([0], min_length=1)
+    recover_epochs: Optional[int] = Field(3, ge=0)   # None: recover.epochs
+    task_runner: Literal[TASK_RUNNERS] = "local"     # local: one point after another; dask: on a cluster
+    address: Optional[str] = None                    # dask: the scheduler, e.g. tcp://10.0.0.1:8786
+
+    @field_validator("budgets")
+    @classmethod
+    def _fractions(cls, v):
+        if any(not 0 < b <= 1 for b in v):
+            raise ValueError(f"budgets are fractions of the heads (or blocks), in (0, 1]; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _runner(self):
+        if self.task_runner == "dask" and not self.address:
+            raise ValueError("sweep.task_runner=dask needs sweep.address: the Dask scheduler, e.g. tcp://10.0.0.1:8786")
+        for name in ("budgets", "methods", "seeds"):
+            if len(set(getattr(self, name))) != len(getattr(self, name)):
+                raise ValueError(f"sweep.{name} lists a value twice: {getattr(self, name)}")
+        return self
+
+
 class TrackingConfig(Section):
     tracking_uri: Optional[str] = None      # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "convheads"
@@ -276,6 +331,7 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @field_validator("device")
     @classmethod
@@ -291,6 +347,9 @@ class PipelineConfig(Section):
         if self.replace.variant == "ensemble" and self.select.blocks is None and self.select.granularity != "block":
             raise ValueError("replace.variant=ensemble merges whole blocks; set select.granularity=block "
                              "(or select.blocks)")
+        if self.select.method == DSP and self.replace.variant not in CONV_VARIANTS:
+            raise ValueError(f"select.method=dsp gates a convolution branch: replace.variant must be one of "
+                             f"{CONV_VARIANTS}")
         if self.task == "segmentation" and self.data.source not in ("digits", "folder"):
             raise ValueError("task=segmentation reads data.source=digits (generated scenes) or folder (ADE20K's "
                              f"layout), not {self.data.source}")

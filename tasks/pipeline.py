@@ -11,7 +11,9 @@ STAGES = {s.name: s for s in [
     Stage("score", score.run, ("score", "device", "precision"), needs=("baseline",)),
     Stage("select", select.run, ("select", "replace"), needs=("score",)),  # fit: replace.kernel_size
     Stage("replace", replace.run, ("replace",), needs=("baseline", "score", "select")),
-    Stage("recover", recover.run, ("segmentation", "recover", "device", "precision"), needs=("replace",)),
+    # dsp (select.method) trains gates on the baseline with the scores' init, to the select stage's budget
+    Stage("recover", recover.run, ("segmentation", "recover", "device", "precision"),
+          needs=("replace", "baseline", "score", "select")),
     Stage("evaluate", evaluate.run, ("segmentation", "evaluate", "device", "precision"),
           needs=("baseline", "replace", "recover")),
     Stage("benchmark", benchmark.run, ("benchmark", "device", "precision"), needs=("baseline", "recover")),

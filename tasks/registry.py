@@ -29,6 +29,7 @@ from .config import PipelineConfig
 from .inputs import loader, stage_model
 from .objective import data_config, objective
 from .lock import exclusive, lock_file
+from .report import selection_summary
 from .runner import read_record
 from .tracking import LOGGED_MODELS, git_commit, logged_model, tracking_uri
 
@@ -200,7 +201,7 @@ def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManage
         version = existing[0] if existing else client.create_model_version(
             name, source=logged.model_uri, run_id=run_id, model_id=logged.model_id,
             tags={"base_model": cfg.model.name,
-                  "heads_replaced": str(read_record(cfg, "select")["summary"]["heads_replaced"]),
+                  "heads_replaced": str(selection_summary(cfg)["heads_replaced"]),
                   "data_version": data_version, metric: repr(score), f"{metric}_drop": f"{drop:.6f}",
                   "speedup": f"{speedup:.4f}", "architecture": ours, "git_commit": git_commit()})
         # Read the champion only now, inside the lock: it may have moved while this run trained.

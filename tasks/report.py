@@ -14,7 +14,7 @@ QUALITY = {task: kind.quality for task, kind in OBJECTIVES.items()}
 def summary(cfg: PipelineConfig) -> Dict:
     """Headline numbers from the evaluate, benchmark and select stages."""
     ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
-    sel = read_record(cfg, "select")["summary"]
+    sel = selection_summary(cfg)
     b1, bn = cfg.benchmark.batch_sizes[0], cfg.benchmark.batch_sizes[-1]
     quality = {f"{model}_{metric}": ev[model][metric] for metric, _ in QUALITY[cfg.task]
                for model in ("baseline", "replaced", "compressed")}
@@ -22,7 +22,7 @@ def summary(cfg: PipelineConfig) -> Dict:
     return {
         "task": cfg.task, **quality, f"{headline}_drop": ev[f"{headline}_drop"],
         "heads_replaced": sel["heads_replaced"], "heads_total": sel["heads_total"],
-        "whole_blocks": sel["whole_blocks"],
+        "whole_blocks": sel["whole_blocks"], "selected_by": sel.get("method"),
         "params_baseline": bench["baseline_params"], "params_compressed": bench["compressed_params"],
         "gmacs_baseline": bench["baseline_gmacs"], "gmacs_compressed": bench["compressed_gmacs"],
         "latency_ms_baseline": bench[f"baseline_b{b1}_ms"], "latency_ms_compressed": bench[f"compressed_b{b1}_ms"],
@@ -33,13 +33,20 @@ def summary(cfg: PipelineConfig) -> Dict:
     }
 
 
+def selection_summary(cfg: PipelineConfig) -> Dict:
+    """What was replaced: the select stage's choice, or the one DSP learned in recovery."""
+    return {**read_record(cfg, "select")["summary"], **read_record(cfg, "recover")["summary"].get("dsp", {})}
+
+
 def table(s: Dict) -> str:
     b1, bn = s["latency_batch_size"], s["largest_batch_size"]
     # segmentation models run at the dataset's resolution, not the classifier's: say which
     at = f" at {s['img_size'][0]} x {s['img_size'][1]}" if s.get("task") == "segmentation" else ""
     rows = [
         (f"test {label}", f"{s[f'baseline_{m}']:.2%}", f"{s[f'compressed_{m}']:.2%}",
-         f"{(s[f'compressed_{m}'] - s[f'baseline_{m}']) * 100:+.2f} pts (before recovery: {s[f'replaced_{m}']:.2%})")
+         f"{(s[f'compressed_{m}'] - s[f'baseline_{m}']) * 100:+.2f} pts ("
+         + ("Sigma's choice " if s.get("selected_by") == "dsp" else "")
+         + f"before recovery: {s[f'replaced_{m}']:.2%})")
         for m, label in QUALITY[s.get("task", "classification")]
     ] + [
         ("heads replaced", "-", f"{s['heads_replaced']} of {s['heads_total']}",

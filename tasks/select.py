@@ -10,7 +10,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend on servers and
 from convheads import HeadScores, Selection, select_heads
 from convheads.fitting import fit_scores
 
-from .config import PipelineConfig
+from .config import DSP, PipelineConfig
 from .runner import output_dir
 from .score import load_scores
 
@@ -23,9 +23,10 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     if s.blocks is not None:
         selection = Selection.from_blocks(s.blocks, num_heads=num_heads, depth=depth)
         selection.check(depth, num_heads)
-    else:
+    else:  # dsp learns its choice in recovery: here, Sigma's choice at the same budget (the replaced model's)
         selection = select_heads(scores, count=s.count, fraction=None if s.count else s.fraction,
-                                 granularity=s.granularity, method=s.method, kernel_size=k)
+                                 granularity=s.granularity, method="sigma" if s.method == DSP else s.method,
+                                 kernel_size=k, seed=cfg.seed)
     (out / SELECTION).write_text(selection.to_json() + "\n")
     fit = fit_scores(scores, k) if scores.mean_attention is not None else None  # older score files: Sigma only
     heads_table(scores, fit, selection).to_csv(out / HEADS_TABLE, index=False)

@@ -79,7 +79,7 @@ def test_an_interrupted_stage_leaves_no_outputs_and_resumes_where_it_stopped(tmp
         def stop(row):
             if row["epoch"] == 1:
                 raise KeyboardInterrupt
-        return real_train(*args, on_epoch=stop, **kwargs)
+        return real_train(*args, **{**kwargs, "on_epoch": stop})
 
     monkeypatch.setattr(tasks.baseline, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -88,7 +88,7 @@ def test_an_interrupted_stage_leaves_no_outputs_and_resumes_where_it_stopped(tmp
     assert list((tmp_path / "x/outputs").glob(".recover.*.partial/resume.pt"))
 
     epochs_run = []
-    monkeypatch.setattr(tasks.baseline, "train", lambda *a, **k: real_train(*a, on_epoch=epochs_run.append, **k))
+    monkeypatch.setattr(tasks.baseline, "train", lambda *a, **k: real_train(*a, **{**k, "on_epoch": epochs_run.append}))
     resumed = execute(STAGES["recover"], cfg)
     assert [r["epoch"] for r in epochs_run] == [2]  # epoch 1 came from the checkpoint
     assert not list((tmp_path / "x/outputs").glob(".recover.*"))
@@ -246,4 +246,4 @@ def test_selection_by_fit_and_the_global_variant_run_as_stages(finished_pipeline
     model = load_model(f"{out}/replace/model.pt")
     assert {b.attn.variant for b in model.blocks if hasattr(b.attn, "variant")} == {"depthwise_global"}
     with pytest.raises(ConvHeadsError, match="select.method"):
-        load_config(None, ["select.method=dsp"])
+        load_config(None, ["select.method=magic"])
