@@ -16,75 +16,31 @@ handed to the registry gate.
 """
 import contextlib
 import multiprocessing
-import os
 import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 from urllib.parse import urlparse
 
 import mlflow
 import pandas as pd
-import torch
-from matplotlib.figure import Figure
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import checked_config, exit_status, parse_command_line, prefect_api
-from benchmarks.timing import OnnxTimer, latency_stats
-from convheads import ConvHeadsError, model_cost
-from convheads.precision import resolve_device
+from convheads import ConvHeadsError
 from tasks import preflight
-from tasks.benchmark import time_runtime
-from tasks.config import PipelineConfig, validate
-from tasks.inputs import stage_model
+from tasks.config import PipelineConfig
+from tasks.frontier import (PLOT, POINT_STAGES, SHARED, SWEEP_DIR, TABLE, benchmark_all, frontier, link_shared,
+                            pick, plot, point_config, point_name, points)
 from tasks.lock import hold
 from tasks.pipeline import STAGES
 from tasks.registry import register
-from tasks.runner import execute, output_dir, read_record
+from tasks.runner import execute
 from tasks.tracking import check_reachable, log_stage, pipeline_run
-
-SHARED = ("data", "baseline", "score")           # computed once, read by every point
-POINT_STAGES = ("select", "replace", "recover", "evaluate")
-SWEEP_DIR, TABLE, PLOT = "sweep", "frontier.csv", "frontier.png"
-
-
-def point_name(method: str, budget: float, seed: int) -> str:
-    return f"{method}-{budget:.4g}-s{seed}"
-
-
-def point_config(cfg: PipelineConfig, method: str, budget: float, seed: int) -> PipelineConfig:
-    """The pipeline configuration of one point: its own outputs folder, its method and budget."""
-    data = cfg.model_dump(mode="json")
-    data["seed"] = seed
-    data["paths"]["outputs"] = str(Path(cfg.paths.outputs) / SWEEP_DIR / "points" / point_name(method, budget, seed))
-    s = data["select"]
-    s.update(fraction=budget, count=None, blocks=None, max_drop=None)
-    s["method"] = {"sigma_h": "sigma", "sigma_b": "sigma", "drop": "sigma"}.get(method, method)
-    if method in ("sigma_h", "sigma_b"):
-        s["granularity"] = "head" if method == "sigma_h" else "block"
-    if method == "drop":
-        data["replace"]["variant"] = "drop"
-    if cfg.sweep.recover_epochs is not None:
-        data["recover"]["epochs"] = cfg.sweep.recover_epochs
-    return validate(data)
-
-
-def link_shared(cfg: PipelineConfig, point: PipelineConfig) -> None:
-    """The point's baseline and score folders are the shared ones (relative links)."""
-    folder = Path(point.paths.outputs)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in SHARED[1:]:
-        link = folder / name
-        target = os.path.relpath(output_dir(cfg, name), folder)
-        if link.is_symlink() and os.readlink(link) == target:
-            continue
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(target, target_is_directory=True)
 
 
 @task(cache_policy=NONE)
@@ -118,11 +74,6 @@ def task_runner(cfg: PipelineConfig):
     return ThreadPoolTaskRunner(max_workers=1)  # the points train one after another: each uses every core
 
 
-def points(cfg: PipelineConfig) -> List[Tuple[str, float, int]]:
-    sw = cfg.sweep
-    return [(m, b, s) for m in sw.methods for b in sw.budgets for s in sw.seeds]
-
-
 def check(cfg: PipelineConfig) -> None:
     """Bad input fails here, before any training: every point's configuration and budget."""
     if cfg.task != "classification":  # its table and plot are in top-1
@@ -136,89 +87,6 @@ def check(cfg: PipelineConfig) -> None:
             raise ConvHeadsError(f"sweep point {point_name(method, budget, seed)}: {e}") from None
     if cfg.sweep.task_runner == "dask":
         check_cluster(cfg.sweep.address)
-
-
-def benchmark_all(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], workdir: Path) -> pd.DataFrame:
-    """Every point's model and the baseline, timed interleaved in this process (headline runtime,
-    every benchmark batch size): a row per model and batch size."""
-    b = cfg.benchmark
-    if b.threads:
-        torch.set_num_threads(b.threads)
-    device = resolve_device(cfg.device)
-    runtime = next((r for r in b.runtimes if r != "onnxruntime" or device == "cpu"), "eager")
-    models = {"baseline": stage_model(cfg, "baseline").to(device)}
-    for name, point in pts.items():
-        models[name] = stage_model(point, "recover").to(device)
-    size = models["baseline"].patch_embed.img_size
-    rows = []
-    with OnnxTimer() as onnx:
-        for batch_size in b.batch_sizes:
-            x = torch.randn(batch_size, 3, *size, device=device)
-            for name, t in time_runtime(models, runtime, x, cfg, workdir, onnx).items():
-                rows.append({"model": name, "runtime": runtime, **latency_stats(t, batch_size)})
-    table = pd.DataFrame(rows)
-    costs = {name: model_cost(m) for name, m in models.items()}
-    table["params"] = table.model.map(lambda n: costs[n].params)
-    table["gmacs"] = table.model.map(lambda n: costs[n].gmacs)
-    return table
-
-
-def frontier(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], timings: pd.DataFrame,
-             trained: Dict[str, Dict]) -> pd.DataFrame:
-    """A row per point: method, budget, seed, what was replaced, accuracy, speed."""
-    base = timings[timings.model == "baseline"].set_index("batch_size").infer_step_time
-    rows = []
-    for (method, budget, seed), name in ((p, point_name(*p)) for p in points(cfg)):
-        point = pts[name]
-        ev = read_record(point, "evaluate")["summary"]
-        sel = {**read_record(point, "select")["summary"], **read_record(point, "recover")["summary"].get("dsp", {})}
-        mine = timings[timings.model == name].set_index("batch_size")
-        rows.append({"method": method, "budget": budget, "seed": seed, "heads_replaced": sel["heads_replaced"],
-                     "heads_total": sel["heads_total"], "whole_blocks": " ".join(map(str, sel["whole_blocks"])),
-                     "top1": ev["compressed"]["top1"], "top1_before_recovery": ev["replaced"]["top1"],
-                     "baseline_top1": ev["baseline"]["top1"], "top1_drop": ev["top1_drop"],
-                     **{f"speedup_b{b}": base[b] / mine.infer_step_time[b] for b in cfg.benchmark.batch_sizes},
-                     **{f"ms_b{b}": mine.infer_step_time[b] for b in cfg.benchmark.batch_sizes},
-                     "params": int(mine.params.iloc[0]), "gmacs": float(mine.gmacs.iloc[0]),
-                     "train_seconds": trained[name]["seconds"], "point": name})
-    return pd.DataFrame(rows)
-
-
-def plot(table: pd.DataFrame, cfg: PipelineConfig, runtime: str, path: Path) -> None:
-    """Test top-1 vs measured speedup at the gate's batch size: a curve per method (mean over seeds,
-    error bars one standard deviation when there are several), the baseline marked."""
-    speed = f"speedup_b{cfg.gate_batch_size}"
-    fig = Figure(figsize=(7, 4.8), layout="constrained")
-    ax = fig.subplots()
-    for method, rows in table.groupby("method", sort=False):
-        stats = rows.groupby("budget").agg(x=(speed, "mean"), xerr=(speed, "std"), y=("top1", "mean"),
-                                           yerr=("top1", "std")).reset_index().fillna(0)
-        ax.errorbar(stats.x, 100 * stats.y, xerr=stats.xerr, yerr=100 * stats.yerr, marker="o", capsize=3,
-                    label=method)
-        for _, r in stats.iterrows():
-            ax.annotate(f"{r.budget:.2g}", (r.x, 100 * r.y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.scatter([1.0], [100 * table.baseline_top1.iloc[0]], marker="*", s=200, color="black", zorder=5,
-               label="baseline")
-    seeds = table.seed.nunique()
-    ax.set(xlabel=f"measured speedup vs the baseline, batch {cfg.gate_batch_size} ({runtime})",
-           ylabel="test top-1 (%)",
-           title=f"accuracy vs speed ({seeds} seed{'s' if seeds > 1 else ''}{', mean +- sd' if seeds > 1 else ''};"
-                 f" labels: budget)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=120)
-
-
-def pick(table: pd.DataFrame, max_drop: float) -> Optional[pd.Series]:
-    """The largest budget whose mean drop over seeds is within max_drop (ties: the higher mean
-    top-1); of its seeds, the most accurate point. None if no budget qualifies."""
-    groups = table.groupby(["method", "budget"]).agg(drop=("top1_drop", "mean"), top1=("top1", "mean")).reset_index()
-    ok = groups[groups["drop"] <= max_drop + 1e-12]
-    if ok.empty:
-        return None
-    best = ok.sort_values(["budget", "top1"], ascending=False).iloc[0]
-    rows = table[(table.method == best.method) & (table.budget == best.budget)]
-    return rows.sort_values("top1", ascending=False).iloc[0]
 
 
 def register_point(point: PipelineConfig, name: str) -> Dict:
