@@ -3,6 +3,7 @@
     python -m flows.sweep                                    # params.yaml's sweep: section
     python -m flows.sweep sweep.budgets=[0.25,0.5] sweep.methods=[sigma_h,random] sweep.seeds=[0,1,2]
     python -m flows.sweep sweep.task_runner=dask sweep.address=tcp://scheduler:8786
+    python -m flows.sweep task=segmentation                  # mIoU in place of top-1
 
 One shared baseline and one shared score file (the pipeline's own stages, in paths.outputs); then
 for every (method, budget, seed) a point: select + replace + recover + evaluate in its own folder,
@@ -11,8 +12,8 @@ outputs/sweep/points/<method>-<budget>-s<seed>/, as a Prefect task on the config
 model is timed in this process, interleaved with the baseline (never while others train). Writes
 outputs/sweep/frontier.csv (a row per point) and frontier.png (accuracy vs measured speedup, a curve
 per method, error bars over seeds), also to one MLflow run. With select.max_drop set, the largest
-budget whose mean top-1 drop stays within it is benchmarked as a pipeline run of its own and
-handed to the registry gate.
+budget whose mean drop of the headline metric (top-1; mIoU for segmentation) stays within it is
+benchmarked as a pipeline run of its own and handed to the registry gate.
 """
 import contextlib
 import multiprocessing
@@ -37,6 +38,7 @@ from tasks.config import PipelineConfig
 from tasks.frontier import (PLOT, POINT_STAGES, SHARED, SWEEP_DIR, TABLE, benchmark_all, frontier, link_shared,
                             pick, plot, point_config, point_name, points)
 from tasks.lock import hold
+from tasks.objective import objective
 from tasks.pipeline import STAGES
 from tasks.registry import register
 from tasks.runner import execute
@@ -76,9 +78,6 @@ def task_runner(cfg: PipelineConfig):
 
 def check(cfg: PipelineConfig) -> None:
     """Bad input fails here, before any training: every point's configuration and budget."""
-    if cfg.task != "classification":  # its table and plot are in top-1
-        raise ConvHeadsError(f"the sweep measures classification (top-1) so far, not task={cfg.task}: run "
-                             "python -m flows.compress task=segmentation select.fraction=... per budget")
     preflight.check(cfg)
     for method, budget, seed in points(cfg):
         try:
@@ -119,6 +118,7 @@ def sweep(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] = N
         with tempfile.TemporaryDirectory() as tmp:
             timings = benchmark_all(config, pts, Path(tmp))
         table = frontier(config, pts, timings, trained)
+        metric = objective(config).headline
         table.to_csv(folder / TABLE, index=False)
         timings.to_csv(folder / "timings.csv", index=False)
         plot(table, config, timings.runtime.iloc[0], folder / PLOT)
@@ -127,17 +127,16 @@ def sweep(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] = N
         with pipeline_run(config, run_name or "sweep", {"runner": "sweep"}) as run_id:
             for f in (TABLE, PLOT, "timings.csv"):
                 mlflow.log_artifact(str(folder / f))
-            for row in table.itertuples():
-                mlflow.log_metrics({f"{row.point}/top1": row.top1,
-                                    f"{row.point}/speedup_b{config.gate_batch_size}":
-                                        getattr(row, f"speedup_b{config.gate_batch_size}")})
+            speed = f"speedup_b{config.gate_batch_size}"
+            for row in table.to_dict("records"):
+                mlflow.log_metrics({f"{row['point']}/{metric}": row[metric], f"{row['point']}/{speed}": row[speed]})
             mlflow.log_metrics({"sweep_seconds": result["seconds"], "training_seconds": training_s})
         result["mlflow_run_id"] = run_id
         max_drop = config.select.max_drop
         if max_drop is not None:
-            chosen = pick(table, max_drop)
+            chosen = pick(table, max_drop, metric)
             if chosen is None:
-                result["pick"] = f"no budget keeps the mean top-1 drop within select.max_drop={max_drop}"
+                result["pick"] = f"no budget keeps the mean {metric} drop within select.max_drop={max_drop}"
             else:
                 result["pick"] = chosen.point
                 if config.registry.enabled:
@@ -145,8 +144,8 @@ def sweep(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] = N
         return result
 
 
-def report(result: Dict, table: pd.DataFrame) -> str:
-    lines = ["", table[["method", "budget", "seed", "heads_replaced", "top1", "top1_drop"]
+def report(result: Dict, table: pd.DataFrame, metric: str) -> str:
+    lines = ["", table[["method", "budget", "seed", "heads_replaced", metric, f"{metric}_drop"]
                        + [c for c in table.columns if c.startswith("speedup_b")]].to_string(index=False), "",
              f"{result['points']} points in {result['seconds'] / 60:.1f} min (training {result['training_seconds'] / 60:.1f}"
              f" min); table {result['table']}, plot {result['plot']}; MLflow run {result['mlflow_run_id']}"]
@@ -178,7 +177,7 @@ def main(argv=None) -> int:
     status = exit_status(state)
     if status == 0:
         result = state.result()
-        print(report(result, pd.read_csv(result["table"])))
+        print(report(result, pd.read_csv(result["table"]), objective(config).headline))
     return status
 
 

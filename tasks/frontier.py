@@ -9,12 +9,13 @@ import torch
 from matplotlib.figure import Figure
 
 from benchmarks.timing import OnnxTimer, latency_stats
-from convheads import model_cost
+from convheads import model_cost, vit_info
 from convheads.precision import resolve_device
 
 from .benchmark import time_runtime
 from .config import PipelineConfig, validate
 from .inputs import stage_model
+from .objective import objective
 from .runner import output_dir, read_record
 
 SHARED = ("data", "baseline", "score")           # computed once, read by every point
@@ -73,7 +74,7 @@ def benchmark_all(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], workdir: 
     models = {"baseline": stage_model(cfg, "baseline").to(device)}
     for name, point in pts.items():
         models[name] = stage_model(point, "recover").to(device)
-    size = models["baseline"].patch_embed.img_size
+    size = vit_info(models["baseline"]).img_size  # segmentation: segmentation.image_size
     rows = []
     with OnnxTimer() as onnx:
         for batch_size in b.batch_sizes:
@@ -89,7 +90,9 @@ def benchmark_all(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], workdir: 
 
 def frontier(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], timings: pd.DataFrame,
              trained: Dict[str, Dict]) -> pd.DataFrame:
-    """A row per point: method, budget, seed, what was replaced, accuracy, speed."""
+    """A row per point: method, budget, seed, what was replaced, the task's headline metric (top1 or
+    miou: before recovery, the baseline's, the drop), speed."""
+    metric = objective(cfg).headline
     base = timings[timings.model == "baseline"].set_index("batch_size").infer_step_time
     rows = []
     for (method, budget, seed), name in ((p, point_name(*p)) for p in points(cfg)):
@@ -99,8 +102,8 @@ def frontier(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], timings: pd.Da
         mine = timings[timings.model == name].set_index("batch_size")
         rows.append({"method": method, "budget": budget, "seed": seed, "heads_replaced": sel["heads_replaced"],
                      "heads_total": sel["heads_total"], "whole_blocks": " ".join(map(str, sel["whole_blocks"])),
-                     "top1": ev["compressed"]["top1"], "top1_before_recovery": ev["replaced"]["top1"],
-                     "baseline_top1": ev["baseline"]["top1"], "top1_drop": ev["top1_drop"],
+                     metric: ev["compressed"][metric], f"{metric}_before_recovery": ev["replaced"][metric],
+                     f"baseline_{metric}": ev["baseline"][metric], f"{metric}_drop": ev[f"{metric}_drop"],
                      **{f"speedup_b{b}": base[b] / mine.infer_step_time[b] for b in cfg.benchmark.batch_sizes},
                      **{f"ms_b{b}": mine.infer_step_time[b] for b in cfg.benchmark.batch_sizes},
                      "params": int(mine.params.iloc[0]), "gmacs": float(mine.gmacs.iloc[0]),
@@ -109,23 +112,26 @@ def frontier(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], timings: pd.Da
 
 
 def plot(table: pd.DataFrame, cfg: PipelineConfig, runtime: str, path: Path) -> None:
-    """Test top-1 vs measured speedup at the gate's batch size: a curve per method (mean over seeds,
-    error bars one standard deviation when there are several), the baseline marked."""
+    """The headline metric (test top-1 or mIoU) vs measured speedup at the gate's batch size: a curve
+    per method (mean over seeds, error bars one standard deviation when there are several), the
+    baseline marked."""
+    task = objective(cfg)
+    metric = task.headline
     speed = f"speedup_b{cfg.gate_batch_size}"
     fig = Figure(figsize=(7, 4.8), layout="constrained")
     ax = fig.subplots()
     for method, rows in table.groupby("method", sort=False):
-        stats = rows.groupby("budget").agg(x=(speed, "mean"), xerr=(speed, "std"), y=("top1", "mean"),
-                                           yerr=("top1", "std")).reset_index().fillna(0)
+        stats = rows.groupby("budget").agg(x=(speed, "mean"), xerr=(speed, "std"), y=(metric, "mean"),
+                                           yerr=(metric, "std")).reset_index().fillna(0)
         ax.errorbar(stats.x, 100 * stats.y, xerr=stats.xerr, yerr=100 * stats.yerr, marker="o", capsize=3,
                     label=method)
         for _, r in stats.iterrows():
             ax.annotate(f"{r.budget:.2g}", (r.x, 100 * r.y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.scatter([1.0], [100 * table.baseline_top1.iloc[0]], marker="*", s=200, color="black", zorder=5,
+    ax.scatter([1.0], [100 * table[f"baseline_{metric}"].iloc[0]], marker="*", s=200, color="black", zorder=5,
                label="baseline")
     seeds = table.seed.nunique()
     ax.set(xlabel=f"measured speedup vs the baseline, batch {cfg.gate_batch_size} ({runtime})",
-           ylabel="test top-1 (%)",
+           ylabel=f"test {task.label} (%)",
            title=f"accuracy vs speed ({seeds} seed{'s' if seeds > 1 else ''}{', mean +- sd' if seeds > 1 else ''};"
                  f" labels: budget)")
     ax.grid(alpha=0.3)
@@ -133,13 +139,14 @@ def plot(table: pd.DataFrame, cfg: PipelineConfig, runtime: str, path: Path) -> 
     fig.savefig(path, dpi=120)
 
 
-def pick(table: pd.DataFrame, max_drop: float) -> Optional[pd.Series]:
-    """The largest budget whose mean drop over seeds is within max_drop (ties: the higher mean
-    top-1); of its seeds, the most accurate point. None if no budget qualifies."""
-    groups = table.groupby(["method", "budget"]).agg(drop=("top1_drop", "mean"), top1=("top1", "mean")).reset_index()
+def pick(table: pd.DataFrame, max_drop: float, metric: str) -> Optional[pd.Series]:
+    """The largest budget whose mean drop of `metric` over seeds is within max_drop (ties: the
+    higher mean); of its seeds, the most accurate point. None if no budget qualifies."""
+    groups = table.groupby(["method", "budget"]).agg(drop=(f"{metric}_drop", "mean"),
+                                                     quality=(metric, "mean")).reset_index()
     ok = groups[groups["drop"] <= max_drop + 1e-12]
     if ok.empty:
         return None
-    best = ok.sort_values(["budget", "top1"], ascending=False).iloc[0]
+    best = ok.sort_values(["budget", "quality"], ascending=False).iloc[0]
     rows = table[(table.method == best.method) & (table.budget == best.budget)]
-    return rows.sort_values("top1", ascending=False).iloc[0]
+    return rows.sort_values(metric, ascending=False).iloc[0]

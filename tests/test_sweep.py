@@ -39,6 +39,21 @@ def test_sweep_writes_a_row_per_point_a_plot_and_registers_the_pick(finished_pip
     assert all(os.path.islink(finished_pipeline / "outputs/sweep/points" / name / "baseline") for name in table.point)
 
 
+def test_a_segmentation_sweep_plots_miou_and_picks_by_its_drop(prefect_api, tmp_path):
+    from test_segmentation import seg_params
+
+    p = seg_params(tmp_path)
+    p["sweep"] = {"budgets": [0.5], "methods": ["sigma_b", "dsp"], "seeds": [0], "recover_epochs": 1}
+    p["select"]["max_drop"] = 1.0
+    p["registry"].update(min_speedup=0.01, max_miou_drop=1.0)
+    result = sweep_flow.sweep(config=validate(p))
+    table = pd.read_csv(result["table"])
+    assert sorted(table.method) == ["dsp", "sigma_b"] and "top1" not in table
+    assert table.miou.between(0, 1).all() and table.miou_drop.eq(table.baseline_miou - table.miou).all()
+    assert (table.heads_replaced == 4).all() and table.speedup_b4.gt(0).all()
+    assert result["pick"] in set(table.point) and result["registry"]["model_name"].endswith("-segmentation")
+
+
 def test_points_run_on_a_local_two_worker_dask_cluster(finished_pipeline, prefect_api, monkeypatch):
     from distributed import Client, LocalCluster
 
