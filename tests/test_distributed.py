@@ -1,5 +1,6 @@
 """Training over several processes with the real torchrun (gloo on the CPU): the same model as one
 process, through the Prefect flow and after a kill -9; and the bad input of a distributed run."""
+import json
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -18,7 +20,8 @@ from flows.compress import main as compress_main
 from tasks.__main__ import main as tasks_main
 from tasks.config import validate
 from tasks.launch import check
-from tasks.runner import output_dir, read_record
+from tasks.pipeline import STAGES
+from tasks.runner import execute, output_dir, read_record
 from conftest import start_until_checkpoint, tiny_params
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -50,6 +53,31 @@ def test_the_flow_with_two_processes_trains_the_models_of_one_process(prefect_ap
         assert_same_weights(weights(cfg, stage), weights(one, stage))
         assert read_record(cfg, stage)["fingerprint"] == read_record(one, stage)["fingerprint"]
     assert not list(Path(cfg.paths.outputs).glob(".*.partial"))
+
+
+def test_dsp_through_the_flow_in_two_processes_learns_what_one_process_learns(prefect_api, finished_pipeline,
+                                                                            tmp_path, capfd):
+    params = tiny_params(finished_pipeline)  # data, baseline and scores are done: only the rest runs
+    params["select"]["method"] = "dsp"
+    params["recover"]["epochs"] = 2
+    params["distributed"] = {"nproc_per_node": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert compress_main(["--params", str(tmp_path / "params.yaml")]) == 0
+    out = capfd.readouterr()
+    assert (out.out + out.err).count("launching 2 of 2 processes") == 1  # recover; the baseline is reused
+    assert "Traceback" not in out.out + out.err and "Registered" in out.out
+    two = validate(params)
+
+    shutil.copytree(finished_pipeline / "outputs", tmp_path / "one/outputs")  # the same, in this process
+    one = validate({**params, "distributed": {"nproc_per_node": 1},
+                    "paths": {**params["paths"], "outputs": str(tmp_path / "one/outputs")}})
+    for stage in ("select", "replace", "recover"):
+        execute(STAGES[stage], one)
+    learned = [json.loads((output_dir(c, "recover") / "selection.json").read_text()) for c in (one, two)]
+    assert learned[0] == learned[1] and learned[0]["heads"]
+    gates = [pd.read_csv(output_dir(c, "recover") / "gates.csv") for c in (one, two)]
+    pd.testing.assert_frame_equal(gates[0], gates[1], atol=1e-4)
+    assert_same_weights(weights(one, "recover"), weights(two, "recover"))
 
 
 def test_a_run_killed_in_one_process_resumes_in_two_and_equals_an_uninterrupted_one(_finished_pipeline, tmp_path):
