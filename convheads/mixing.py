@@ -94,9 +94,12 @@ def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.T
     h, w = grid_size
     P = N - h * w
     heads = v.unflatten(-1, (-1, head_dim))       # [B, N, heads, d]: per-head scalars broadcast, no copies
+    # Few, fused ops: at the digits' 65 tokens every op costs more than its arithmetic.
     if not P:
         y = _spatial(v.reshape(B, h, w, C), weight, how).reshape(B, N, C)
-        return y if gamma is None else y + (heads.mean(dim=1) * gamma[:, None]).reshape(B, 1, C)
+        if gamma is None:
+            return y
+        return _addcmul(y.reshape(B, N, -1, head_dim), heads.mean(dim=1, keepdim=True), gamma[:, None]).flatten(2)
     prefix, patches = heads[:, :P], heads[:, P:]
     if P == 1:
         shifted = _addcmul(patches, prefix, beta[..., None])
@@ -107,10 +110,9 @@ def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.T
     if gamma is None:
         prefix_out = _addcmul(prefix, alpha[..., None], patch_mean)
     else:
-        # the mean over all N tokens from the patch mean: one reduction serves alpha and gamma
-        token_mean = (prefix.sum(dim=1, keepdim=True) + patch_mean * (h * w)) / N
-        y = y + (token_mean * gamma[:, None]).reshape(B, 1, C)
-        prefix_out = (prefix[:, None] * phi[..., None]).sum(dim=2) + alpha[..., None] * patch_mean
+        y = _addcmul(y.reshape(B, h * w, -1, head_dim), heads.mean(dim=1, keepdim=True), gamma[:, None]).flatten(2)
+        mixed = prefix * phi[0, 0, :, None] if P == 1 else (prefix[:, None] * phi[..., None]).sum(dim=2)
+        prefix_out = _addcmul(mixed, alpha[..., None], patch_mean)
     return torch.cat([prefix_out.flatten(2), y], dim=1)
 
 
