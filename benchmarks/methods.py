@@ -3,8 +3,10 @@
 One baseline, one scoring pass and one selection (select.* of the configuration, by default the
 3 of 6 blocks with the lowest Sigma_b) are shared; each method replaces those heads its way, is
 evaluated on the test split (step 0), fine-tuned with the recover.* settings for every seed and
-evaluated again. Top-1 comes with its exact (Clopper-Pearson) binomial 95% interval over the
-test images. Methods (variant, init):
+evaluated again, on the configured task (task=segmentation: mIoU and pixel accuracy). Top-1 comes
+with its exact (Clopper-Pearson) binomial 95% interval over the test images; mIoU is not a
+proportion of independent trials, so segmentation rows carry the spread over seeds only.
+Methods (variant, init):
 
   gaussian        depthwise, Gaussian kernel (the reference)
   attention_raw   depthwise, attention-fitted with the old beta (the raw patch-to-prefix weight)
@@ -13,7 +15,8 @@ test images. Methods (variant, init):
   fixed           fixed: each head's mean attention matrix (a reference, quadratic)
 
     python -m benchmarks.methods --baseline outputs/baseline/model.pt --seeds 0 1 2 \
-        [--methods ...] [--out results/methods] [key=value ...]   # configuration overrides, e.g. recover.epochs=3
+        [--scores outputs/score/scores.pt] [--methods ...] [--out results/methods] \
+        [key=value ...]   # configuration overrides, e.g. recover.epochs=3 or task=segmentation
 
 Writes <out>/methods.csv (one row per method, seed and stage) and <out>/summary.md.
 """
@@ -27,12 +30,11 @@ import torch
 from scipy.stats import beta as beta_dist
 
 from convheads import ConvHeadsError, HeadScores, load_model, replace_heads, score_heads, select_heads
-from convheads.evaluation import evaluate
-from convheads.precision import resolve_device
 from convheads.files import atomic_path
 from tasks.baseline import fine_tune
 from tasks.config import load_config
 from tasks.inputs import loader
+from tasks.objective import objective
 
 METHODS = {"gaussian": ("depthwise", "gaussian"), "attention_raw": ("depthwise", "attention"),
            "attention": ("depthwise", "attention"), "global": ("depthwise_global", "attention"),
@@ -46,11 +48,15 @@ def interval(correct: int, n: int) -> tuple:
     return float(lo), float(hi)
 
 
-def top1(cfg, model) -> dict:
-    m = evaluate(model, loader(cfg, model, "test", cfg.evaluate.batch_size), resolve_device(cfg.device))
-    correct = round(m["top1"] * m["num_images"])
-    lo, hi = interval(correct, m["num_images"])
-    return {"top1": m["top1"], "correct": correct, "n": m["num_images"], "ci_low": lo, "ci_high": hi}
+def quality(cfg, model) -> dict:
+    """The task's metrics on the test split; top-1 with its binomial interval."""
+    task = objective(cfg)
+    m = task.evaluate(model, loader(cfg, model, "test", cfg.evaluate.batch_size), progress=False)
+    row = {k: m[k] for k in task.metrics if k != "loss"}
+    if "top1" in row:
+        correct = round(m["top1"] * m["num_images"])
+        row.update(zip(("ci_low", "ci_high"), interval(correct, m["num_images"])), correct=correct)
+    return {**row, "n": m["num_images"]}
 
 
 def build(method: str, baseline: Path, selection, scores: HeadScores, kernel_size: int, seed: int):
@@ -74,14 +80,16 @@ def use_raw_beta(model, scores: HeadScores, selection) -> None:
 def main(argv: List[str] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", type=Path, required=True, help="a baseline model.pt (the baseline stage's)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="the configuration file")
+    p.add_argument("--scores", type=Path, help="the score stage's scores.pt (default: score the baseline)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--no-recover", action="store_true", help="step-0 accuracy only")
     p.add_argument("--out", type=Path, default=Path("results/methods"))
     args, overrides = p.parse_known_args(argv)
-    cfg = load_config("params.yaml", overrides)
+    cfg = load_config(args.params, overrides)
     args.out.mkdir(parents=True, exist_ok=True)
-    score_file = args.out / "scores.pt"
+    score_file = args.scores or args.out / "scores.pt"
     if score_file.is_file():
         scores = HeadScores.from_dict(torch.load(score_file, weights_only=True))
     else:
@@ -93,27 +101,29 @@ def main(argv: List[str] = None) -> None:
     selection = select_heads(scores, count=s.count, fraction=None if s.count else s.fraction,
                              granularity=s.granularity, method=s.method, kernel_size=cfg.replace.kernel_size)
     print(f"selection ({s.method}): {selection}", flush=True)
-    rows = [{"method": "baseline", "seed": None, "stage": "baseline", **top1(cfg, load_model(args.baseline))}]
+    headline = objective(cfg).headline
+    rows = [{"method": "baseline", "seed": None, "stage": "baseline", **quality(cfg, load_model(args.baseline))}]
     for method in args.methods:
         for seed in args.seeds:
             model = build(method, args.baseline, selection, scores, cfg.replace.kernel_size, seed)
-            rows.append({"method": method, "seed": seed, "stage": "replaced", **top1(cfg, model)})
+            rows.append({"method": method, "seed": seed, "stage": "replaced", **quality(cfg, model)})
             print(rows[-1], flush=True)
             if not args.no_recover:
                 run_cfg = cfg.model_copy(update={"seed": seed})
                 work = args.out / f"{method}-{seed}"
                 work.mkdir(exist_ok=True)
                 fine_tune(run_cfg, "recover", model, work, trainable=cfg.recover.trainable)
-                rows.append({"method": method, "seed": seed, "stage": "recovered", **top1(cfg, model)})
+                rows.append({"method": method, "seed": seed, "stage": "recovered", **quality(cfg, model)})
                 print(rows[-1], flush=True)
             with atomic_path(args.out / "methods.csv") as tmp:
                 pd.DataFrame(rows).to_csv(tmp, index=False)
     table = pd.DataFrame(rows)
-    summary = table.groupby(["method", "stage"], sort=False).agg(
-        seeds=("top1", "size"), top1_mean=("top1", "mean"), top1_min=("top1", "min"), top1_max=("top1", "max"),
-        ci_low_min=("ci_low", "min"), ci_high_max=("ci_high", "max")).reset_index()
+    stats = dict(seeds=(headline, "size"), mean=(headline, "mean"), min=(headline, "min"), max=(headline, "max"))
+    if headline == "top1":
+        stats.update(ci_low_min=("ci_low", "min"), ci_high_max=("ci_high", "max"))
+    summary = table.groupby(["method", "stage"], sort=False).agg(**stats).reset_index()
     with atomic_path(args.out / "summary.md") as tmp:
-        tmp.write_text(f"selection: {selection}; recover: {cfg.training('recover').epochs} epochs\n\n"
+        tmp.write_text(f"selection: {selection}; recover: {cfg.training('recover').epochs} epochs; metric: {headline}\n\n"
                        + summary.to_markdown(index=False, floatfmt=".3f") + "\n")
     print(summary.to_string(index=False))
 

@@ -154,3 +154,34 @@ def test_the_digits_setting_is_the_pipelines_default_vit():
     assert models["depthwise_global"].blocks[1].attn.variant == "depthwise_global"
     with pytest.raises(ConvHeadsError, match="32 px"):
         Setting("digits", 64, 1).check()
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_the_methods_comparison_tabulates_each_method_and_seed_in_the_tasks_metric(task, tmp_path):
+    import pandas as pd
+    import yaml
+
+    from benchmarks import methods
+    from tasks.config import validate
+    from tasks.pipeline import STAGES
+    from tasks.runner import execute, output_dir
+    from conftest import tiny_params
+    from test_segmentation import seg_params
+
+    params = seg_params(tmp_path) if task == "segmentation" else tiny_params(tmp_path)
+    params["select"]["fraction"] = 0.5
+    cfg = validate(params)
+    for stage in ("data", "baseline", "score"):
+        execute(STAGES[stage], cfg)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "methods"
+    methods.main(["--params", str(tmp_path / "params.yaml"), "--baseline", str(output_dir(cfg, "baseline") / "model.pt"),
+                  "--scores", str(output_dir(cfg, "score") / "scores.pt"), "--methods", "attention", "fixed",
+                  "--seeds", "0", "1", "--out", str(out)])
+    table = pd.read_csv(out / "methods.csv")
+    assert len(table) == 1 + 2 * 2 * 2  # the baseline, then (method, seed) x (replaced, recovered)
+    metric = "miou" if task == "segmentation" else "top1"
+    assert table[metric].between(0, 1).all() and ("top1" in table.columns) == (task == "classification")
+    if task == "classification":  # exact binomial intervals around top-1
+        assert (table.ci_low <= table.top1).all() and (table.top1 <= table.ci_high).all()
+    assert f"metric: {metric}" in (out / "summary.md").read_text() and not (out / "scores.pt").exists()
