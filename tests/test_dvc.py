@@ -1,4 +1,5 @@
 """The DVC pipeline, reproduced for real (`dvc repro` in a temporary git repository)."""
+import io
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -68,6 +70,18 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(repo):
         == ["source", "select"]
     selection = json.loads((repo / "outputs/select/selection.json").read_text())
     assert sum(len(h) for h in selection["heads"].values()) == 2  # a quarter of 2 blocks x 4 heads
+
+    # the README's DVC form of a sweep: queued experiments, run by the queue's worker in a workspace
+    # of its own from the committed state, which restores the baseline from the cache
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "experiment")
+    sh(repo, "dvc", "exp", "run", "--queue", "-S", "replace.variant=drop", "-S", "select.fraction=0.5")
+    log = sh(repo, "dvc", "exp", "run", "--run-all", "-j", "1")  # `dvc queue start`, waited for
+    assert "Running stage 'replace'" in log and "Running stage 'baseline'" not in log, log[-3000:]
+    table = pd.read_csv(io.StringIO(sh(repo, "dvc", "exp", "show", "--csv", "--no-pager")))
+    queued = table[table["replace.variant"] == "drop"]
+    assert len(queued) == 1 and queued.State.iloc[0] == "Success", table.iloc[:, :8].to_string()
+    assert 0 <= float(queued["compressed.top1"].iloc[0]) <= 1 and float(queued["select.fraction"].iloc[0]) == 0.5
 
 
 CODE_ROOTS = ("convheads", "tasks", "benchmarks")
