@@ -15,7 +15,8 @@ Implementations (`IMPLEMENTATIONS`), all on channels-last views of the values (n
           ~40 us whatever the size: more than the whole attention on a tiny grid.
   shift   the k^2 shifted windows of the zero-padded grid (one strided view) times the taps,
           summed. torch.compile fuses it with the prefix scalars into one loop, which beats
-          calling the library convolution from compiled code on all but large inputs.
+          calling the library convolution from compiled code on all but large inputs; in eager
+          mode it wins at batch 1 with prefix tokens on mid-size grids.
   banded  the [N, N] token-mixing matrix per channel that the whole function equals (prefix
           scalars included; the fixed banded matrix of METHOD.md's derivation), applied as one
           multiply and one sum: the cheapest on tiny grids. Built on every call while gradients
@@ -32,11 +33,15 @@ from .errors import ConvHeadsError
 
 IMPLEMENTATIONS = ("conv", "shift", "banded")
 AUTO = "auto"
-# "banded" multiplies out a [B, N, N, C] product; above this many elements the convolution path
-# is faster (measured with benchmarks/layer_speed.py: width 128, batch 1 crosses over at a 6 x 6
-# grid without prefix tokens, 7 x 7 with them, since they cost the convolution path 4 more ops).
-BANDED_MAX_ELEMENTS = 150_000
-BANDED_MAX_ELEMENTS_PREFIX = 300_000
+# "banded" multiplies out a [B, N, N, C] product; above this many elements another path is faster
+# (CPU eager, measured interleaved against each other on an idle machine, widths 128-768, grids
+# 4-12, batch 1 and 8: without prefix tokens the crossover lies between 262k and 497k elements,
+# with them between 609k and 645k, since prefix tokens cost the convolution path 4 more ops).
+BANDED_MAX_ELEMENTS = 270_000
+BANDED_MAX_ELEMENTS_PREFIX = 620_000
+# Past banded, at batch 1 with prefix tokens, shift beats the library convolution by 5-15% up to
+# about this many patch values (B x h x w x C); without prefix tokens or at larger batches it does not.
+SHIFT_MAX_VALUES_EAGER = 50_000
 # Under torch.compile the fused shift loop beats the library convolution called from compiled
 # code up to about this many values (B x h x w x C); above it, the library's blocked kernel wins.
 SHIFT_MAX_VALUES_COMPILED = 300_000
@@ -55,9 +60,11 @@ def choose(batch: int, tokens: int, channels: int, prefix: int, device: torch.de
     patches = batch * (tokens - prefix) * channels
     if torch.compiler.is_compiling():  # inductor fuses shift with the prefix scalars into one loop
         return "shift" if patches <= SHIFT_MAX_VALUES_COMPILED else "conv"
-    limit = BANDED_MAX_ELEMENTS_PREFIX if prefix else BANDED_MAX_ELEMENTS
-    if device.type == "cpu" and not torch.is_grad_enabled() and batch * tokens * tokens * channels <= limit:
-        return "banded"
+    if device.type == "cpu" and not torch.is_grad_enabled():
+        if batch * tokens * tokens * channels <= (BANDED_MAX_ELEMENTS_PREFIX if prefix else BANDED_MAX_ELEMENTS):
+            return "banded"
+        if prefix and batch == 1 and patches <= SHIFT_MAX_VALUES_EAGER:
+            return "shift"
     return "conv"
 
 

@@ -68,8 +68,9 @@ def test_the_choice_follows_shape_device_and_mode():
     cpu = torch.device("cpu")
     with torch.no_grad():
         assert choose(1, 17, 128, 1, cpu) == "banded"        # a tiny grid, inference
-        assert choose(1, 37, 128, 1, cpu) == "banded"        # prefix tokens cost the convolution path more ...
-        assert choose(1, 36, 128, 0, cpu) == "conv"          # ... than none
+        assert choose(1, 65, 128, 1, cpu) == "banded"        # prefix tokens cost the convolution path more ...
+        assert choose(1, 64, 128, 0, cpu) == "conv"          # ... than none
+        assert choose(1, 101, 128, 1, cpu) == "shift"        # past banded at batch 1 with a prefix token
         assert choose(64, 17, 128, 1, cpu) == "conv"         # a batch: the library convolution
         assert choose(1, 577, 128, 1, cpu) == "conv"         # a large grid
         assert choose(1, 17, 128, 1, torch.device("meta")) == "conv"
