@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -49,7 +50,8 @@ def test_a_segmentation_sweep_plots_miou_and_picks_by_its_drop(prefect_api, tmp_
     result = sweep_flow.sweep(config=validate(p))
     table = pd.read_csv(result["table"])
     assert sorted(table.method) == ["dsp", "sigma_b"] and "top1" not in table
-    assert table.miou.between(0, 1).all() and table.miou_drop.eq(table.baseline_miou - table.miou).all()
+    assert table.miou.between(0, 1).all() and np.allclose(table.miou_drop, table.baseline_miou - table.miou)
+    assert result["metric"] == "miou"
     assert (table.heads_replaced == 4).all() and table.speedup_b4.gt(0).all()
     assert result["pick"] in set(table.point) and result["registry"]["model_name"].endswith("-segmentation")
 
