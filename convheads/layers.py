@@ -30,6 +30,8 @@ from .mixing import AUTO, ParameterCache, apply_banded, banded_matrix, check_imp
 
 # Variants whose mixing is the depthwise convolution (mixing.depthwise_mix), with or without the global term.
 CONV_VARIANTS = ("depthwise", "depthwise_global")
+# The mixing's scalars besides the kernels, where a layer has them (prefix tokens, global term).
+SCALARS = ("alpha", "beta", "gamma", "phi")
 
 
 def gaussian_kernel(kernel_size: int, sigma: float = 1.0) -> torch.Tensor:
@@ -110,9 +112,8 @@ class ReplacedAttention(nn.Module):
         these heads: "kernel" [heads, k, k]; "alpha", "beta" [P, heads]; "gamma" [heads] and "phi"
         [P, P, heads] where the layer has them)."""
         self.init_kernels(fit["kernel"])
-        for name in ("alpha", "beta", "gamma", "phi"):
-            if hasattr(self, name):
-                getattr(self, name).copy_(fit[name])
+        for name, p in self._scalars().items():
+            p.copy_(fit[name])
 
     @property
     def mixing(self) -> str:
@@ -125,10 +126,14 @@ class ReplacedAttention(nn.Module):
         self._mixing = check_implementation(name)
         self._banded = ParameterCache()
 
+    def _scalars(self) -> Dict[str, nn.Parameter]:
+        # from the parameter dict: getattr on a missing name raises inside nn.Module (microseconds a call)
+        return {n: self._parameters[n] for n in SCALARS if n in self._parameters}
+
     def mixing_parameters(self) -> List[nn.Parameter]:
         """The parameters of the spatial mixing: kernels, then alpha and beta when there are prefix
         tokens, then gamma and phi with the global term."""
-        return [self.conv.weight] + [getattr(self, n) for n in ("alpha", "beta", "gamma", "phi") if hasattr(self, n)]
+        return [self.conv.weight] + list(self._scalars().values())
 
     def _mix(self, v: torch.Tensor) -> torch.Tensor:
         """Spatially mix the mixed heads' values v [B, N, Cr] -> [B, N, Cr] (Cr = heads x head_dim)."""
@@ -140,7 +145,7 @@ class ReplacedAttention(nn.Module):
                 f"patch grid; run the model at the resolution it was built for (or build it with "
                 f"dynamic_img_size=True)")
         how = self._mixing if self._mixing != AUTO else choose(B, N, Cr, P, v.device)
-        alpha, beta, gamma, phi = (getattr(self, n, None) for n in ("alpha", "beta", "gamma", "phi"))
+        alpha, beta, gamma, phi = (self._parameters.get(n) for n in SCALARS)
         mix = functools.partial(depthwise_mix, weight=self.conv.weight, alpha=alpha, beta=beta,
                                 grid_size=self.grid_size, head_dim=self.head_dim, gamma=gamma, phi=phi)
         if how == "banded":
