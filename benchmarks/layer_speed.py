@@ -3,10 +3,13 @@
 At every point (a g x g patch grid, width C, P prefix tokens, batch B, variant) it builds timm's
 Attention(C, heads) with random weights and the ConvHeadAttention that whole-block replacement
 makes of it (every head "depthwise" or "depthwise_global", 3 x 3, random prefix scalars and global
-terms), and times the pair interleaved
-in each runtime: PyTorch eager, torch.compile (inductor), and exported to ONNX in onnxruntime (in a
-process of its own, see timing.py). ratio = replaced / original latency: below 1, the replacement
-is faster. Each pair gets about `budget_s` of timed rounds (at least `min_rounds`).
+terms), and times the pair interleaved in each runtime: PyTorch eager, torch.compile (inductor),
+and exported to ONNX in onnxruntime (in a process of its own, see timing.py). Each side is a chain
+of `depth` distinct layers (6 by default, as in the digits model) and the time is per layer: a layer
+timed alone keeps its weights (and the banded path its [N, N, C] matrix) in the CPU cache, which in
+a model the other layers evict; alone, banded looked up to twice as good as it is in a model.
+ratio = replaced / original latency: below 1, the replacement is faster. Each pair gets about
+`budget_s` of timed rounds (at least `min_rounds`).
 
     python -m benchmarks.suite --sections layers                      # the full grid (long)
     python -m benchmarks.suite --sections layers --layer-grids 4 8 --layer-batches 1
@@ -38,6 +41,7 @@ PREFIXES = (0, 1, 5)
 BATCHES = (1, 64)
 RUNTIMES = ("eager", "compile", "onnxruntime")
 LAYER_VARIANTS = ("depthwise", "depthwise_global")
+DEPTH = 6
 
 
 @dataclass(frozen=True)
@@ -47,22 +51,25 @@ class Point:
     prefix: int
     batch: int
     variant: str = "depthwise"
+    depth: int = DEPTH   # distinct layers chained per timed call
 
     @property
     def tokens(self) -> int:
         return self.prefix + self.grid * self.grid
 
     def build(self, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Tuple[nn.Module, nn.Module]:
-        """The attention module (random weights, seeded) and its replacement, in eval mode."""
+        """`depth` attention modules (random weights, seeded) and their replacements, each chained, in eval mode."""
+        heads = HEADS.get(self.width, max(1, self.width // 64))
+        originals, replaced = [], []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.grid * 10_000 + self.width + self.prefix)
-            heads = HEADS.get(self.width, max(1, self.width // 64))
-            original = Attention(self.width, heads, qkv_bias=True)
-            replaced = ConvHeadAttention(original, range(heads), (self.grid, self.grid), self.prefix,
-                                         variant=self.variant)
-            for p in replaced.mixing_parameters()[1:]:   # prefix scalars (and global terms): not their init
-                nn.init.uniform_(p)
-        return original.to(device, dtype).eval(), replaced.to(device, dtype).eval()
+            for i in range(self.depth):
+                torch.manual_seed(self.grid * 10_000 + self.width + self.prefix + 1_000_000 * i)
+                originals.append(Attention(self.width, heads, qkv_bias=True))
+                replaced.append(ConvHeadAttention(originals[-1], range(heads), (self.grid, self.grid), self.prefix,
+                                                  variant=self.variant))
+                for p in replaced[-1].mixing_parameters()[1:]:   # prefix scalars (and global terms): not their init
+                    nn.init.uniform_(p)
+        return tuple(nn.Sequential(*layers).to(device, dtype).eval() for layers in (originals, replaced))
 
     def inputs(self, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
@@ -70,23 +77,24 @@ class Point:
 
 
 def points(grids: Sequence[int] = GRIDS, widths: Sequence[int] = tuple(HEADS), prefixes: Sequence[int] = PREFIXES,
-           batches: Sequence[int] = BATCHES, variants: Sequence[str] = ("depthwise",)) -> List[Point]:
+           batches: Sequence[int] = BATCHES, variants: Sequence[str] = ("depthwise",), depth: int = DEPTH) -> List[Point]:
     unknown = [v for v in variants if v not in LAYER_VARIANTS]
     if unknown:
         raise ConvHeadsError(f"layer variants must be among {LAYER_VARIANTS}; got {unknown}")
     bad = [w for w in widths if w not in HEADS and w % 64]
-    if bad or any(g < 1 for g in grids) or any(p < 0 for p in prefixes) or any(b < 1 for b in batches):
-        raise ConvHeadsError(f"layer points need grids >= 1, prefixes >= 0, batches >= 1 and widths in {list(HEADS)} "
-                             f"or multiples of 64; got grids {list(grids)}, widths {list(widths)}, prefixes "
-                             f"{list(prefixes)}, batches {list(batches)}")
-    return [Point(g, w, p, b, v) for b in batches for w in widths for p in prefixes for g in grids for v in variants]
+    if bad or any(g < 1 for g in grids) or any(p < 0 for p in prefixes) or any(b < 1 for b in batches) or depth < 1:
+        raise ConvHeadsError(f"layer points need grids >= 1, prefixes >= 0, batches >= 1, depth >= 1 and widths in "
+                             f"{list(HEADS)} or multiples of 64; got grids {list(grids)}, widths {list(widths)}, "
+                             f"prefixes {list(prefixes)}, batches {list(batches)}, depth {depth}")
+    return [Point(g, w, p, b, v, depth)
+            for b in batches for w in widths for p in prefixes for g in grids for v in variants]
 
 
 def _row(point: Point, runtime: str, mixing: str, times: Dict[str, List[float]], **extra) -> dict:
-    t0, t1 = statistics.median(times["original"]), statistics.median(times["replaced"])
+    t0, t1 = (statistics.median(times[side]) / point.depth for side in ("original", "replaced"))  # per layer
     return {"grid": point.grid, "tokens": point.tokens, "width": point.width, "prefix": point.prefix,
-            "batch": point.batch, "variant": point.variant, "runtime": runtime, "mixing": mixing, "original_us": t0 * 1e6,
-            "replaced_us": t1 * 1e6, "ratio": t1 / t0, "rounds": len(times["original"]),
+            "batch": point.batch, "variant": point.variant, "depth": point.depth, "runtime": runtime, "mixing": mixing,
+            "original_us": t0 * 1e6, "replaced_us": t1 * 1e6, "ratio": t1 / t0, "rounds": len(times["original"]),
             # best of the rounds (timeit's choice): on a loaded machine, closer to the unloaded speed
             "ratio_best": min(times["replaced"]) / min(times["original"]),
             "threads": torch.get_num_threads(), **extra}
@@ -96,8 +104,8 @@ def _row(point: Point, runtime: str, mixing: str, times: Dict[str, List[float]],
 def time_point(point: Point, runtimes: Sequence[str] = RUNTIMES, budget_s: float = 1.0, min_rounds: int = 5,
                device: str = "cpu", dtype: torch.dtype = torch.float32, onnx: Optional[OnnxTimer] = None,
                workdir: Optional[Path] = None) -> List[dict]:
-    """One row per runtime: the pair's median latencies (us), the ratio, and the largest difference
-    of the runtime's replaced-layer output from eager PyTorch's."""
+    """One row per runtime: the pair's median latencies per layer (us), the ratio, and the largest
+    difference of the runtime's replaced-chain output from eager PyTorch's."""
     original, replaced = point.build(device, dtype)
     x = point.inputs(device, dtype)
     expected = replaced(x)
@@ -118,8 +126,8 @@ def time_point(point: Point, runtimes: Sequence[str] = RUNTIMES, budget_s: float
             if onnx is None or x.device.type != "cpu":
                 raise ConvHeadsError("onnxruntime points need an OnnxTimer and the CPU")
             with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-                # in a Sequential: the exporter would turn forward's other arguments' defaults into inputs
-                paths = {name: export_module(nn.Sequential(m), x, Path(tmp) / f"{name}.onnx")
+                # (chains are Sequentials: the exporter would turn a layer's other forward arguments into inputs)
+                paths = {name: export_module(m, x, Path(tmp) / f"{name}.onnx")
                          for name, m in (("original", original), ("replaced", replaced))}
                 times, _ = onnx.time(paths, x.shape, torch.get_num_threads(), 1, min_rounds, budget_s)
             rows.append(_row(point, runtime, "conv", times))

@@ -43,11 +43,13 @@ FULL = dict(settings=PAPER_SETTINGS, batch_sizes=[1, 8], repeats=7, warmup=2, sw
             scoring_model="vit_small_patch16_224:224", scoring_images=[100, 1000], modes=list(MODES),
             layer_grids=list(layer_speed.GRIDS), layer_widths=list(layer_speed.HEADS),
             layer_prefixes=list(layer_speed.PREFIXES), layer_batches=list(layer_speed.BATCHES),
-            layer_runtimes=list(layer_speed.RUNTIMES), layer_budget=1.0, layer_variants=["depthwise"])
+            layer_runtimes=list(layer_speed.RUNTIMES), layer_budget=1.0, layer_variants=["depthwise"],
+            layer_depth=layer_speed.DEPTH)
 QUICK = dict(settings=["vit_tiny_patch16_224:224:6"], batch_sizes=[1, 2], repeats=3, warmup=1, sweep_repeats=3,
              scoring_model="vit_tiny_patch16_224:112", scoring_images=[20, 100], modes=["eager", "channels_last"],
              layer_grids=[4, 8], layer_widths=[128], layer_prefixes=[0, 1], layer_batches=[1],
-             layer_runtimes=["eager", "onnxruntime"], layer_budget=0.05, layer_variants=["depthwise"])
+             layer_runtimes=["eager", "onnxruntime"], layer_budget=0.05, layer_variants=["depthwise"],
+             layer_depth=2)
 PROGRESS = sys.stderr.isatty()  # progress bars only where someone watches
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHOWN = {  # column -> format, for the terminal tables
@@ -86,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer-runtimes", nargs="+", choices=layer_speed.RUNTIMES)
     p.add_argument("--layer-budget", type=float, metavar="S", help="layers: seconds of timed rounds per pair")
     p.add_argument("--layer-variants", nargs="+", choices=layer_speed.LAYER_VARIANTS, help="layers: replacements")
+    p.add_argument("--layer-depth", type=int, metavar="L", help="layers: distinct layers chained per timed call "
+                   "(times are per layer; a chain evicts each layer's weights from the cache, as a model does)")
     p.add_argument("--out", type=Path, default=Path("results/bench"))
     p.epilog = "defaults: " + str(FULL)
     args = p.parse_args(argv)
@@ -107,7 +111,7 @@ def check_args(args: argparse.Namespace) -> List[Setting]:
         raise ConvHeadsError("--device cuda but no GPU is visible; use --device cpu")
     args.dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
     args.layer_points = layer_speed.points(args.layer_grids, args.layer_widths, args.layer_prefixes, args.layer_batches,
-                                           args.layer_variants)
+                                           args.layer_variants, args.layer_depth)
     if args.layer_budget <= 0:
         raise ConvHeadsError("--layer-budget must be positive (seconds)")
     settings = [Setting.parse(s) for s in args.settings]
@@ -172,8 +176,8 @@ def run(args: argparse.Namespace) -> Dict[str, pd.DataFrame]:
     print(f"threads {meta['threads']}, {device}, {meta['dtype']}, torch {torch.__version__}; results in {args.out}")
     tables = {}
     if "layers" in args.sections:
-        print(f"\n== layers: {len(args.layer_points)} points x {args.layer_runtimes}, "
-              f"~{args.layer_budget:g} s of rounds per pair", flush=True)
+        print(f"\n== layers: {len(args.layer_points)} points x {args.layer_runtimes}, chains of {args.layer_depth} "
+              f"layers (times per layer), ~{args.layer_budget:g} s of rounds per pair", flush=True)
         rows = layer_speed.layer_speed(args.layer_points, args.layer_runtimes, args.layer_budget, device=device,
                                        dtype=dtype, progress=PROGRESS)
         tables["layers"] = section(args.out, "layers", rows)

@@ -16,7 +16,7 @@ Implementations (`IMPLEMENTATIONS`), all on channels-last views of the values (n
   shift   the k^2 shifted windows of the zero-padded grid (one strided view) times the taps,
           summed. torch.compile fuses it with the prefix scalars into one loop, which beats
           calling the library convolution from compiled code on all but large inputs; in eager
-          mode it wins at batch 1 with prefix tokens on mid-size grids.
+          mode it wins at batch 1 on mid-size grids.
   banded  the [N, N] token-mixing matrix per channel that the whole function equals (prefix
           scalars included; the fixed banded matrix of METHOD.md's derivation), applied as one
           multiply and one sum: the cheapest on tiny grids. Built on every call while gradients
@@ -33,15 +33,17 @@ from .errors import ConvHeadsError
 
 IMPLEMENTATIONS = ("conv", "shift", "banded")
 AUTO = "auto"
-# "banded" multiplies out a [B, N, N, C] product; above this many elements another path is faster
-# (CPU eager, measured interleaved against each other on an idle machine, widths 128-768, grids
-# 4-12, batch 1 and 8: without prefix tokens the crossover lies between 262k and 497k elements,
-# with them between 609k and 645k, since prefix tokens cost the convolution path 4 more ops).
-BANDED_MAX_ELEMENTS = 270_000
-BANDED_MAX_ELEMENTS_PREFIX = 620_000
-# Past banded, at batch 1 with prefix tokens, shift beats the library convolution by 5-15% up to
-# about this many patch values (B x h x w x C); without prefix tokens or at larger batches it does not.
-SHIFT_MAX_VALUES_EAGER = 50_000
+# "banded" multiplies out a [B, N, N, C] product and reads an [N, N, C] matrix; above this many
+# elements (B N^2 C) another path is faster. Measured in a chain of 6 distinct layers, as in a model,
+# whose other layers evict each layer's matrix from the cache (one layer timed alone keeps it there
+# and favours banded up to twice as far): CPU eager, widths 128-768, grids 4-12, batch 1 and 8.
+# Without prefix tokens banded wins up to 197k elements and loses from 262k; with them (4 more ops
+# on the other paths) it wins up to 296k and loses from 526k.
+BANDED_MAX_ELEMENTS = 200_000
+BANDED_MAX_ELEMENTS_PREFIX = 400_000
+# Past banded, at batch 1, shift beats the library convolution by 5-20% up to about this many patch
+# values (B x h x w x C; with or without prefix tokens); at batch 8 the convolution wins everywhere.
+SHIFT_MAX_VALUES_EAGER = 25_000
 # Under torch.compile the fused shift loop beats the library convolution called from compiled
 # code up to about this many values (B x h x w x C); above it, the library's blocked kernel wins.
 SHIFT_MAX_VALUES_COMPILED = 300_000
@@ -53,9 +55,16 @@ def check_implementation(name: str) -> str:
     return name
 
 
+def _exporting() -> bool:
+    """Inside an ONNX export. Every export traces (TorchScript's tracer or torch.export), and the
+    cheap tracing flags come first: is_in_onnx_export imports two modules per call (~1 us, a few
+    times per layer call in eager mode)."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
+
+
 def choose(batch: int, tokens: int, channels: int, prefix: int, device: torch.device) -> str:
     """The fastest implementation for a call (measured with benchmarks/layer_speed.py)."""
-    if torch.onnx.is_in_onnx_export():
+    if _exporting():
         return "conv"        # one ONNX Conv node, which runtimes and TensorRT optimise
     patches = batch * (tokens - prefix) * channels
     if torch.compiler.is_compiling():  # inductor fuses shift with the prefix scalars into one loop
@@ -63,7 +72,7 @@ def choose(batch: int, tokens: int, channels: int, prefix: int, device: torch.de
     if device.type == "cpu" and not torch.is_grad_enabled():
         if batch * tokens * tokens * channels <= (BANDED_MAX_ELEMENTS_PREFIX if prefix else BANDED_MAX_ELEMENTS):
             return "banded"
-        if prefix and batch == 1 and patches <= SHIFT_MAX_VALUES_EAGER:
+        if batch == 1 and patches <= SHIFT_MAX_VALUES_EAGER:
             return "shift"
     return "conv"
 
@@ -71,7 +80,7 @@ def choose(batch: int, tokens: int, channels: int, prefix: int, device: torch.de
 def _addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """a + b * c: one fused op in PyTorch; plain ops in an ONNX export, where addcmul's float32
     constant would turn a float16 graph float32 (onnxruntime then refuses the mixed LayerNorm)."""
-    return a + b * c if torch.onnx.is_in_onnx_export() else torch.addcmul(a, b, c)
+    return a + b * c if _exporting() else torch.addcmul(a, b, c)
 
 
 def _spatial(grid: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor:

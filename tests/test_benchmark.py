@@ -134,10 +134,14 @@ def test_onnx_runner_spins_only_when_asked(tmp_path):
 
 def test_the_layer_benchmark_times_each_runtime_and_draws_the_ratios(tmp_path):
     pts = layer_speed.points(grids=[4, 6], widths=[128], prefixes=[1], batches=[1],
-                             variants=["depthwise", "depthwise_global"])
+                             variants=["depthwise", "depthwise_global"], depth=2)
+    original, replaced = pts[0].build()   # a chain of distinct layers, so that one evicts the other from the cache
+    assert len(original) == len(replaced) == 2
+    assert not torch.equal(original[0].qkv.weight, original[1].qkv.weight)
+    assert not torch.equal(replaced[0].alpha, replaced[1].alpha)
     rows = layer_speed.layer_speed(pts, ("eager", "onnxruntime"), budget_s=0.01, min_rounds=2)
-    assert [(r["grid"], r["variant"], r["runtime"]) for r in rows] == [
-        (g, v, r) for g in (4, 6) for v in ("depthwise", "depthwise_global") for r in ("eager", "onnxruntime")]
+    assert [(r["grid"], r["variant"], r["runtime"], r["depth"]) for r in rows] == [
+        (g, v, r, 2) for g in (4, 6) for v in ("depthwise", "depthwise_global") for r in ("eager", "onnxruntime")]
     assert [r["mixing"] for r in rows] == ["banded", "conv"] * 4
     assert all(r["tokens"] == 1 + r["grid"] ** 2 and r["rounds"] >= 2 and r["ratio"] > 0 for r in rows)
     layer_speed.plot_layers(rows, tmp_path / "layers.png")
@@ -146,6 +150,8 @@ def test_the_layer_benchmark_times_each_runtime_and_draws_the_ratios(tmp_path):
         layer_speed.points(widths=[100])
     with pytest.raises(ConvHeadsError, match="layer variants"):
         layer_speed.points(variants=["fixed"])
+    with pytest.raises(ConvHeadsError, match="depth 0"):
+        layer_speed.points(depth=0)
 
 
 def test_the_digits_setting_is_the_pipelines_default_vit():

@@ -68,9 +68,10 @@ def test_the_choice_follows_shape_device_and_mode():
     cpu = torch.device("cpu")
     with torch.no_grad():
         assert choose(1, 17, 128, 1, cpu) == "banded"        # a tiny grid, inference
-        assert choose(1, 65, 128, 1, cpu) == "banded"        # prefix tokens cost the convolution path more ...
-        assert choose(1, 64, 128, 0, cpu) == "conv"          # ... than none
-        assert choose(1, 101, 128, 1, cpu) == "shift"        # past banded at batch 1 with a prefix token
+        assert choose(1, 50, 128, 1, cpu) == "banded"        # prefix tokens cost the other paths more ...
+        assert choose(1, 49, 128, 0, cpu) == "shift"         # ... so banded reaches further with them
+        assert choose(1, 65, 128, 1, cpu) == "shift"         # the digits default at batch 1
+        assert choose(1, 145, 384, 1, cpu) == "conv"         # past shift's size at batch 1
         assert choose(64, 17, 128, 1, cpu) == "conv"         # a batch: the library convolution
         assert choose(1, 577, 128, 1, cpu) == "conv"         # a large grid
         assert choose(1, 17, 128, 1, torch.device("meta")) == "conv"
