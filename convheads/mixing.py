@@ -111,22 +111,20 @@ def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.T
     P = N - h * w
     heads = v.unflatten(-1, (-1, head_dim))       # [B, N, heads, d]: per-head scalars broadcast, no copies
     # Few, fused ops: at the digits' 65 tokens every op costs more than its arithmetic.
-    if not P:
-        y = _spatial(v.reshape(B, h, w, C), weight, how).reshape(B, N, C)
-        if gamma is None:
-            return y
-        return _addcmul(y.reshape(B, N, -1, head_dim), heads.mean(dim=1, keepdim=True), gamma[:, None]).flatten(2)
     prefix, patches = heads[:, :P], heads[:, P:]
     if P == 1:
-        shifted = _addcmul(patches, prefix, beta[..., None])
-    else:
-        shifted = patches + (prefix * beta[..., None]).sum(dim=1, keepdim=True)
-    patch_mean = patches.mean(dim=1, keepdim=True)                      # [B, 1, heads, d]
-    y = _spatial(shifted.reshape(B, h, w, C), weight, how).reshape(B, h * w, C)
+        patches = _addcmul(patches, prefix, beta[..., None])
+    elif P:
+        patches = patches + (prefix * beta[..., None]).sum(dim=1, keepdim=True)
+    y = _spatial(patches.reshape(B, h, w, C), weight, how).reshape(B, h * w, C)
+    if gamma is not None:  # + gamma_i x the mean of head i's values over all N tokens, on every patch
+        y = _addcmul(y.unflatten(-1, (-1, head_dim)), heads.mean(dim=1, keepdim=True), gamma[:, None]).flatten(2)
+    if not P:
+        return y
+    patch_mean = heads[:, P:].mean(dim=1, keepdim=True)                 # [B, 1, heads, d]
     if gamma is None:
         prefix_out = _addcmul(prefix, alpha[..., None], patch_mean)
     else:
-        y = _addcmul(y.reshape(B, h * w, -1, head_dim), heads.mean(dim=1, keepdim=True), gamma[:, None]).flatten(2)
         mixed = prefix * phi[0, 0, :, None] if P == 1 else (prefix[:, None] * phi[..., None]).sum(dim=2)
         prefix_out = _addcmul(mixed, alpha[..., None], patch_mean)
     return torch.cat([prefix_out.flatten(2), y], dim=1)
