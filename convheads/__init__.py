@@ -10,8 +10,16 @@ from .ensemble import EnsembleHeadAttention, fold_ensembles
 from .errors import ConvHeadsError
 from .export import check_onnx, export_onnx
 from .fitting import fit_scores
-from .layers import ConvHeadAttention, ReplacedAttention, gaussian_kernel
-from .models import at_resolution, create_model, create_segmentation_model, load_checkpoint, load_model, save_model
+from .layers import ConvHeadAttention, ReplacedAttention
+from .mixers import gaussian_kernel
+from .models import (
+    at_resolution,
+    create_model,
+    create_segmentation_model,
+    load_checkpoint,
+    load_model,
+    save_model,
+)
 from .scoring import HeadScores, score_heads
 from .segmentation import SegmentationModel
 from .selection import Selection, select_heads
@@ -20,8 +28,8 @@ from .vit import VitInfo, as_vit, vit_info
 
 __all__ = [
     "ConvHeadAttention", "ConvHeadsError", "EnsembleHeadAttention", "HeadScores", "ModelCost", "ReplacedAttention",
-    "SegmentationModel", "Selection", "VitInfo", "as_vit", "at_resolution", "check_onnx", "count_params", "create_model",
-    "create_segmentation_model", "export_onnx",
+    "SegmentationModel", "Selection", "VitInfo", "as_vit", "at_resolution", "check_onnx", "count_params",
+    "create_model", "create_segmentation_model", "export_onnx",
     "fit_scores", "fold_ensembles", "gaussian_kernel", "load_checkpoint", "load_model", "model_cost", "replace_heads",
     "replaced_selection", "replacement_config", "save_model", "score_heads", "select_heads", "vit_info",
 ]

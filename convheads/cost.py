@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-from torch import nn
 from timm.layers import Attention
+from torch import nn
 
 from .ensemble import EnsembleHeadAttention
 from .layers import ReplacedAttention
+from .mixers import DepthwiseMixer, FixedMixer
+from .modes import eval_mode
 from .vit import as_vit, vit_info
 
 
@@ -53,27 +55,27 @@ def model_cost(model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> 
             B, N, C = inputs[0].shape
             heads = module.num_kept if isinstance(module, ReplacedAttention) else module.num_heads
             totals["attention"] += 2 * B * heads * N * N * module.head_dim
-            if isinstance(module, ReplacedAttention) and hasattr(module, "conv"):
+            mixer = getattr(module, "mixer", None)
+            if isinstance(mixer, DepthwiseMixer):
                 h, w = module.grid_size
-                totals["macs"] += B * h * w * module.conv.weight[0].numel() * module.conv.out_channels
-            if isinstance(module, ReplacedAttention) and module.variant == "fixed":
+                totals["macs"] += B * h * w * mixer.conv.weight[0].numel() * mixer.conv.out_channels
+            if isinstance(mixer, FixedMixer):
                 totals["attention"] += B * len(module.conv_heads) * N * N * module.head_dim
             if isinstance(module, EnsembleHeadAttention) and not module.folded:
                 # its training form calls F.linear with merged weights, which the Linear hooks miss;
                 # merging the weights is per forward, not per image, so it is not counted
                 totals["macs"] += 2 * B * N * C * module.head_dim
 
-    mixing = {id(m.conv) for m in model.modules() if isinstance(m, ReplacedAttention) and hasattr(m, "conv")}
+    mixing = {id(m.conv) for m in model.modules() if isinstance(m, DepthwiseMixer)}
     hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, (nn.Linear, nn.Conv2d, Attention, ReplacedAttention)) and id(m) not in mixing]
-    was_training = model.training
-    model.eval()
     try:
-        p = next(model.parameters())
-        model(torch.zeros(1, as_vit(model).patch_embed.proj.in_channels, height, width, device=p.device, dtype=p.dtype))
+        with eval_mode(model):
+            p = next(model.parameters())
+            model(torch.zeros(1, as_vit(model).patch_embed.proj.in_channels, height, width, device=p.device,
+                              dtype=p.dtype))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return ModelCost(params=count_params(model), macs=totals["macs"] + totals["attention"],
                      attention_macs=totals["attention"])

@@ -20,6 +20,7 @@ back; the model is then exactly a replaced model (save_model, load_model and ONN
     train(model, ...)                      # the gates train with everything else, own lr group
     selection = finalise(model)
 """
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from .errors import ConvHeadsError
 from .fitting import fit_mixing, for_heads
 from .layers import CONV_VARIANTS, ConvHeadAttention, ReplacedAttention
+from .mixers import DepthwiseMixer
 from .scoring import HeadScores
 from .selection import GRANULARITIES, Selection
 from .surgery import INITS, track_grid_size
@@ -37,6 +39,22 @@ from .vit import as_vit, vit_info
 
 GATES = "dsp_gates"     # the attribute of the model that holds its gates while it is gated
 GATE_LR = 0.01          # the gates' own learning rate (no weight decay)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DSPSettings:
+    """How the gates learn: their temperature schedule and learning rate."""
+    temperature_start: float = 1.0
+    """The Gumbel soft top-k's temperature at the first step; it falls log-linearly ..."""
+    temperature_end: float = 1e-3
+    """... to this, then stays there."""
+    gate_lr: float = GATE_LR
+    """The gates' own learning rate (no weight decay)."""
+
+    def __post_init__(self):
+        check_schedule(self.temperature_start, self.temperature_end)
+        if not self.gate_lr > 0:
+            raise ConvHeadsError(f"the gates' learning rate must be positive; got gate_lr={self.gate_lr}")
 
 
 def soft_topk(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -148,8 +166,9 @@ class GatedAttention(ReplacedAttention):
                                  f"got {variant!r}")
         super().__init__(attn, range(attn.num_heads), grid_size, num_prefix_tokens, kernel_size, variant)
         self.attn = attn
-        self._init_mixing(self.num_heads, global_term=variant == "depthwise_global",
-                          device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
+        self.mixer = DepthwiseMixer(self.num_heads, self.head_dim, num_prefix_tokens, kernel_size,
+                                    global_term=variant == "depthwise_global", device=attn.qkv.weight.device,
+                                    dtype=attn.qkv.weight.dtype)
         self.weight: Optional[torch.Tensor] = None  # [heads], set by the model's gates before every forward
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +180,7 @@ class GatedAttention(ReplacedAttention):
         q, k = a.q_norm(q), a.k_norm(k)
         attended = F.scaled_dot_product_attention(q, k, v, dropout_p=a.attn_drop.p if self.training else 0.0)
         attended = attended.transpose(1, 2)                                          # [B, N, heads, d]
-        mixed = self._mix(v.transpose(1, 2).reshape(B, N, C)).view(B, N, self.num_heads, self.head_dim)
+        mixed = self.mixer(v.transpose(1, 2).reshape(B, N, C), self.grid_size).view(B, N, self.num_heads, self.head_dim)
         w = self.weight.to(x.dtype)[:, None]                                         # [heads, 1]
         out = (attended + w * (mixed - attended)).reshape(B, N, C)
         return a.proj(a.norm(out))
@@ -241,12 +260,7 @@ def gate_groups(model: nn.Module) -> List[Dict]:
 
 def selection_of(gates: DSPGates, depth: int, num_heads: int) -> Selection:
     """The hard top-k of the gates as a Selection."""
-    if gates.granularity == "block":
-        return Selection.from_blocks(gates.chosen(), num_heads=num_heads, depth=depth)
-    heads: Dict[int, List[int]] = {}
-    for flat in gates.chosen():
-        heads.setdefault(flat // num_heads, []).append(flat % num_heads)
-    return Selection(heads, depth=depth, num_heads=num_heads)
+    return Selection.from_units(gates.chosen(), gates.granularity, num_heads, depth)
 
 
 @torch.no_grad()
@@ -268,10 +282,9 @@ def finalise(model: nn.Module) -> Selection:
         replaced = ConvHeadAttention(layer.attn, heads, layer.grid_size, layer.num_prefix_tokens,
                                      layer.kernel_size, layer.variant)
         channels = torch.tensor([h * layer.head_dim + j for h in heads for j in range(layer.head_dim)])
-        replaced.conv.weight.copy_(layer.conv.weight[channels])
-        for name in ("alpha", "beta", "gamma", "phi"):  # per-head parameters: heads on the last axis
-            if hasattr(replaced, name):
-                getattr(replaced, name).copy_(getattr(layer, name)[..., heads])
+        replaced.mixer.conv.weight.copy_(layer.mixer.conv.weight[channels])
+        for name, p in replaced.mixer.scalars().items():  # per-head parameters: heads on the last axis
+            p.copy_(layer.mixer.scalars()[name][..., heads])
         replaced.mixing = layer.mixing
         block.attn = replaced
     model._dsp_hook.remove()

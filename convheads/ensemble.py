@@ -1,4 +1,4 @@
-"""Head ensembling (METHOD.md section 2, SPViT-like): the H heads of a block merge into one head.
+"""Head ensembling (SPViT-like): the H heads of a block merge into one head.
 
     p   = softmax(logits / T)                          # [H]; T = 0.01, logits start at 0 (equal weights)
     V'  = sum_i p_i V_i = x (sum_i p_i W_V[i])^T + sum_i p_i b_V[i]      # one head of width d
@@ -13,11 +13,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import Attention
+from torch import nn
 
 from .errors import ConvHeadsError
 from .layers import ReplacedAttention
+from .mixers import DepthwiseMixer
 
 TEMPERATURE = 0.01
 
@@ -43,7 +44,7 @@ class EnsembleHeadAttention(ReplacedAttention):
         self.proj = nn.Linear(H * d, attn.proj.out_features, bias=attn.proj.bias is not None, **dd)
         self.proj.load_state_dict(attn.proj.state_dict())                  # every head's W_O columns
         self.logits = nn.Parameter(torch.zeros(H, **dd))
-        self._init_mixing(1, **dd)
+        self.mixer = DepthwiseMixer(1, d, num_prefix_tokens, kernel_size, **dd)
 
     def head_weights(self) -> torch.Tensor:
         """p [H]: how much each original head contributes to the merged one."""
@@ -63,16 +64,11 @@ class EnsembleHeadAttention(ReplacedAttention):
         return w_in, b_in, w_out
 
     @torch.no_grad()
-    def init_kernels(self, kernels: torch.Tensor) -> None:
-        """kernels [H, k, k] (one per original head, or [1, k, k]): the merged head starts from their mean,
-        as the heads start equally weighted."""
-        super().init_kernels(kernels.mean(dim=0, keepdim=True))
-
-    @torch.no_grad()
     def init_from_fit(self, fit: Dict[str, torch.Tensor]) -> None:
-        """Per-head fits (kernel [H, k, k]; alpha, beta [P, H]): the merged head starts from their means."""
-        super().init_from_fit({"kernel": fit["kernel"], **{n: fit[n].mean(dim=1, keepdim=True)
-                                                           for n in ("alpha", "beta") if n in fit}})
+        """Per-head fits (kernel [H, k, k]; alpha, beta [P, H]): the merged head starts from their means,
+        as the heads start equally weighted."""
+        self.mixer.init_from_fit({n: fit[n].mean(dim=1 if n in ("alpha", "beta") else 0, keepdim=True)
+                                  for n in ("kernel", "alpha", "beta") if n in fit})
 
     @torch.no_grad()
     def fold(self) -> "EnsembleHeadAttention":
@@ -97,9 +93,9 @@ class EnsembleHeadAttention(ReplacedAttention):
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded:  # through the modules, so hooks (model_cost) see them
-            return self.proj(self._mix(self.in_proj(x)))
+            return self.proj(self.mixer(self.in_proj(x), self.grid_size))
         w_in, b_in, w_out = self.merged_weights()
-        v = self._mix(F.linear(x, w_in, b_in))                              # [B, N, d]
+        v = self.mixer(F.linear(x, w_in, b_in), self.grid_size)                            # [B, N, d]
         return F.linear(v, w_out, self.proj.bias)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""ONNX export for deployment (METHOD.md section 5): opset 17, static shapes, one resolution.
+"""ONNX export for deployment: opset 17, static shapes, one resolution.
 
 The exporter is torch's TorchScript-based one (`dynamo=False`): it writes opset 17 as asked. The
 torch.export-based exporter (the default since torch 2.9) traces these models just as well, but
@@ -17,6 +17,7 @@ from torch import nn
 from .ensemble import EnsembleHeadAttention, fold_ensembles
 from .errors import ConvHeadsError
 from .files import atomic_path
+from .modes import eval_mode
 from .vit import as_vit, vit_info
 
 OPSET = 17
@@ -51,18 +52,13 @@ def export_onnx(model: nn.Module, path: Union[str, Path], img_size: Optional[tup
 def export_module(module: nn.Module, example: torch.Tensor, path: Union[str, Path], input_name: str = "input") -> Path:
     """Trace `module` (in eval mode) on `example` and write it as ONNX (opset 17, static shapes), atomically.
     Replaced layers export their mixing as one Conv node (see mixing.choose)."""
-    was_training = module.training
-    module.eval()
-    try:
-        with atomic_path(path) as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            warnings.filterwarnings("ignore", message=".*feature will be removed.*")
-            warnings.filterwarnings("ignore", message=".*Only steps=1 can be constant folded.*")  # strided slices
-            torch.onnx.export(module, (example,), str(tmp), opset_version=OPSET, dynamo=False, do_constant_folding=True,
-                              input_names=[input_name], output_names=["output"])
-    finally:
-        module.train(was_training)
+    with eval_mode(module), atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*feature will be removed.*")
+        warnings.filterwarnings("ignore", message=".*Only steps=1 can be constant folded.*")  # strided slices
+        torch.onnx.export(module, (example,), str(tmp), opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                          input_names=[input_name], output_names=["output"])
     return Path(path)
 
 
@@ -105,13 +101,9 @@ def check_onnx(model: nn.Module, path: Union[str, Path], atol: float = 1e-4, rto
     runner = OnnxModel(path)
     shape = runner.input.shape
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         p = next(model.parameters())
         expected = model(x.to(p.device, p.dtype)).float().cpu()
-    finally:
-        model.train(was_training)
     got = runner(x).float()
     if got.shape != expected.shape:
         raise ConvHeadsError(f"{path} outputs shape {tuple(got.shape)}, the model {tuple(expected.shape)}; "

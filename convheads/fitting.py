@@ -27,6 +27,7 @@ from typing import Dict, Sequence
 import torch
 
 from .errors import ConvHeadsError
+from .mixers import check_kernel_size
 from .mixing import banded_matrix, depthwise_mix
 from .scoring import HeadScores
 
@@ -54,10 +55,9 @@ def fit_mixing(scores: HeadScores, kernel_size: int, variant: str) -> Dict[str, 
     for "fixed" "attention" [depth, heads, N, N] (E[A] itself). `for_heads` cuts out one block's heads."""
     if variant not in FITTED:
         raise ConvHeadsError(f"an attention fit exists for the variants {FITTED}; got {variant!r}")
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ConvHeadsError(f"kernel_size must be a positive odd integer ('same' padding); got {kernel_size!r}")
+    check_kernel_size(kernel_size)
     if variant == "fixed":
-        return {"attention": scores.attention_maps('variant="fixed"')}
+        return {"attention": scores.mean_attention.float()}
     (h, w), P = scores.grid_size, scores.num_prefix_tokens
     N = P + h * w
     offsets = scores.offset_attention.double()                          # [D, H, 2h-1, 2w-1]
@@ -78,7 +78,7 @@ def fit_mixing(scores: HeadScores, kernel_size: int, variant: str) -> Dict[str, 
     fit = {"kernel": kernel, "alpha": scores.prefix_to_patches.double(), "beta": beta}
     if variant == "depthwise_global":
         fit["gamma"] = u * N
-        fit["phi"] = scores.required("prefix_to_prefix", 'variant="depthwise_global" with init="attention"').double()
+        fit["phi"] = scores.prefix_to_prefix.double()
     return {k: v.float() for k, v in fit.items()}
 
 
@@ -108,13 +108,14 @@ def implied_attention(fit: Dict[str, torch.Tensor], grid_size, num_prefix_tokens
         f = for_heads(fit, b, range(heads))
         mix = functools.partial(depthwise_mix, weight=f["kernel"][:, None].double(), grid_size=(h, w), head_dim=1,
                                 **{n: f[n].double() if n in f else None for n in ("alpha", "beta", "gamma", "phi")})
-        out.append(banded_matrix(mix, N, heads, f["kernel"].double()).permute(2, 1, 0))  # [from, to, h] -> [h, to, from]
+        matrix = banded_matrix(mix, N, heads, f["kernel"].double())   # [from, to, h]
+        out.append(matrix.permute(2, 1, 0))                             # [h, to, from]
     return torch.stack(out).float()
 
 
 def fit_scores(scores: HeadScores, kernel_size: int = 3, variant: str = "depthwise_global") -> torch.Tensor:
     """[depth, heads] in [0, 1]: how much of each head's mean attention the fitted `variant` keeps
     (1 - mean over query rows of the total-variation distance between E[A] and the fitted matrix)."""
-    maps = scores.attention_maps("the fit score")
+    maps = scores.mean_attention.float()
     implied = implied_attention(fit_mixing(scores, kernel_size, variant), scores.grid_size, scores.num_prefix_tokens)
     return 1 - 0.5 * (maps - implied).abs().sum(dim=-1).mean(dim=-1)

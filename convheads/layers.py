@@ -1,44 +1,25 @@
 """The replacement layers: attention where some heads are a fixed mixing of their values.
 
 For a head whose attention matrix A is a fixed band around each query patch, A @ V is exactly a
-depthwise convolution of V laid out on the patch grid (METHOD.md section 1). `ConvHeadAttention`
-keeps the pretrained value rows of W_V and the columns of W_O for the replaced heads, drops their
-W_Q / W_K rows, and mixes their values by its variant:
-  "depthwise"         a depthwise k x k convolution (plus the prefix-token scalars);
-  "depthwise_global"  the same plus a global term per head: a learnable weight times the mean of
-                      the head's values over all tokens, added to every patch, and a P x P mixing
-                      of the prefix tokens. Band + uniform level: what many input-independent
-                      heads actually do (they attend broadly, not only locally), at linear cost;
-  "identity"          no mixing at all (the speed limit of removing attention);
-  "fixed"             each head's own stored [N, N] mean attention matrix (learnable), applied to
-                      its values: quadratic like attention, only Q and K are gone. A reference for
-                      what "input-independent" can keep at best (the frontier), not for deployment.
-`EnsembleHeadAttention` (ensemble.py) merges all heads of a block into one and mixes it like
-"depthwise"; `ReplacedAttention` holds what the layers share.
+depthwise convolution of V laid out on the patch grid. `ConvHeadAttention` keeps the pretrained
+value rows of W_V and the columns of W_O for the replaced heads, drops their W_Q / W_K rows, and
+mixes their values with its variant's mixer (mixers.py: depthwise, depthwise_global, fixed,
+identity, drop). `EnsembleHeadAttention` (ensemble.py) merges all heads of a block into one and
+mixes it like "depthwise"; `ReplacedAttention` holds what the layers share.
 """
 import copy
-import functools
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import Attention
+from torch import nn
 
 from .errors import ConvHeadsError
-from .mixing import AUTO, ParameterCache, apply_banded, banded_matrix, check_implementation, choose, depthwise_mix
+from .mixers import Mixer, make_mixer
 
 # Variants whose mixing is the depthwise convolution (mixing.depthwise_mix), with or without the global term.
 CONV_VARIANTS = ("depthwise", "depthwise_global")
-# The mixing's scalars besides the kernels, where a layer has them (prefix tokens, global term).
-SCALARS = ("alpha", "beta", "gamma", "phi")
-
-
-def gaussian_kernel(kernel_size: int, sigma: float = 1.0) -> torch.Tensor:
-    """A normalised 2-D Gaussian [k, k] (the reference implementation's kernel init)."""
-    r = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
-    g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
-    return (g / g.sum()).float()
 
 
 def _permute_norm(norm: nn.Module, perm: torch.Tensor) -> nn.Module:
@@ -57,16 +38,11 @@ def _permute_norm(norm: nn.Module, perm: torch.Tensor) -> nn.Module:
 
 
 class ReplacedAttention(nn.Module):
-    """Base of the replacement layers: their bookkeeping and the spatial mixing of mixed heads.
+    """Base of the replacement layers: their bookkeeping, and the mixer of their mixed heads
+    (`self.mixer`, set by each layer; see mixers.py). Prefix tokens: CLS, distillation and register
+    tokens, P of them, before the h x w patch grid."""
 
-    Prefix tokens (CLS, distillation, register tokens; P of them) are handled per mixed head i and
-    prefix token j with two learnable scalars, generalising the reference's CLS handling:
-        prefix_out[j] = v_prefix[j] + alpha[j, i] * mean(V_i over patches)
-        V_i(patches) += sum_j beta[j, i] * v_prefix[j]      (before the convolution)
-    With P = 1 this is exactly the reference. Patch values are then convolved depthwise (k x k,
-    stride 1, zero "same" padding) on the h x w patch grid. mixing.py computes this, by one of three
-    implementations that `mixing` names ("auto": the fastest for each call).
-    """
+    mixer: Mixer
 
     def __init__(self, attn: Attention, conv_heads: Sequence[int], grid_size: Tuple[int, int],
                  num_prefix_tokens: int, kernel_size: int, variant: str):
@@ -82,77 +58,25 @@ class ReplacedAttention(nn.Module):
         self.kernel_size = kernel_size
         self.variant = variant
         self.proj_drop = attn.proj_drop
-        self.mixing = AUTO
-
-    def _init_mixing(self, heads: int, global_term: bool = False, **dd) -> None:
-        """The depthwise conv on `heads` x head_dim channels (Gaussian init) and alpha, beta [P, heads];
-        with the global term also gamma [heads] (init 0) and phi [P, P, heads] (init identity): the
-        Gaussian start of "depthwise_global" computes what "depthwise" does."""
-        channels, k, P = heads * self.head_dim, self.kernel_size, self.num_prefix_tokens
-        self.conv = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, bias=False, **dd)
-        self.init_kernels(gaussian_kernel(k).expand(heads, -1, -1))
-        if P:
-            # Reference init: uniform in [0, 1).
-            self.alpha = nn.Parameter(torch.rand(P, heads, **dd))
-            self.beta = nn.Parameter(torch.rand(P, heads, **dd))
-        if global_term:
-            self.gamma = nn.Parameter(torch.zeros(heads, **dd))
-            if P:
-                self.phi = nn.Parameter(torch.eye(P, **dd)[..., None].repeat(1, 1, heads))
-
-    @torch.no_grad()
-    def init_kernels(self, kernels: torch.Tensor) -> None:
-        """Set each mixed head's k x k kernel (kernels: [heads, k, k]) on all its channels."""
-        w = kernels.to(self.conv.weight).repeat_interleave(self.head_dim, dim=0)
-        self.conv.weight.copy_(w[:, None])
-
-    @torch.no_grad()
-    def init_from_fit(self, fit: Dict[str, torch.Tensor]) -> None:
-        """Start from parameters fitted to the mixed heads' mean attention (fitting.fit_mixing, for
-        these heads: "kernel" [heads, k, k]; "alpha", "beta" [P, heads]; "gamma" [heads] and "phi"
-        [P, P, heads] where the layer has them)."""
-        self.init_kernels(fit["kernel"])
-        for name, p in self._scalars().items():
-            p.copy_(fit[name])
 
     @property
     def mixing(self) -> str:
-        """How the mixed heads are mixed: "auto" (per call the fastest, see mixing.choose) or one of
+        """How a depthwise mixer computes: "auto" (per call the fastest, see mixing.choose) or one of
         mixing.IMPLEMENTATIONS. Every choice computes the same function; save_model keeps it."""
-        return self._mixing
+        return self.mixer.implementation
 
     @mixing.setter
     def mixing(self, name: str) -> None:
-        self._mixing = check_implementation(name)
-        self._banded = ParameterCache()
-
-    def _scalars(self) -> Dict[str, nn.Parameter]:
-        # from the parameter dict: getattr on a missing name raises inside nn.Module (microseconds a call)
-        return {n: self._parameters[n] for n in SCALARS if n in self._parameters}
+        self.mixer.implementation = name
 
     def mixing_parameters(self) -> List[nn.Parameter]:
-        """The parameters of the spatial mixing: kernels, then alpha and beta when there are prefix
-        tokens, then gamma and phi with the global term."""
-        return [self.conv.weight] + list(self._scalars().values())
+        """The parameters of the mixing (kernels, then the prefix scalars and global terms; or the
+        fixed matrices); none for identity and drop."""
+        return list(self.mixer.parameters())
 
-    def _mix(self, v: torch.Tensor) -> torch.Tensor:
-        """Spatially mix the mixed heads' values v [B, N, Cr] -> [B, N, Cr] (Cr = heads x head_dim)."""
-        B, N, Cr = v.shape
-        P, (h, w) = self.num_prefix_tokens, self.grid_size
-        if N != P + h * w:
-            raise ConvHeadsError(
-                f"got {N} tokens but the convolution heads expect {P} prefix tokens + a {h} x {w} "
-                f"patch grid; run the model at the resolution it was built for (or build it with "
-                f"dynamic_img_size=True)")
-        how = self._mixing if self._mixing != AUTO else choose(B, N, Cr, P, v.device)
-        alpha, beta, gamma, phi = (self._parameters.get(n) for n in SCALARS)
-        mix = functools.partial(depthwise_mix, weight=self.conv.weight, alpha=alpha, beta=beta,
-                                grid_size=self.grid_size, head_dim=self.head_dim, gamma=gamma, phi=phi)
-        if how == "banded":
-            params = self.mixing_parameters()
-            matrix = self._banded.get(self.grid_size, params, lambda: banded_matrix(mix, N, Cr, params[0]))
-            return apply_banded(v, matrix)
-        return mix(v, how=how)
+    def init_from_fit(self, fit) -> None:
+        """Start the mixing from parameters fitted to the mixed heads' mean attention (fitting.for_heads)."""
+        self.mixer.init_from_fit(fit)
 
     def forward(
             self,
@@ -241,41 +165,8 @@ class ConvHeadAttention(ReplacedAttention):
             if b_out is not None:
                 self.proj.bias.data.copy_(b_out)
 
-        if variant in CONV_VARIANTS:
-            self._init_mixing(len(self.conv_heads), global_term=variant == "depthwise_global", **dd)
-        elif variant == "fixed":
-            self.attention = nn.Parameter(self._gaussian_matrix(len(self.conv_heads), **dd))
-
-    def _gaussian_matrix(self, heads: int, **dd) -> torch.Tensor:
-        """[heads, N, N]: the Gaussian k x k convolution's banded matrix on the patches, the identity on
-        the prefix tokens (the start of "fixed" without scores; the scores' mean attention replaces it)."""
-        (h, w), P, k = self.grid_size, self.num_prefix_tokens, self.kernel_size
-        weight = gaussian_kernel(k).to(**dd).expand(heads, 1, k, k)
-        zeros = torch.zeros(P, heads, **dd) if P else None
-        mix = functools.partial(depthwise_mix, weight=weight, alpha=zeros, beta=zeros, grid_size=(h, w), head_dim=1)
-        return banded_matrix(mix, P + h * w, heads, weight).permute(2, 1, 0).contiguous()  # [from, to, h] -> [h, to, from]
-
-    def mixing_parameters(self) -> List[nn.Parameter]:
-        if self.variant in ("identity", "drop"):  # nothing mixes
-            return []
-        return [self.attention] if self.variant == "fixed" else super().mixing_parameters()
-
-    @torch.no_grad()
-    def init_from_fit(self, fit: Dict[str, torch.Tensor]) -> None:
-        if self.variant == "fixed":  # fit["attention"]: the heads' mean attention [heads, N, N]
-            self.attention.copy_(fit["attention"])
-        else:
-            super().init_from_fit(fit)
-
-    def _fixed_mix(self, v: torch.Tensor) -> torch.Tensor:
-        """attention [heads, N, N] @ the heads' values v [B, N, heads x d]."""
-        B, N, Cr = v.shape
-        if N != self.attention.shape[-1]:
-            raise ConvHeadsError(f"got {N} tokens but the fixed-attention heads hold [{self.attention.shape[-1]} x "
-                                 f"{self.attention.shape[-1]}] matrices; run the model at the resolution it was "
-                                 f"built for")
-        heads = v.view(B, N, -1, self.head_dim).transpose(1, 2)              # [B, heads, N, d]
-        return (self.attention @ heads).transpose(1, 2).reshape(B, N, Cr)
+        mixed_heads = len(self.conv_heads) if variant != "drop" else 0
+        self.mixer = make_mixer(variant, mixed_heads, d, num_prefix_tokens, kernel_size, self.grid_size, **dd)
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -283,13 +174,7 @@ class ConvHeadAttention(ReplacedAttention):
             return x.new_zeros(B, N, C) if self.bias is None else self.bias.expand(B, N, C)
         x = self.in_proj(x)
         kept_dim = 3 * self.num_kept * self.head_dim
-        out = x[..., kept_dim:] if kept_dim else x
-        if self.variant == "drop":
-            out = out[..., :0]
-        elif self.variant in CONV_VARIANTS:
-            out = self._mix(out)
-        elif self.variant == "fixed":
-            out = self._fixed_mix(out)
+        out = self.mixer(x[..., kept_dim:] if kept_dim else x, self.grid_size)
         if self.num_kept:
             qkv = x[..., :kept_dim].reshape(B, N, 3, self.num_kept, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)

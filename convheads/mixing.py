@@ -18,7 +18,7 @@ Implementations (`IMPLEMENTATIONS`), all on channels-last views of the values (n
           calling the library convolution from compiled code on all but large inputs; in eager
           mode it wins at batch 1 on mid-size grids.
   banded  the [N, N] token-mixing matrix per channel that the whole function equals (prefix
-          scalars included; the fixed banded matrix of METHOD.md's derivation), applied as one
+          scalars included: the fixed banded matrix that a convolution-like head's attention is), applied as one
           multiply and one sum: the cheapest on tiny grids. Built on every call while gradients
           flow; without them built once and reused while the parameters keep their values.
 `choose` picks one per call from its shape, device and mode (gradients, torch.compile, ONNX

@@ -30,7 +30,7 @@ from .surgery import replace_heads, replacement_config
 from .vit import as_vit, vit_info
 
 FORMAT = "convheads-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a replaced layer's mixing parameters live in its `mixer` (mixers.py)
 HUB = "hf-hub:"
 # What a model's pretrained_cfg says about its input (timm.data.resolve_data_config reads these):
 # saved with the model so a rebuilt one is fed the same way.
@@ -113,12 +113,14 @@ def check_pretrained(name: str, weights: bool = True) -> None:
     if reason is None:
         return
     cfg = None if name.startswith(HUB) else timm.models.get_pretrained_cfg(name)
-    files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin",
-             *([cfg.hf_hub_filename] if cfg is not None and cfg.hf_hub_filename else [])) if weights else ("config.json",)
+    own = [cfg.hf_hub_filename] if cfg is not None and cfg.hf_hub_filename else []
+    files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", *own) if weights \
+        else ("config.json",)
     if _cached(kind, location, files):
         return
     what = "pretrained weights" if weights else "configuration"
-    where = f"the Hugging Face cache ({_hub_cache()})" if kind == "hub" else f"the torch hub cache ({torch.hub.get_dir()})"
+    where = (f"the Hugging Face cache ({_hub_cache()})" if kind == "hub"
+             else f"the torch hub cache ({torch.hub.get_dir()})")
     raise ConvHeadsError(
         f"{reason}: cannot download the {what} of {name}, and they are not in {where}. On a machine with "
         f"network access run python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy "
@@ -368,8 +370,12 @@ def load_model(path: Union[str, Path]) -> nn.Module:
     payload = _read(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConvHeadsError(f"{path} is not a convheads model file (save one with convheads.save_model)")
-    if payload["version"] > FORMAT_VERSION:
-        raise ConvHeadsError(f"{path} was written by a newer convheads (format {payload['version']}); upgrade")
+    if payload["version"] != FORMAT_VERSION:
+        newer = payload["version"] > FORMAT_VERSION
+        raise ConvHeadsError(f"{path} is a convheads model file of format {payload['version']}, this convheads reads "
+                             f"format {FORMAT_VERSION}; " + ("upgrade convheads" if newer else
+                                                             "rerun the stage that wrote it (or save it again with the "
+                                                             "convheads that wrote it, as ONNX)"))
     return _rebuild(payload["spec"], payload["replacement"], payload["state_dict"], str(path),
                     payload.get("segmentation"))
 
@@ -386,7 +392,7 @@ def _build(spec: dict, replacement: List[dict], segmentation: Optional[dict] = N
                       kernel_size=entry["kernel_size"], variant=entry["variant"])
         if entry["folded"]:
             model.blocks[entry["block"]].attn.fold()
-        model.blocks[entry["block"]].attn.mixing = entry.get("mixing", "auto")  # files before it existed: auto
+        model.blocks[entry["block"]].attn.mixing = entry["mixing"]
     return SegmentationModel(model, **segmentation) if segmentation else model
 
 

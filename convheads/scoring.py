@@ -1,4 +1,8 @@
-"""Head scoring: how much each head's attention map varies from image to image (METHOD.md section 3).
+"""Head scoring: how much each head's attention map varies from image to image.
+
+Sigma_h, a head's score, is the sum over (query, key) of the standard deviation of its attention
+weight A[query, key] over images: 0 for a head that attends the same way whatever the image, as a
+convolution does. Sigma_b, a block's, is the mean of its heads'.
 
 A streaming per-element mean and variance of every block's attention probabilities is kept over
 images (Chan/Welford merge, float64, Bessel's correction), so memory is
@@ -6,7 +10,7 @@ O(blocks x heads x tokens^2) whatever the number of images. Fused attention kern
 the probabilities, so a pre-hook on each attention module recomputes them explicitly from the
 module's own Q/K weights under no_grad; the model's computation is untouched.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -16,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConvHeadsError
 from .layers import ReplacedAttention
+from .modes import eval_mode
 from .precision import autocast, input_dtype
 from .vit import as_vit, vit_info
 
@@ -27,15 +32,15 @@ class HeadScores:
     offset_attention: torch.Tensor   # [depth, heads, 2h-1, 2w-1] float64, see below
     patch_to_prefix: torch.Tensor    # [depth, heads, P]: mean attention from a patch to prefix token j
     prefix_to_patches: torch.Tensor  # [depth, heads, P]: mean total attention from prefix token j to all patches
-    num_images: int
-    grid_size: Tuple[int, int]
-    num_prefix_tokens: int
-    prefix_to_prefix: Optional[torch.Tensor] = None  # [depth, heads, P, P]: mean attention from prefix j to j'
+    prefix_to_prefix: torch.Tensor   # [depth, heads, P, P]: mean attention from prefix j to j'
     # [depth, heads, N, N] float16: the mean attention E[A] itself (rows: queries, columns: keys), for
     # the fit scores, the "depthwise_global" fit and the "fixed" variant. Half precision halves the
     # file: 4 bytes per block x head x N^2, e.g. 260 MB for ViT-L/14 at 336 px with 4 registers
-    # (24 x 16 x 581^2). None in score files from before it was kept: score again.
-    mean_attention: Optional[torch.Tensor] = None
+    # (24 x 16 x 581^2).
+    mean_attention: torch.Tensor
+    num_images: int
+    grid_size: Tuple[int, int]
+    num_prefix_tokens: int
 
     # offset_attention[b, i, h-1+dy, w-1+dx] is the mean attention weight, over images and over
     # the query patches p whose neighbour p + (dy, dx) lies on the grid, from p to that neighbour.
@@ -64,31 +69,17 @@ class HeadScores:
         padded = F.pad(self.offset_attention, (r, r, r, r))
         return padded[..., h - 1: h + 2 * r, w - 1: w + 2 * r].float()
 
-    def attention_maps(self, why: str) -> torch.Tensor:
-        """E[A] [depth, heads, N, N] in float32, or a clear error for `why` if these scores lack it."""
-        return self.required("mean_attention", why).float()
-
-    def required(self, field: str, why: str) -> torch.Tensor:
-        """A field that older score files lack, or a clear error for `why`."""
-        if getattr(self, field) is None:
-            raise ConvHeadsError(f"{why} needs the scores' {field}, which these scores (from an older "
-                                 f"convheads) lack; score the model again (score_heads, or the score stage)")
-        return getattr(self, field)
-
     def to_dict(self) -> dict:
-        return dict(sigma_h=self.sigma_h, offset_attention=self.offset_attention,
-                    patch_to_prefix=self.patch_to_prefix, prefix_to_patches=self.prefix_to_patches,
-                    num_images=self.num_images, grid_size=list(self.grid_size),
-                    num_prefix_tokens=self.num_prefix_tokens, prefix_to_prefix=self.prefix_to_prefix,
-                    mean_attention=self.mean_attention)
+        return {**self.__dict__, "grid_size": list(self.grid_size)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadScores":
-        return cls(sigma_h=d["sigma_h"], offset_attention=d["offset_attention"],
-                   patch_to_prefix=d["patch_to_prefix"], prefix_to_patches=d["prefix_to_patches"],
-                   num_images=int(d["num_images"]), grid_size=tuple(d["grid_size"]),
-                   num_prefix_tokens=int(d["num_prefix_tokens"]), prefix_to_prefix=d.get("prefix_to_prefix"),
-                   mean_attention=d.get("mean_attention"))
+        missing = [f.name for f in fields(cls) if f.name not in d]
+        if missing:
+            raise ConvHeadsError(f"a score file without {', '.join(missing)}: it was written by another version of "
+                                 f"convheads; score the model again (score_heads, or the score stage)")
+        return cls(**{**d, "num_images": int(d["num_images"]), "grid_size": tuple(d["grid_size"]),
+                      "num_prefix_tokens": int(d["num_prefix_tokens"])})
 
 
 class _RunningMoments:
@@ -156,7 +147,7 @@ def score_heads(
         progress: bool = True,
         precision: str = "fp32",
 ) -> HeadScores:
-    """Score every attention head of a timm ViT on up to `max_images` images (METHOD.md section 3).
+    """Score every attention head of a timm ViT on up to `max_images` images (see the module docstring).
 
     batches: an iterable of image tensors [B, 3, H, W] or of (images, labels) pairs, e.g. a DataLoader.
     The model runs in eval mode; its previous mode is restored afterwards. precision bf16 / fp16
@@ -175,11 +166,9 @@ def score_heads(
             lambda module, args, m=m: m.update(_attention_probs(module, args[0])))
         for block, m in zip(model.blocks, moments)
     ]
-    was_training = model.training
-    model.eval()
     seen, grid = 0, None
     try:
-        with tqdm(total=max_images, desc="scoring heads", unit="img", disable=not progress) as bar:
+        with eval_mode(model), tqdm(total=max_images, desc="scoring heads", unit="img", disable=not progress) as bar:
             for images in _images(batches):
                 if max_images is not None:
                     images = images[: max_images - seen]
@@ -198,7 +187,6 @@ def score_heads(
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
     if seen < 2:
         raise ConvHeadsError(
             f"scoring needs at least 2 images and the batches yielded {seen}; pass a non-empty dataset")

@@ -1,4 +1,4 @@
-"""Semantic segmentation on a timm ViT: a linear head on patch features, and its metrics.
+"""Semantic segmentation on a timm ViT: a linear head on patch features.
 
 The head is DINOv2's linear evaluation head: the patch tokens of one or more blocks (timm's
 `forward_intermediates`, final norm applied, prefix tokens dropped), concatenated along channels,
@@ -6,20 +6,15 @@ BatchNorm + 1x1 convolution to class logits on the patch grid, bilinearly upsamp
 The backbone stays a plain timm ViT (`model.backbone`), so scoring, replacement, costs and
 save/load work on it as on a classifier (convheads.vit.as_vit); a replaced attention layer keeps
 the token layout, so every intermediate feature map still comes out.
-
-Metrics come from torchmetrics: mIoU is its macro Jaccard index (a class absent from both the
-prediction and the ground truth is left out of the mean), per-class IoU is NaN for such a class,
-pixel accuracy is micro accuracy; pixels labelled `ignore_index` count nowhere.
+Its metrics are convheads.engine.evaluation.evaluate_segmentation.
 """
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
 from .errors import ConvHeadsError
-from .evaluation import predictions
 from .vit import vit_info
 
 IGNORE_INDEX = 255  # ADE20K's "not labelled"
@@ -88,44 +83,3 @@ class SegmentationModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images -> [B, classes, H, W] logits."""
         return self.head(torch.cat(self.features(x), dim=1), x.shape[-2:])
-
-
-def segmentation_metrics(num_classes: int, ignore_index: int = IGNORE_INDEX):
-    """torchmetrics for a [B, H, W] prediction against a [B, H, W] mask (see the module docstring)."""
-    from torchmetrics import MetricCollection
-    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
-
-    return MetricCollection({
-        "miou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
-        "iou": MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index,
-                                      zero_division=float("nan")),
-        "pixel_acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index),
-    })
-
-
-@torch.no_grad()
-def evaluate_segmentation(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, num_classes: int,
-                          device: str = "cpu", progress: bool = True, ignore_index: int = IGNORE_INDEX,
-                          precision: str = "fp32") -> Dict:
-    """{"miou", "pixel_acc", "loss", "iou" (per class, NaN where absent), "num_images"} over (images, masks).
-
-    `model` is an nn.Module (in eval mode for the pass, then restored) or any function from images
-    to [B, classes, H, W] logits, e.g. a model loaded back from MLflow. precision: as in
-    convheads.evaluation. Inside a process group (torchrun) each process scores its share of the
-    loader and the totals (torchmetrics' states too) are gathered: every process gets them."""
-    metrics = segmentation_metrics(num_classes, ignore_index).to(device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # images, labelled pixels, loss
-    for images, masks, logits in predictions(model, loader, device, progress, precision):
-        sums += torch.stack([torch.tensor(len(images), dtype=torch.float64, device=device),
-                             (masks != ignore_index).sum().double(),
-                             F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction="sum").double()])
-        metrics.update(logits.argmax(1), masks)
-    n, pixels, loss = distributed.all_sum(sums).tolist()
-    if n == 0:
-        raise ConvHeadsError("the evaluation loader yielded no images")
-    if pixels == 0:
-        raise ConvHeadsError(f"every pixel of the {int(n)} evaluated masks is ignore_index {ignore_index}; nothing to "
-                             f"score")
-    values = metrics.compute()
-    return {"miou": values["miou"].item(), "pixel_acc": values["pixel_acc"].item(), "loss": loss / pixels,
-            "iou": values["iou"].tolist(), "num_images": int(n)}

@@ -53,6 +53,16 @@ class Selection:
             raise ConvHeadsError(f"selection lists a block twice: {blocks}")
         return cls({b: range(num_heads) for b in blocks}, depth=depth, num_heads=num_heads)
 
+    @classmethod
+    def from_units(cls, units: Iterable[int], granularity: str, num_heads: int, depth: int) -> "Selection":
+        """Whole blocks by index ("block"), or heads by flat index block * num_heads + head ("head")."""
+        if granularity == "block":
+            return cls.from_blocks(units, num_heads=num_heads, depth=depth)
+        heads: Dict[int, List[int]] = {}
+        for flat in units:
+            heads.setdefault(flat // num_heads, []).append(flat % num_heads)
+        return cls(heads, depth=depth, num_heads=num_heads)
+
     @property
     def num_replaced(self) -> int:
         return sum(len(h) for h in self.heads.values())
@@ -174,9 +184,4 @@ def select_heads(
         count = max(1, round(fraction * units))
     check_count(count, depth, num_heads, granularity)
     order = ranking(scores, method, granularity, kernel_size, seed)[:count].tolist()
-    if granularity == "block":
-        return Selection.from_blocks(order, num_heads=num_heads, depth=depth)
-    heads: Dict[int, List[int]] = {}
-    for flat in order:
-        heads.setdefault(flat // num_heads, []).append(flat % num_heads)
-    return Selection(heads, depth=depth, num_heads=num_heads)
+    return Selection.from_units(order, granularity, num_heads, depth)

@@ -1,19 +1,37 @@
 """Model surgery: swap the selected heads of a timm ViT for replacement layers, in place."""
 import functools
+from dataclasses import dataclass
 from typing import List, Optional
 
 from torch import nn
 
-from .errors import ConvHeadsError
 from .ensemble import EnsembleHeadAttention
+from .errors import ConvHeadsError
 from .fitting import fit_mixing, for_heads
 from .layers import ConvHeadAttention, ReplacedAttention
+from .mixers import check_kernel_size
 from .scoring import HeadScores
 from .selection import Selection
 from .vit import as_vit, vit_info
 
 INITS = ("gaussian", "attention")
 VARIANTS = ("depthwise", "depthwise_global", "identity", "ensemble", "fixed", "drop")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplaceSettings:
+    """How replace_heads replaces the selected heads (see its docstring)."""
+    kernel_size: int = 3
+    """The depthwise convolution's k (odd: 'same' padding)."""
+    init: str = "gaussian"
+    """gaussian | attention (fitted to each head's mean attention in the scores)."""
+    variant: str = "depthwise"
+    """depthwise | depthwise_global (+ a global term per head) | identity | ensemble (whole blocks) | fixed
+    (each head's mean attention matrix: quadratic, a reference, not deployment) | drop (the heads removed: a
+    control)."""
+
+    def __post_init__(self):
+        check_options(self.kernel_size, self.init, self.variant)
 
 
 def replace_heads(
@@ -42,42 +60,7 @@ def replace_heads(
     Everything is checked before the model is touched, so a bad call leaves it unchanged.
     """
     info, vit = vit_info(model), as_vit(model)
-    if not isinstance(selection, Selection):
-        raise ConvHeadsError(f"selection must be a convheads.Selection; got {type(selection).__name__}")
-    selection.check(info.depth, info.num_heads)
-    if variant not in VARIANTS:
-        raise ConvHeadsError(f"variant must be one of {VARIANTS}; got {variant!r}")
-    if init not in INITS:
-        raise ConvHeadsError(f"init must be one of {INITS}; got {init!r}")
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ConvHeadsError(f"kernel_size must be a positive odd integer ('same' padding); got {kernel_size!r}")
-    if init == "attention":
-        if scores is None:
-            raise ConvHeadsError('init="attention" needs the scores: replace_heads(..., scores=score_heads(...))')
-        if scores.sigma_h.shape != (info.depth, info.num_heads):
-            raise ConvHeadsError(
-                f"the scores are for a model with {tuple(scores.sigma_h.shape)} blocks x heads, but this model "
-                f"has ({info.depth}, {info.num_heads}); score this model")
-        if variant == "fixed" and (tuple(scores.grid_size), scores.num_prefix_tokens) != (
-                tuple(info.grid_size), info.num_prefix_tokens):
-            raise ConvHeadsError(
-                f"variant='fixed' takes the scored [N, N] mean attention, but the scores are for {scores.num_prefix_tokens} "
-                f"prefix tokens + a {scores.grid_size} patch grid and the model has {info.num_prefix_tokens} + "
-                f"{tuple(info.grid_size)}; score the model at the resolution it runs at")
-    if variant == "ensemble":
-        partial = {b: hs for b, hs in selection.heads.items() if len(hs) != info.num_heads}
-        if partial:
-            raise ConvHeadsError(
-                f"variant='ensemble' merges all heads of a block, but the selection names only some heads of "
-                f"blocks {sorted(partial)}; select whole blocks (select_heads(..., granularity='block') or "
-                f"Selection.from_blocks)")
-    if not isinstance(getattr(vit, "patch_drop", nn.Identity()), nn.Identity):
-        raise ConvHeadsError("patch dropout removes tokens from the patch grid; build the model with "
-                             "patch_drop_rate=0 before replacing heads")
-    for b in selection.heads:
-        if isinstance(vit.blocks[b].attn, ReplacedAttention):
-            raise ConvHeadsError(f"block {b} already has replaced heads; select heads on the original model")
-
+    check_replacement(model, selection, kernel_size, init, variant, scores)
     fit = None
     if init == "attention" and variant not in ("identity", "drop"):
         fit = fit_mixing(scores, kernel_size, "depthwise" if variant == "ensemble" else variant)
@@ -98,6 +81,55 @@ def replace_heads(
     return model
 
 
+def check_options(kernel_size: int, init: str, variant: str) -> None:
+    """The replacement's own settings, whatever the model (what a configuration checks up front)."""
+    if variant not in VARIANTS:
+        raise ConvHeadsError(f"variant must be one of {VARIANTS}; got {variant!r}")
+    if init not in INITS:
+        raise ConvHeadsError(f"init must be one of {INITS}; got {init!r}")
+    check_kernel_size(kernel_size)
+
+
+def check_replacement(model: nn.Module, selection: Selection, kernel_size: int, init: str, variant: str,
+                      scores: Optional[HeadScores]) -> None:
+    """Raise, naming the problem, unless replace_heads can apply these settings to `model`."""
+    info, vit = vit_info(model), as_vit(model)
+    if not isinstance(selection, Selection):
+        raise ConvHeadsError(f"selection must be a convheads.Selection; got {type(selection).__name__}")
+    selection.check(info.depth, info.num_heads)
+    check_options(kernel_size, init, variant)
+    if init == "attention":
+        _check_scores(scores, info, variant)
+    if variant == "ensemble":
+        partial = {b: hs for b, hs in selection.heads.items() if len(hs) != info.num_heads}
+        if partial:
+            raise ConvHeadsError(
+                f"variant='ensemble' merges all heads of a block, but the selection names only some heads of "
+                f"blocks {sorted(partial)}; select whole blocks (select_heads(..., granularity='block') or "
+                f"Selection.from_blocks)")
+    if not isinstance(getattr(vit, "patch_drop", nn.Identity()), nn.Identity):
+        raise ConvHeadsError("patch dropout removes tokens from the patch grid; build the model with "
+                             "patch_drop_rate=0 before replacing heads")
+    for b in selection.heads:
+        if isinstance(vit.blocks[b].attn, ReplacedAttention):
+            raise ConvHeadsError(f"block {b} already has replaced heads; select heads on the original model")
+
+
+def _check_scores(scores: Optional[HeadScores], info, variant: str) -> None:
+    if scores is None:
+        raise ConvHeadsError('init="attention" needs the scores: replace_heads(..., scores=score_heads(...))')
+    if scores.sigma_h.shape != (info.depth, info.num_heads):
+        raise ConvHeadsError(
+            f"the scores are for a model with {tuple(scores.sigma_h.shape)} blocks x heads, but this model "
+            f"has ({info.depth}, {info.num_heads}); score this model")
+    if variant == "fixed" and (tuple(scores.grid_size), scores.num_prefix_tokens) != (
+            tuple(info.grid_size), info.num_prefix_tokens):
+        raise ConvHeadsError(
+            f"variant='fixed' takes the scored [N, N] mean attention, but the scores are for "
+            f"{scores.num_prefix_tokens} prefix tokens + a {scores.grid_size} patch grid and the model has "
+            f"{info.num_prefix_tokens} + {tuple(info.grid_size)}; score the model at the resolution it runs at")
+
+
 def track_grid_size(vit: nn.Module) -> None:
     """The patch grid follows the input size: tell every replaced layer before the blocks run."""
     if not getattr(vit, "_convheads_grid_hook", False):
@@ -115,7 +147,8 @@ def _set_grid_size(blocks: nn.ModuleList, patch_embed: nn.Module, args) -> None:
 def replaced_selection(model: nn.Module) -> Selection:
     """The heads of `model` that are replaced, as a Selection."""
     info = vit_info(model)
-    return Selection({i: b.attn.conv_heads for i, b in enumerate(as_vit(model).blocks) if isinstance(b.attn, ReplacedAttention)},
+    blocks = as_vit(model).blocks
+    return Selection({i: b.attn.conv_heads for i, b in enumerate(blocks) if isinstance(b.attn, ReplacedAttention)},
                      depth=info.depth, num_heads=info.num_heads)
 
 

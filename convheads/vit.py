@@ -2,9 +2,9 @@
 from dataclasses import dataclass
 from typing import Tuple
 
-from torch import nn
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from .errors import ConvHeadsError
 from .layers import ReplacedAttention

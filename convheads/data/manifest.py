@@ -36,8 +36,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import IMAGE_SUFFIXES, SPLITS, check_image
-from .errors import ConvHeadsError
+from ..errors import ConvHeadsError
+from .images import IMAGE_SUFFIXES, SPLITS, check_image
 
 MANIFEST_COLUMNS = ("path", "label", "class", "split", "size", "sha256")
 CHUNK = 512          # files per round trip to the cache and the hashing processes
@@ -60,7 +60,7 @@ class Source:
     given_splits: Tuple[Optional[str], ...]   # the splits the source names (None: no split given)
     items: Callable[[], Iterator[Item]]
     extra_files: List[Path] = field(default_factory=list)   # e.g. the CSV: part of the listing too
-    ignored: List[int] = field(default_factory=lambda: [0])  # non-image files skipped (counted while listing)
+    ignored: int = 0          # non-image files skipped, counted while listing
 
 
 def _is_image(name: str) -> bool:
@@ -109,7 +109,8 @@ def scan_folder(root: Path, classes: Optional[List[str]] = None) -> Source:
     found = {split: _subfolders(base) for split, base in bases.items()}
     train_split = "train" if given else None
     if not found[train_split]:
-        raise ConvHeadsError(f"{bases[train_split]} has no class folders (expected {bases[train_split]}/<class>/<image>)")
+        raise ConvHeadsError(f"{bases[train_split]} has no class folders "
+                             f"(expected {bases[train_split]}/<class>/<image>)")
     classes = list(classes) if classes else found[train_split]
     known = set(classes)
     for split, names in found.items():
@@ -127,7 +128,7 @@ def scan_folder(root: Path, classes: Optional[List[str]] = None) -> Source:
     source = Source(root, classes, "split folders" if given else "class folders", tuple(bases), lambda: iter(()))
 
     def items() -> Iterator[Item]:
-        source.ignored[0] = 0
+        source.ignored = 0
         for split, base in bases.items():
             for name in found[split]:
                 n = 0
@@ -136,7 +137,7 @@ def scan_folder(root: Path, classes: Optional[List[str]] = None) -> Source:
                         n += 1
                         yield Item(Path(entry.path).relative_to(root).as_posix(), name, split)
                     else:
-                        source.ignored[0] += 1
+                        source.ignored += 1
                 if n == 0:  # emptied since the scan
                     raise _empty_class(base / name)
 
@@ -309,79 +310,105 @@ def _named(problems: List[Tuple[str, str]], total: int) -> str:
     return shown + (f"; and {total - SHOWN} more" if total > SHOWN else "")
 
 
+@dataclass
+class _Tally:
+    """What writing a manifest counts: rows per split, training images per class, image modes, bytes,
+    and the files it could not use (the first SHOWN of them named)."""
+    counts: Dict[str, int]
+    train_per_class: Dict[str, int]
+    modes: Dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    hashed: int = 0
+    cached: int = 0
+    missing: List[Tuple[str, str]] = field(default_factory=list)
+    bad: List[Tuple[str, str]] = field(default_factory=list)
+    n_missing: int = 0
+    n_bad: int = 0
+
+    def add(self, split: str, cls: str, mode: str, size: int) -> None:
+        self.counts[split] += 1
+        self.train_per_class[cls] += split == "train"
+        self.modes[mode] = self.modes.get(mode, 0) + 1
+        self.bytes += size
+
+    def problem(self, kind: str, path: str, why: str) -> None:
+        setattr(self, f"n_{kind}", getattr(self, f"n_{kind}") + 1)
+        if len(getattr(self, kind)) < SHOWN:
+            getattr(self, kind).append((path, why))
+
+
 def build_manifest(source: Source, out: Path, cache_path: Path, seed: int = 0, val_fraction: float = 0.15,
                    test_fraction: float = 0.15, workers: int = 0, progress: bool = True) -> ManifestStats:
     """Write `source`'s manifest to `out` (CSV, streamed: memory does not grow with the images)."""
     split_of = split_rule(source.given_splits, seed, val_fraction, test_fraction)
     label = {c: i for i, c in enumerate(source.classes)}
-    counts = {s: 0 for s in SPLITS}
-    train_per_class = {c: 0 for c in source.classes}
-    modes: Dict[str, int] = {}
-    missing, bad = [], []
-    n_missing = n_bad = total_bytes = hashed = cached = 0
+    tally = _Tally({s: 0 for s in SPLITS}, {c: 0 for c in source.classes})
     cache = HashCache(cache_path)
     with contextlib.ExitStack() as stack:
-        f = stack.enter_context(open(out, "w", newline=""))
-        writer = csv.writer(f, lineterminator="\n")
-        pool = None
+        writer = csv.writer(stack.enter_context(open(out, "w", newline="")), lineterminator="\n")
         writer.writerow(MANIFEST_COLUMNS)
+        pool = None
         bar = stack.enter_context(tqdm(desc="hashing images", unit="img", disable=not progress, mininterval=1))
         for batch in _batches(source.items(), CHUNK):
-            stats = []
-            for item in batch:
-                full = os.path.abspath(source.root / item.path)
-                try:
-                    st = os.stat(full)
-                    stats.append((item, full, st.st_size, st.st_mtime_ns))
-                except OSError:
-                    n_missing += 1
-                    if len(missing) < SHOWN:
-                        missing.append((str(source.root / item.path), "missing"))
-            known = cache.get([(full, size, mtime) for _, full, size, mtime in stats])
-            todo = [full for _, full, _, _ in stats if full not in known]
+            found = _stat_files(source, batch, tally)
+            known = cache.get([(full, size, mtime) for _, full, size, mtime in found])
+            todo = [full for _, full, _, _ in found if full not in known]
             if len(todo) > 64 and workers > 1 and pool is None:  # worth the processes' start
                 pool = stack.enter_context(ProcessPoolExecutor(workers))
-            results = dict(zip(todo, pool.map(_hash_or_error, todo, chunksize=16) if pool else map(_hash_or_error, todo)))
+            results = {**known, **dict(zip(todo, pool.map(_hash_or_error, todo, chunksize=16) if pool
+                                          else map(_hash_or_error, todo)))}
             new = []
-            for item, full, size, mtime in stats:
-                result = known.get(full) or results[full]
-                if isinstance(result, str):  # an error message
-                    n_bad += 1
-                    if len(bad) < SHOWN:
-                        bad.append((full, result))
+            for item, full, size, mtime in found:
+                if isinstance(results[full], str):  # an error message
+                    tally.problem("bad", full, results[full])
                     continue
+                digest, mode = results[full]
                 if full not in known:
-                    new.append((full, size, mtime, *result))
-                digest, mode = result
+                    new.append((full, size, mtime, digest, mode))
                 split = split_of(item)
-                row = (item.path, label[item.cls], item.cls, split, size, digest)
-                writer.writerow(row)
-                counts[split] += 1
-                train_per_class[item.cls] += split == "train"
-                modes[mode] = modes.get(mode, 0) + 1
-                total_bytes += size
+                writer.writerow((item.path, label[item.cls], item.cls, split, size, digest))
+                tally.add(split, item.cls, mode, size)
             cache.put(new)
-            hashed, cached = hashed + len(todo), cached + len(known)
+            tally.hashed, tally.cached = tally.hashed + len(todo), tally.cached + len(known)
             bar.update(len(batch))
     cache.close()
-    if n_missing:
-        raise ConvHeadsError(f"{n_missing} listed image file(s) not found: {_named(missing, n_missing)}; fix the paths "
-                             f"(relative to {source.root}) or remove the rows")
-    if n_bad:
-        raise ConvHeadsError(f"{n_bad} file(s) are not readable images: {_named(bad, n_bad)}; remove or replace them, "
-                             f"then rerun (images already checked are not read again)")
-    for split, n in counts.items():
+    _check_tally(tally, source, val_fraction, test_fraction)
+    return ManifestStats(file_sha256(out), source.classes, tally.counts, dict(sorted(tally.modes.items())),
+                         tally.bytes, tally.hashed, tally.cached)
+
+
+def _stat_files(source: Source, batch: List[Item], tally: _Tally) -> List[Tuple[Item, str, int, int]]:
+    """(item, absolute path, size, mtime) of the batch's files that exist; the others tallied as missing."""
+    found = []
+    for item in batch:
+        full = os.path.abspath(source.root / item.path)
+        try:
+            st = os.stat(full)
+            found.append((item, full, st.st_size, st.st_mtime_ns))
+        except OSError:
+            tally.problem("missing", str(source.root / item.path), "missing")
+    return found
+
+
+def _check_tally(tally: _Tally, source: Source, val_fraction: float, test_fraction: float) -> None:
+    """Raise, naming the files or splits, if the manifest cannot be used."""
+    if tally.n_missing:
+        raise ConvHeadsError(f"{tally.n_missing} listed image file(s) not found: "
+                             f"{_named(tally.missing, tally.n_missing)}; fix the paths (relative to {source.root}) or "
+                             f"remove the rows")
+    if tally.n_bad:
+        raise ConvHeadsError(f"{tally.n_bad} file(s) are not readable images: {_named(tally.bad, tally.n_bad)}; remove "
+                             f"or replace them, then rerun (images already checked are not read again)")
+    for split, n in tally.counts.items():
         if n == 0:
-            raise ConvHeadsError(f"the {split} split has no images ({sum(counts.values())} images in all, "
+            raise ConvHeadsError(f"the {split} split has no images ({sum(tally.counts.values())} images in all, "
                                  f"val_fraction {val_fraction}, test_fraction {test_fraction}); add images to it"
                                  + (f" ({source.root}/{split}/<class>/)" if source.layout == "split folders" else
                                     " or raise the fraction"))
-    empty = [c for c, n in train_per_class.items() if n == 0]
+    empty = [c for c, n in tally.train_per_class.items() if n == 0]
     if empty:
         raise ConvHeadsError(f"class(es) with no training images: {', '.join(empty[:SHOWN])}; add images or drop "
                              f"them from data.classes")
-    return ManifestStats(file_sha256(out), source.classes, counts, dict(sorted(modes.items())), total_bytes,
-                         hashed, cached)
 
 
 def listing_digest(source: Source) -> str:

@@ -7,10 +7,11 @@ answers for a single process, so the same code runs with or without a launcher.
 """
 import os
 from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
-from .errors import ConvHeadsError
+from ..errors import ConvHeadsError
 
 
 def launched() -> bool:

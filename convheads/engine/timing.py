@@ -22,8 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from convheads import ConvHeadsError
-from convheads.precision import autocast
+from ..errors import ConvHeadsError
+from ..export import OnnxModel, export_onnx
+from ..precision import autocast
+
+# Where a model can be timed: the ONNX export in onnxruntime (CPU, as deployed), PyTorch eager, torch.compile.
+RUNTIMES = ("onnxruntime", "eager", "compile")
 
 
 def _sync(device: torch.device) -> None:
@@ -95,8 +99,6 @@ def time_within(models: Mapping[str, Callable], inputs: torch.Tensor, warmup: in
 
 def _time_sessions(paths: Mapping[str, str], shape: Sequence[int], threads: int, warmup: int, repeats: int,
                    budget_s: float) -> Tuple[Dict[str, List[float]], dict]:
-    from convheads.export import OnnxModel
-
     torch.set_num_threads(threads)  # no torch op runs while the sessions are timed; keep the pool small anyway
     sessions = {name: OnnxModel(path, threads=threads) for name, path in paths.items()}
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
@@ -135,12 +137,26 @@ def time_onnx(paths: Mapping[str, Union[str, Path]], shape: Sequence[int], threa
         return timer.time(paths, shape, threads, warmup, repeats)
 
 
+def time_in_runtime(models: Dict[str, nn.Module], runtime: str, x: torch.Tensor, workdir: Path, onnx: OnnxTimer,
+                    warmup: int = 3, repeats: int = 7, precision: str = "fp32") -> Dict[str, List[float]]:
+    """Seconds per call of each model as `runtime` (RUNTIMES) runs it on `x`, the models interleaved.
+    onnxruntime: each model exported at x's batch size (static shapes) into `workdir` and timed in
+    `onnx`'s process, with PyTorch's thread count; compile: torch.compile'd; eager: as they are."""
+    if runtime not in RUNTIMES:
+        raise ConvHeadsError(f"runtime must be one of {RUNTIMES}; got {runtime!r}")
+    if runtime == "onnxruntime":
+        paths = {name: export_onnx(m, Path(workdir) / f"{name}_b{len(x)}.onnx", batch_size=len(x))
+                 for name, m in models.items()}
+        return onnx.time(paths, x.shape, torch.get_num_threads(), warmup, repeats)[0]
+    run_with = {name: torch.compile(m) for name, m in models.items()} if runtime == "compile" else models
+    return time_models(run_with, x, warmup=warmup, repeats=repeats, progress=True, precision=precision)
+
+
 def latency_stats(times: List[float], batch_size: int) -> Dict[str, float]:
     """timm benchmark field names: infer_step_time (ms, median), its p90, infer_samples_per_sec."""
     median = statistics.median(times)
     return {"batch_size": batch_size, "infer_step_time": median * 1e3,
             "infer_step_time_p90": percentile(times, 90) * 1e3, "infer_samples_per_sec": batch_size / median}
-
 
 
 class PeakMemory:

@@ -32,10 +32,11 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .data import IMAGE_SUFFIXES, SPLITS, check_image, open_image, seeded
-from .errors import ConvHeadsError
+from ..errors import ConvHeadsError
+from ..segmentation import IGNORE_INDEX
+from .images import IMAGE_SUFFIXES, SPLITS, check_image, open_image
+from .loaders import seeded
 from .manifest import SHOWN, Item, file_sha256, split_rule
-from .segmentation import IGNORE_INDEX
 
 FOLDERS = {"training": "train", "validation": "val", "test": "test"}
 CLASSES_FILE = "classes.txt"
@@ -57,8 +58,9 @@ def scan_pairs(root: Path) -> Pairs:
     images, annotations = root / "images", root / "annotations"
     for folder in (images, annotations):
         if not folder.is_dir():
-            raise ConvHeadsError(f"{root} has no {folder.name}/ folder; a segmentation dataset needs images/"
-                                 f"{{training,validation}}/<name>.jpg and annotations/{{training,validation}}/<name>.png")
+            raise ConvHeadsError(f"{root} has no {folder.name}/ folder; a segmentation dataset needs "
+                                 f"images/{{training,validation}}/<name>.jpg and "
+                                 f"annotations/{{training,validation}}/<name>.png")
     if not (images / "training").is_dir():
         raise ConvHeadsError(f"{images} has no training/ folder; put the training images in {images}/training/")
     pairs = {}

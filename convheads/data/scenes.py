@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 import numpy as np
 from PIL import Image
 
-from .data import split_indices
+from .images import split_indices
 
 CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
 SCENE_SPLITS = {"train": 300, "val": 60, "test": 200}   # scenes per split in the default dataset
