@@ -5,7 +5,7 @@ epoch's peak memory, on generated ImageNet-style folders of different sizes.
     python -m benchmarks.data_scale --images 500 --epoch-images 500 --quick   # a smoke run
 
 For each size it generates (once) <root>/<N>/images/{train,val}/<class>/<i>.JPEG, then runs the
-stages as a user would (`python -m tasks run data|baseline`, in a child process) and samples that
+stages as a user would (`python -m pipeline run data|baseline`, in a child process) and samples that
 process's memory (RSS) and its workers' (USS: shared pages counted once) every 50 ms:
 
   data, first run      the manifest from scratch: every image read, hashed and checked (the
@@ -90,7 +90,7 @@ def measured(cmd, env=None, every_s: float = 0.05) -> dict:
 
 
 def stage_seconds(log: str, stage: str) -> float:
-    """The stage's own time, as `python -m tasks run` reports it (without the interpreter's start)."""
+    """The stage's own time, as `python -m pipeline run` reports it (without the interpreter's start)."""
     found = re.search(rf"^{stage}: done in ([0-9.]+) s", log, re.M)
     if not found:
         raise SystemExit(f"no '{stage}: done in ... s' line in:\n{log[-2000:]}")
@@ -127,7 +127,7 @@ def run_size(root: Path, n: int, size: int, workers: int, epoch: bool) -> dict:
         subprocess.run(["rm", "-rf", str(stale)], check=True)
     cfg = params(work, images, workers)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    stage = [sys.executable, "-m", "tasks", "run", "--params", str(cfg)]
+    stage = [sys.executable, "-m", "pipeline", "run", "--params", str(cfg)]
     row = {"images": n, "image_bytes": du(images), "load_before": os.getloadavg()[0]}
 
     first = measured(stage + ["data"], env)

@@ -4,8 +4,9 @@ For every block of a model (random weights by default: the maths, not the task),
 scored on `--images` random images; on as many other random images, every block's attention is
 replaced whole by each method in turn and its output compared, on the same input tokens, with
 the mean-attention output (each head's E[A] @ V: what an input-independent replacement can at
-best compute; also on the patch tokens alone) and with the attention itself. The prefix tokens (timm initialises them at ~1e-6,
-where they would carry nothing) are drawn from N(0, 1). Relative L2 errors, averaged over blocks, and the
+best compute; also on the patch tokens alone) and with the attention itself. The prefix tokens
+(timm initialises them at ~1e-6, where they would carry nothing) are drawn from N(0, 1). Relative
+L2 errors, averaged over blocks, and the
 mean fit score (fitting.fit_scores) per variant.
 
     python -m benchmarks.fit_check --model vit_small_patch14_reg4_dinov2 --img-size 224   # the DINOv2-reg4 shape

@@ -24,16 +24,15 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 from timm.layers import Attention
+from torch import nn
 from tqdm.auto import tqdm
 
 from convheads import ConvHeadAttention, ConvHeadsError
+from convheads.engine.timing import OnnxTimer, check_repeats, time_within
 from convheads.export import export_module
 from convheads.files import atomic_path
 from convheads.mixing import SHIFT_MAX_VALUES_COMPILED, choose
-
-from .timing import OnnxTimer, check_repeats, time_within
 
 GRIDS = (4, 8, 14, 16, 24, 37)
 HEADS = {128: 8, 384: 6, 768: 12, 1024: 16}   # width -> heads: the digits default, ViT-S, ViT-B, ViT-L
@@ -77,7 +76,8 @@ class Point:
 
 
 def points(grids: Sequence[int] = GRIDS, widths: Sequence[int] = tuple(HEADS), prefixes: Sequence[int] = PREFIXES,
-           batches: Sequence[int] = BATCHES, variants: Sequence[str] = ("depthwise",), depth: int = DEPTH) -> List[Point]:
+           batches: Sequence[int] = BATCHES, variants: Sequence[str] = ("depthwise",),
+           depth: int = DEPTH) -> List[Point]:
     unknown = [v for v in variants if v not in LAYER_VARIANTS]
     if unknown:
         raise ConvHeadsError(f"layer variants must be among {LAYER_VARIANTS}; got {unknown}")
@@ -159,8 +159,8 @@ def plot_layers(rows: List[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
     import pandas as pd
+    from matplotlib.colors import TwoSlopeNorm
 
     table = pd.DataFrame(rows)
     panels = [(b, r) for b in sorted(table.batch.unique()) for r in RUNTIMES if r in set(table.runtime)]

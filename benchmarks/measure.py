@@ -17,21 +17,35 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from convheads import ConvHeadsError, Selection, create_model, fold_ensembles, model_cost, replace_heads, score_heads
-from convheads import vit_info
+from convheads import (
+    ConvHeadsError,
+    Selection,
+    create_model,
+    fold_ensembles,
+    model_cost,
+    replace_heads,
+    score_heads,
+    vit_info,
+)
+from convheads.engine.timing import (
+    PeakMemory,
+    check_repeats,
+    in_fresh_process,
+    latency_stats,
+    time_models,
+    time_onnx,
+    time_pairs,
+)
 from convheads.export import check_onnx, export_onnx
-
-from .timing import PeakMemory, check_repeats, in_fresh_process, latency_stats, time_models, time_onnx, time_pairs
+from pipeline.config import DIGITS_VIT
 
 VARIANTS = ("original", "depthwise", "depthwise_global", "identity", "ensemble")
-DIGITS = "digits"  # a setting's model name for the pipeline's default ViT (tasks.config.DIGITS_VIT, 10 classes)
+DIGITS = "digits"  # a setting's model name for the pipeline's default ViT (pipeline.config.DIGITS_VIT, 10 classes)
 
 
 def build_model(model: str, img_size: int, **kwargs) -> nn.Module:
     """timm's `model` at img_size, or the digits default ViT (its img_size is 32)."""
     if model == DIGITS:
-        from tasks.config import DIGITS_VIT
-
         if img_size != DIGITS_VIT["img_size"]:
             raise ConvHeadsError(f"the digits ViT takes {DIGITS_VIT['img_size']} px images; got {img_size}")
         return create_model("vit_tiny_patch16_224", num_classes=10, **DIGITS_VIT, **kwargs)
@@ -43,7 +57,8 @@ MODES = ("eager", "channels_last", "compile")
 @dataclass(frozen=True)
 class Setting:
     """A benchmarked model: timm name (or "digits": the pipeline's default ViT, 32 px), square input
-    size, and how many blocks have every head replaced (the first `blocks`: all blocks cost the same, so which ones does not change the speed)."""
+    size, and how many blocks have every head replaced (the first `blocks`: all blocks cost the same,
+    so which ones does not change the speed)."""
     model: str
     img_size: int
     blocks: int

@@ -31,10 +31,10 @@ from scipy.stats import beta as beta_dist
 
 from convheads import ConvHeadsError, HeadScores, load_model, replace_heads, score_heads, select_heads
 from convheads.files import atomic_path
-from tasks.baseline import fine_tune
-from tasks.config import load_config
-from tasks.inputs import loader
-from tasks.objective import objective
+from pipeline.config import load_config
+from pipeline.finetune import fine_tune
+from pipeline.loaders import loader
+from pipeline.problems import problem
 
 METHODS = {"gaussian": ("depthwise", "gaussian"), "attention_raw": ("depthwise", "attention"),
            "attention": ("depthwise", "attention"), "global": ("depthwise_global", "attention"),
@@ -50,7 +50,7 @@ def interval(correct: int, n: int) -> tuple:
 
 def quality(cfg, model) -> dict:
     """The task's metrics on the test split; top-1 with its binomial interval."""
-    task = objective(cfg)
+    task = problem(cfg)
     m = task.evaluate(model, loader(cfg, model, "test", cfg.evaluate.batch_size), progress=False)
     row = {k: m[k] for k in task.metrics if k != "loss"}
     if "top1" in row:
@@ -74,7 +74,7 @@ def use_raw_beta(model, scores: HeadScores, selection) -> None:
     """The prefix fit before it was fitted for what the layer computes: beta = the raw mean weight
     from a patch to each prefix token."""
     for b, heads in selection.heads.items():
-        model.blocks[b].attn.beta.copy_(scores.patch_to_prefix[b, heads].T)
+        model.blocks[b].attn.mixer.beta.copy_(scores.patch_to_prefix[b, heads].T)
 
 
 def main(argv: List[str] = None) -> None:
@@ -101,7 +101,7 @@ def main(argv: List[str] = None) -> None:
     selection = select_heads(scores, count=s.count, fraction=None if s.count else s.fraction,
                              granularity=s.granularity, method=s.method, kernel_size=cfg.replace.kernel_size)
     print(f"selection ({s.method}): {selection}", flush=True)
-    headline = objective(cfg).headline
+    headline = problem(cfg).headline
     rows = [{"method": "baseline", "seed": None, "stage": "baseline", **quality(cfg, load_model(args.baseline))}]
     for method in args.methods:
         for seed in args.seeds:
@@ -112,7 +112,7 @@ def main(argv: List[str] = None) -> None:
                 run_cfg = cfg.model_copy(update={"seed": seed})
                 work = args.out / f"{method}-{seed}"
                 work.mkdir(exist_ok=True)
-                fine_tune(run_cfg, "recover", model, work, trainable=cfg.recover.trainable)
+                fine_tune(run_cfg, "recover", model, work)
                 rows.append({"method": method, "seed": seed, "stage": "recovered", **quality(cfg, model)})
                 print(rows[-1], flush=True)
             with atomic_path(args.out / "methods.csv") as tmp:
@@ -123,7 +123,7 @@ def main(argv: List[str] = None) -> None:
         stats.update(ci_low_min=("ci_low", "min"), ci_high_max=("ci_high", "max"))
     summary = table.groupby(["method", "stage"], sort=False).agg(**stats).reset_index()
     with atomic_path(args.out / "summary.md") as tmp:
-        tmp.write_text(f"selection: {selection}; recover: {cfg.training('recover').epochs} epochs; metric: {headline}\n\n"
+        tmp.write_text(f"selection: {selection}; recover: {cfg.recover.epochs} epochs; metric: {headline}\n\n"
                        + summary.to_markdown(index=False, floatfmt=".3f") + "\n")
     print(summary.to_string(index=False))
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import convheads
-from benchmarks.timing import latency_stats, time_models
+from convheads.engine.timing import latency_stats, time_models
 
 
 class StraightforwardConvAttention(nn.Module):
@@ -67,10 +67,10 @@ def main() -> None:
     with torch.inference_mode():  # same function: the fused layer vs the plain one (alpha = beta = 0)
         ref = models["depthwise"]
         for b in range(args.blocks):
-            ref.blocks[b].attn.conv.weight.copy_(models["straightforward"].blocks[b].attn.conv.weight)
+            ref.blocks[b].attn.mixer.conv.weight.copy_(models["straightforward"].blocks[b].attn.conv.weight)
             if info.num_prefix_tokens:
-                ref.blocks[b].attn.alpha.zero_()
-                ref.blocks[b].attn.beta.zero_()
+                ref.blocks[b].attn.mixer.alpha.zero_()
+                ref.blocks[b].attn.mixer.beta.zero_()
         torch.testing.assert_close(ref(x), models["straightforward"](x), atol=1e-3, rtol=1e-3)
 
     print(f"{args.model} {args.img_size}x{args.img_size}, {args.blocks} of {info.depth} blocks replaced, "

@@ -30,11 +30,19 @@ from typing import Dict, List
 import pandas as pd
 import torch
 
-from convheads import ConvHeadsError
 from benchmarks import layer_speed
-from benchmarks.measure import (MODES, VARIANTS, Setting, benchmark_setting, compare_modes, compare_onnx,
-                                scoring_memory, sweep_blocks)
-from benchmarks.timing import check_repeats
+from benchmarks.measure import (
+    MODES,
+    VARIANTS,
+    Setting,
+    benchmark_setting,
+    compare_modes,
+    compare_onnx,
+    scoring_memory,
+    sweep_blocks,
+)
+from convheads import ConvHeadsError
+from convheads.engine.timing import check_repeats
 from convheads.files import atomic_path
 
 SECTIONS = ("layers", "latency", "sweep", "modes", "onnx", "scoring")
@@ -169,7 +177,8 @@ def run(args: argparse.Namespace) -> Dict[str, pd.DataFrame]:
     torch.set_num_threads(args.threads)
     device, dtype, first = args.device, args.dtype, settings[0]
     meta = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv, threads=torch.get_num_threads(),
-                device=device, dtype=str(dtype), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                device=device, dtype=str(dtype), torch=torch.__version__,
+                cpu=platform.processor() or platform.machine(),
                 python=platform.python_version(), settings=[str(s) for s in settings])
     with atomic_path(args.out / "run.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
@@ -199,7 +208,8 @@ def run(args: argparse.Namespace) -> Dict[str, pd.DataFrame]:
     if "modes" in args.sections:
         print(f"\n== modes: {first}, batch 1, {args.modes}", flush=True)
         tables["modes"] = section(args.out, "modes", compare_modes(
-            first, 1, ("original", "depthwise"), args.modes, args.repeats, args.warmup, device, dtype, progress=PROGRESS))
+            first, 1, ("original", "depthwise"), args.modes, args.repeats, args.warmup, device, dtype,
+            progress=PROGRESS))
     if "onnx" in args.sections:
         print(f"\n== onnx: {first}, batch 1, CPU float32", flush=True)
         tables["onnx"] = section(args.out, "onnx", compare_onnx(

@@ -7,7 +7,7 @@
 throughput: for each model (the default digits ViT; ViT-S/16 at 224 on the digits resized, on a
 10% training split so that an epoch takes a minute on 2 CPU cores), the pipeline is run up to
 `replace` in a temporary folder (baseline with 0 epochs: speed does not depend on the weights), then
-`python -m tasks run recover --force` once per (precision, processes), and the epoch's
+`python -m pipeline run recover --force` once per (precision, processes), and the epoch's
 train_images_per_sec (the training loop alone, all processes together) is read from history.csv.
 memory: forward and backward of a randomly initialised vit_large_patch14_dinov2 at 336 px in a
 fresh process per (batch size, checkpointing); step_mb = the peak resident memory above the
@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from convheads.data import cpu_cores
+from convheads.data.loaders import cpu_cores
 
 PROJECT = Path(__file__).resolve().parent.parent
 OUT = PROJECT / "results" / "train_speed"
@@ -67,10 +67,10 @@ def throughput(layouts=LAYOUTS, precisions=("fp32", "bf16")) -> pd.DataFrame:
             (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
             base = ["--params", f"{tmp}/params.yaml", "device=cpu"]
             for stage in ("data", "baseline", "score", "select", "replace"):
-                _run(["-m", "tasks", "run", stage, *base])
+                _run(["-m", "pipeline", "run", stage, *base])
             for precision in precisions:
                 for n, threads in layouts:
-                    _run(["-m", "tasks", "run", "recover", "--force", *base, f"precision={precision}",
+                    _run(["-m", "pipeline", "run", "recover", "--force", *base, f"precision={precision}",
                           f"distributed.nproc_per_node={n}"], threads=threads)
                     history = pd.read_csv(Path(tmp) / "outputs/recover/history.csv")
                     row = {"model": label, "precision": precision, "processes": n,
@@ -90,8 +90,8 @@ def memory_one(batch_size: int, checkpointing: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.timing import PeakMemory
     from convheads import create_model
+    from convheads.engine.timing import PeakMemory
 
     torch.manual_seed(0)
     model = create_model("vit_large_patch14_dinov2", img_size=336, num_classes=1000)

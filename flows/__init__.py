@@ -1,16 +1,23 @@
-"""Prefect flows: the compression pipeline (compress), its schedule (serve) and promotion."""
+"""Prefect flows: the compression pipeline (compress), its frontier (sweep), its schedule (serve)
+and promotion (promote); what their command lines share."""
 import argparse
 import contextlib
+import functools
+import logging
 import os
+import subprocess
 import sys
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 # An offline or private machine should not try to phone home on every flow run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from prefect.client.schemas.schedules import CronSchedule  # noqa: E402
+from prefect.states import Failed  # noqa: E402
+
 from convheads import ConvHeadsError  # noqa: E402
-from tasks import preflight  # noqa: E402
-from tasks.config import PipelineConfig, load_config  # noqa: E402
+from pipeline import preflight  # noqa: E402
+from pipeline.config import PipelineConfig, ScheduleConfig, load_config  # noqa: E402
 
 
 def parse_command_line(prog: str, doc: str, argv=None, force: bool = False) -> argparse.Namespace:
@@ -29,11 +36,47 @@ def checked_config(params_file: str, overrides: List[str]) -> Optional[PipelineC
     starts; None (and the message printed) if it is bad."""
     try:
         config = load_config(params_file, overrides)
+        check_schedule(config.schedule)
         preflight.check(config)
     except ConvHeadsError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
     return config
+
+
+def check_schedule(schedule: ScheduleConfig) -> CronSchedule:
+    """The deployment's schedule, or a clear error naming the keys."""
+    try:
+        return CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
+    except ValueError:
+        raise ConvHeadsError(f"schedule.cron {schedule.cron!r} with timezone {schedule.timezone!r} is not a valid "
+                             f"cron schedule (e.g. '0 3 * * *')") from None
+
+
+def quiet_failure(fn: Callable) -> Callable:
+    """For a flow function: bad input (a ConvHeadsError, its own or a task's) ends the run Failed
+    with its message alone, not with a traceback in the run's log; the command line prints the
+    message once. A bug's exception keeps its traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConvHeadsError as e:
+            return Failed(message=str(e), data=e)
+    return wrapper
+
+
+class _BadInputWithoutTraceback(logging.Filter):
+    """A task that fails on bad input (a ConvHeadsError) is logged by Prefect with its traceback;
+    the message says what to fix, so keep the message and drop the traceback. A bug's keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ConvHeadsError):
+            record.exc_info = None
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_BadInputWithoutTraceback())
 
 
 def exit_status(state) -> int:
@@ -63,8 +106,7 @@ def prefect_api() -> Iterator[None]:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-                                  temporary_settings)
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     if PREFECT_API_URL.value():
         yield
@@ -81,6 +123,9 @@ def prefect_api() -> Iterator[None]:
             del os.environ["PREFECT_LOGGING_ROOT_LEVEL"]
         else:
             os.environ["PREFECT_LOGGING_ROOT_LEVEL"] = previous
+    # The server ends with this command even if it is killed (kill -9): flows/watchdog.py
+    watchdog = subprocess.Popen([sys.executable, "-m", "flows.watchdog", str(os.getpid()),
+                                 str(server.server_process.pid)], stdin=subprocess.DEVNULL)
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield
@@ -90,3 +135,5 @@ def prefect_api() -> Iterator[None]:
             EventsWorker.drain_all(timeout=5)
     finally:
         server.stop()
+        watchdog.terminate()
+        watchdog.wait()

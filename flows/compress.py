@@ -1,4 +1,4 @@
-"""The compression pipeline of METHOD.md as a Prefect flow.
+"""The compression pipeline as a Prefect flow: data to a registered, compressed model.
 
     python -m flows.compress                          # params.yaml
     python -m flows.compress recover.epochs=5 select.granularity=block select.count=2
@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
-import yaml
-
 import mlflow
+import yaml
 from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -29,24 +28,42 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 
-from flows import checked_config, exit_status, parse_command_line, prefect_api
 from convheads import ConvHeadsError
-from tasks import preflight
-from tasks.config import PipelineConfig
-from tasks.launch import TRAINING_STAGES, launch, world_size
-from tasks.lock import hold
-from tasks.pipeline import STAGES
-from tasks.registry import PROMOTION_WAIT, SETTINGS_TAG, local_store, register, registered_version, settings_hash
-from tasks.report import QUALITY, summary, table
-from tasks.runner import Outcome, execute, fingerprint, output_dir, read_record, up_to_date
-from tasks.tracking import (FINGERPRINT_TAG, check_reachable, config_hash, last_run_with, log_stage, pipeline_run,
-                            tracking_uri)
+from flows import checked_config, exit_status, parse_command_line, prefect_api, quiet_failure
+from pipeline import preflight
+from pipeline.config import PipelineConfig
+from pipeline.dag import STAGES
+from pipeline.launch import TRAINING_STAGES, launch, world_size
+from pipeline.lock import hold
+from pipeline.registry import PROMOTION_WAIT, SETTINGS_TAG, local_store, register, registered_version, settings_hash
+from pipeline.runner import Outcome, execute, fingerprint, output_dir, read_record, up_to_date
+from pipeline.summary import QUALITY, summary, summary_table
+from pipeline.tracking import (
+    FINGERPRINT_TAG,
+    check_reachable,
+    config_hash,
+    last_run_with,
+    log_stage,
+    pipeline_run,
+    tracking_uri,
+)
 
 # Only the data stage can fail transiently (downloads); training failures are not worth a retry.
 RETRIES = {"data": 2}
 # Against a tracking server, registrations from every machine take turns on this Prefect global
 # concurrency limit (on the Prefect server they share); a local store has a file lock instead.
 PROMOTION_LIMIT = "convheads-promotion"
+
+
+def transient(task, task_run, state) -> bool:
+    """Whether a failed stage is worth a retry: not when its input is bad (a ConvHeadsError)."""
+    try:
+        state.result()
+    except ConvHeadsError:
+        return False
+    except Exception:  # noqa: BLE001 -- anything else (a download, a full disk) may pass next time
+        return True
+    return True
 
 
 @task(cache_policy=NONE)  # stages skip themselves by fingerprint; Prefect need not cache results
@@ -58,7 +75,7 @@ def run_stage(name: str, cfg: PipelineConfig) -> Outcome:
 
 def launched_stage(name: str, cfg: PipelineConfig) -> Outcome:
     """A training stage over several processes: the stage's command line under torchrun, as DVC
-    runs it (`python -m tasks run NAME`), with this run's whole configuration as its params file."""
+    runs it (`python -m pipeline run NAME`), with this run's whole configuration as its params file."""
     stage = STAGES[name]
     record = read_record(cfg, name)
     if record is not None and record["fingerprint"] == fingerprint(stage, cfg):
@@ -76,7 +93,8 @@ def launched_stage(name: str, cfg: PipelineConfig) -> Outcome:
                    time.perf_counter() - start)
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=3)  # a hiccup; log_stage never logs twice
+# A hiccup is retried: log_stage never logs twice.
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=3, retry_condition_fn=transient)
 def track_stage(cfg: PipelineConfig, name: str, run_id: str, skipped: bool) -> None:
     try:
         log_stage(cfg, name, run_id, skipped=skipped)
@@ -85,23 +103,13 @@ def track_stage(cfg: PipelineConfig, name: str, run_id: str, skipped: bool) -> N
         raise
 
 
-def transient(task, task_run, state) -> bool:
-    """Whether a failed stage is worth a retry: not when its input is bad (a ConvHeadsError)."""
-    try:
-        state.result()
-    except ConvHeadsError:
-        return False
-    except Exception:  # noqa: BLE001 -- anything else (a download, a full disk) may pass next time
-        return True
-    return True
-
-
 def stage_task(name: str):
     return run_stage.with_options(name=name, task_run_name=name, retries=RETRIES.get(name, 0),
                                   retry_delay_seconds=10, retry_condition_fn=transient)
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=5)  # idempotent: a retry reuses the version
+# Idempotent: a retry reuses the version it registered.
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
 def register_task(config: PipelineConfig, run_id: str) -> Dict:
     if local_store(tracking_uri(config)) is not None:
         return register(config, run_id)  # the file lock beside the store serialises promotions
@@ -115,6 +123,7 @@ def register_task(config: PipelineConfig, run_id: str) -> Dict:
 
 
 @flow(name="compress")
+@quiet_failure
 def compress(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] = None, force: bool = False) -> Dict:
     """Run every stage, log to MLflow, register; return the headline numbers and what happened."""
     logger = get_run_logger()
@@ -124,10 +133,10 @@ def compress(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] 
         result = _pipeline(config, run_name, force, logger)
     registry = result.get("registry")
     metric, label = QUALITY[config.task][0]
+    registered = (f"; {registry['model_name']} version {registry['version']}: {registry['promotion']}"
+                  if registry else "")
     logger.info("compressed %s %.2f%% (baseline %.2f%%)%s%s", label, 100 * result[f"compressed_{metric}"],
-                100 * result[f"baseline_{metric}"],
-                f"; {registry['model_name']} version {registry['version']}: {registry['promotion']}" if registry else "",
-                f"; {result['reason']}" if result.get("reason") else "")
+                100 * result[f"baseline_{metric}"], registered, f"; {result['reason']}" if result.get("reason") else "")
     return result
 
 
@@ -148,7 +157,7 @@ def _pipeline(config: PipelineConfig, run_name: Optional[str], force: bool, logg
             track_stage.with_options(task_run_name=f"track-{name}")(config, name, run_id, outcome.skipped)
         mlflow.set_tag(FINGERPRINT_TAG, up_to_date(STAGES.values(), config))
         result = {**summary(config), "mlflow_run_id": run_id, "skipped": False}
-        mlflow.log_text(table(result) + "\n", "summary.txt")
+        mlflow.log_text(summary_table(result) + "\n", "summary.txt")
         if config.registry.enabled:
             result["registry"] = register_task(config, run_id)
     return result
@@ -189,9 +198,9 @@ def _when(ms: Optional[int]) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if ms else "unknown"
 
 
-def report(result: Dict, config: PipelineConfig) -> str:
+def closing_lines(result: Dict, config: PipelineConfig) -> str:
     """What the command line prints at the end: the table, what happened and where it is recorded."""
-    lines = [f"\n{table(result)}\n"]
+    lines = [f"\n{summary_table(result)}\n"]
     if result.get("reason"):
         lines.append(result["reason"][0].upper() + result["reason"][1:])
     registry = result.get("registry")
@@ -220,7 +229,7 @@ def main(argv=None) -> int:
             state = compress(config=config, run_name=args.run_name, force=args.force, return_state=True)
     status = exit_status(state)
     if status == 0:
-        print(report(state.result(), config))
+        print(closing_lines(state.result(), config))
     return status
 
 

@@ -12,13 +12,14 @@ from typing import Dict, Optional
 
 from prefect import flow, get_run_logger
 
-from flows import exit_status, prefect_api
-from tasks.config import load_config
-from tasks.registry import client_for, set_champion
-from tasks.tracking import check_reachable
+from flows import exit_status, prefect_api, quiet_failure
+from pipeline.config import load_config
+from pipeline.registry import set_champion
+from pipeline.tracking import check_reachable, client_for
 
 
 @flow(name="promote")
+@quiet_failure
 def promote(version: str, model_name: Optional[str] = None, tracking_uri: Optional[str] = None,
             reason: str = "manual", params_file: str = "params.yaml") -> Dict:
     """Point `champion` at `version` ("3" or "models:/<name>/3") of `model_name` (default: from params)."""

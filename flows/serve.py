@@ -12,18 +12,16 @@ import argparse
 import sys
 
 from prefect import serve
-from prefect.client.schemas.schedules import CronSchedule
 
-from flows import checked_config
+from flows import check_schedule, checked_config
 from flows.compress import compress
-from tasks.config import PipelineConfig
+from pipeline.config import PipelineConfig
 
 
 def deployment(config: PipelineConfig):
     """The compression flow's deployment: cron schedule and parameters from the configuration."""
-    s = config.schedule
     return compress.to_deployment(
-        name=s.deployment, schedule=CronSchedule(cron=s.cron, timezone=s.timezone),
+        name=config.schedule.deployment, schedule=check_schedule(config.schedule),
         parameters={"config": config.model_dump(mode="json")},
         description="convheads compression pipeline on a schedule (parameters from params.yaml)",
         tags=["convheads"])

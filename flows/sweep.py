@@ -17,6 +17,7 @@ benchmarked as a pipeline run of its own and handed to the registry gate.
 """
 import contextlib
 import multiprocessing
+import os
 import socket
 import sys
 import tempfile
@@ -31,18 +32,31 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import checked_config, exit_status, parse_command_line, prefect_api
 from convheads import ConvHeadsError
-from tasks import preflight
-from tasks.config import PipelineConfig
-from tasks.frontier import (PLOT, POINT_STAGES, SHARED, SWEEP_DIR, TABLE, benchmark_all, frontier, link_shared,
-                            pick, plot, point_config, point_name, points)
-from tasks.lock import hold
-from tasks.objective import objective
-from tasks.pipeline import STAGES
-from tasks.registry import register
-from tasks.runner import execute
-from tasks.tracking import check_reachable, log_stage, pipeline_run
+from flows import checked_config, exit_status, parse_command_line, prefect_api, quiet_failure
+from pipeline import preflight
+from pipeline.config import PipelineConfig
+from pipeline.dag import STAGES
+from pipeline.frontier import (
+    PLOT,
+    POINT_STAGES,
+    SHARED,
+    SWEEP_DIR,
+    TABLE,
+    benchmark_all,
+    frontier,
+    link_shared,
+    pick,
+    plot,
+    point_config,
+    point_name,
+    points,
+)
+from pipeline.lock import hold
+from pipeline.problems import problem
+from pipeline.registry import register
+from pipeline.runner import execute
+from pipeline.tracking import check_reachable, log_stage, pipeline_run
 
 
 @task(cache_policy=NONE)
@@ -52,7 +66,8 @@ def train_point(point: PipelineConfig) -> Dict:
     if multiprocessing.current_process().daemon:  # a Dask worker: it may not start DataLoader workers
         point = point.model_copy(update={"loader": point.loader.model_copy(update={"num_workers": 0})})
     skipped = [execute(STAGES[name], point).skipped for name in POINT_STAGES]
-    return {"seconds": time.perf_counter() - started, "skipped": all(skipped)}
+    return {"seconds": time.perf_counter() - started, "skipped": all(skipped),
+            "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def check_cluster(address: str, timeout: float = 5.0) -> None:
@@ -99,6 +114,7 @@ def register_point(point: PipelineConfig, name: str) -> Dict:
 
 
 @flow(name="sweep")
+@quiet_failure
 def sweep(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] = None) -> Dict:
     logger = get_run_logger()
     check(config)
@@ -118,7 +134,7 @@ def sweep(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] = N
         with tempfile.TemporaryDirectory() as tmp:
             timings = benchmark_all(config, pts, Path(tmp))
         table = frontier(config, pts, timings, trained)
-        metric = objective(config).headline
+        metric = problem(config).headline
         table.to_csv(folder / TABLE, index=False)
         timings.to_csv(folder / "timings.csv", index=False)
         plot(table, config, timings.runtime.iloc[0], folder / PLOT)
@@ -144,12 +160,13 @@ def sweep(config: PipelineConfig = PipelineConfig(), run_name: Optional[str] = N
         return result
 
 
-def report(result: Dict, table: pd.DataFrame) -> str:
+def closing_lines(result: Dict, table: pd.DataFrame) -> str:
     metric = result["metric"]
     lines = ["", table[["method", "budget", "seed", "heads_replaced", metric, f"{metric}_drop"]
                        + [c for c in table.columns if c.startswith("speedup_b")]].to_string(index=False), "",
-             f"{result['points']} points in {result['seconds'] / 60:.1f} min (training {result['training_seconds'] / 60:.1f}"
-             f" min); table {result['table']}, plot {result['plot']}; MLflow run {result['mlflow_run_id']}"]
+             f"{result['points']} points in {result['seconds'] / 60:.1f} min "
+             f"(training {result['training_seconds'] / 60:.1f} min); table {result['table']}, plot {result['plot']}; "
+             f"MLflow run {result['mlflow_run_id']}"]
     if "pick" in result:
         lines.append(f"select.max_drop: {result['pick']}")
     reg = result.get("registry")
@@ -178,7 +195,7 @@ def main(argv=None) -> int:
     status = exit_status(state)
     if status == 0:
         result = state.result()
-        print(report(result, pd.read_csv(result["table"])))
+        print(closing_lines(result, pd.read_csv(result["table"])))
     return status
 
 

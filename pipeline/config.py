@@ -1,51 +1,90 @@
 """The one configuration schema: params.yaml, Prefect flow parameters and command lines all
-validate through `PipelineConfig`, so a typo or an impossible value fails before any work."""
+validate through `PipelineConfig`, so a typo or an impossible value fails before any work.
+
+Every default is written once, here: a field's default, or (where it depends on the task) in
+TASK_DEFAULTS. A field's docstring is its documentation: params.yaml and the configuration
+reference are generated from this file (`python -m pipeline params`). Sections that configure
+the library extend its own settings (convheads' TrainSettings, ReplaceSettings, DSPSettings), so
+the library's checks are the configuration's.
+"""
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic.dataclasses import dataclass as settings_section
 
 from convheads import ConvHeadsError
-from convheads.data import AUGMENTATIONS
+from convheads.data.images import AUGMENTATIONS
+from convheads.dsp import DSPSettings
+from convheads.engine.timing import RUNTIMES
+from convheads.engine.training import TrainSettings
 from convheads.layers import CONV_VARIANTS
-from convheads.precision import DEVICES, PRECISIONS
+from convheads.precision import DEVICES, PRECISIONS, resolve_device
 from convheads.selection import GRANULARITIES, METHODS
-from convheads.surgery import INITS, VARIANTS
-from convheads.training import TRAINABLE
+from convheads.surgery import ReplaceSettings
 
-RUNTIMES = ("onnxruntime", "eager", "compile")  # benchmark.runtimes
+TASKS = ("classification", "segmentation")
+
+# The training settings that depend on the task, filled in where a configuration leaves them out
+# (or null). The default segmentation run has 4x the tokens of the digits (256) and fewer images,
+# so fewer epochs (it must stay within minutes) of smaller batches (more steps). Classification
+# recovers for 20 epochs: on the digits default 10 epochs left the replaced model 2-2.6 points
+# short on some seeds; 20 recover to within a test image or two.
+TASK_DEFAULTS = {
+    "classification": {"baseline": {"epochs": 40, "batch_size": 32},
+                       "recover": {"epochs": 20, "batch_size": 32, "lr": 1e-3}},
+    "segmentation": {"baseline": {"epochs": 10, "batch_size": 8},
+                     "recover": {"epochs": 3, "batch_size": 8, "lr": 5e-4}},
+}
+
+# The default model: a small ViT for the 32 x 32 digits (an 8 x 8 patch grid, 6 blocks of 8 heads).
+DIGITS_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 8}
+# For the digits scenes (task=segmentation): 4x the tokens (16 x 16 at 64 x 64), so half the width
+# to train in minutes; 6 blocks of 4 heads of width 16.
+SCENES_VIT = {"patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4}
+
+SECTION = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class PathsConfig(Section):
-    data: str = "data/dataset"   # the materialised dataset (tracked by DVC)
-    outputs: str = "outputs"     # one folder per stage
+    data: str = "data/dataset"
+    """The data stage's output: the manifest and meta (and generated images); tracked by DVC."""
+    outputs: str = "outputs"
+    """One folder per stage."""
 
 
 class DataConfig(Section):
     """Where the images come from. A folder or CSV is read in place (never copied): the data stage
     writes a manifest (path, label, split, size, content hash) whose hash is the data version."""
     source: Literal["digits", "folder", "csv", "torchvision"] = "digits"
-    # folder: <path>/<class>/<image>, or <path>/{train,val,test}/<class>/<image> (ImageNet: train/ and val/);
-    # csv: a CSV file with columns path, label[, split] (paths relative to the CSV's folder)
+    """digits (bundled with scikit-learn) | folder | csv | torchvision."""
     path: Optional[str] = None
-    classes: Optional[List[str]] = None     # the class list, in label order; None: sorted folder names / labels
-    torchvision_name: Optional[str] = None  # source=torchvision: a torchvision.datasets class, e.g. "CIFAR10"
-    download_dir: str = "data/downloads"    # where torchvision datasets are downloaded to
-    image_size: PositiveInt = 32            # digits: the size the 8 x 8 digits are rendered at
-    val_fraction: float = Field(0.15, gt=0, lt=1)   # splits a source does not have are carved out
-    test_fraction: float = Field(0.15, gt=0, lt=1)  # of the training images, by a seeded hash of each path
+    """folder: <path>/<class>/<image>, or <path>/{train,val,test}/<class>/<image> (ImageNet's train/ and val/:
+    val is the test split); csv: a CSV file with columns path,label[,split], paths relative to its folder."""
+    classes: Optional[List[str]] = None
+    """The class list in label order; null: sorted folder names / labels."""
+    torchvision_name: Optional[str] = None
+    """source=torchvision: a torchvision.datasets class, e.g. CIFAR10 (downloads when online)."""
+    download_dir: str = "data/downloads"
+    """Where torchvision datasets are downloaded to."""
+    image_size: PositiveInt = 32
+    """digits: the size the 8 x 8 digits are rendered at."""
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    """Splits a source does not have are carved out of its training images, by a seeded hash of each path."""
+    test_fraction: float = Field(0.15, gt=0, lt=1)
     seed: int = 0
 
     @model_validator(mode="after")
     def _source_needs(self):
         if self.source in ("folder", "csv") and not self.path:
-            raise ValueError(f"data.source={self.source} needs data.path (" + (
-                "a class-per-subfolder image folder)" if self.source == "folder" else "a CSV file: path,label[,split])"))
+            what = "a class-per-subfolder image folder" if self.source == "folder" else "a CSV file: path,label[,split]"
+            raise ValueError(f"data.source={self.source} needs data.path ({what})")
         if self.source == "torchvision" and not self.torchvision_name:
             raise ValueError("data.source=torchvision needs data.torchvision_name (e.g. CIFAR10)")
         if self.val_fraction + self.test_fraction >= 1:
@@ -55,31 +94,22 @@ class DataConfig(Section):
         return self
 
 
-# Fine-tuning settings left None, per task: the default segmentation run has 4x the tokens of the
-# digits (256) and fewer images, so fewer epochs (it must stay within minutes) of smaller batches
-# (more steps).
-TASK_DEFAULTS = {"baseline": {"classification": {"epochs": 40, "batch_size": 32},
-                              "segmentation": {"epochs": 10, "batch_size": 8}},
-                 "recover": {"classification": {"epochs": 20, "batch_size": 32, "lr": 1e-3},
-                             "segmentation": {"epochs": 3, "batch_size": 8, "lr": 5e-4}}}
-
-# The default model: a small ViT for the 32 x 32 digits (an 8 x 8 patch grid, 6 blocks of 8 heads).
-DIGITS_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 8}
-# For the digits scenes (task=segmentation): 4x the tokens (16 x 16 at 64 x 64), so half the width
-# to train in minutes; 6 blocks of 4 heads of width 16.
-SCENES_VIT = {"patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4}
-
-
 class ModelConfig(Section):
-    name: str = "vit_tiny_patch16_224"  # timm name, name.tag (which weights) or hf-hub:<org>/<repo>
-    pretrained: bool = False            # timm's pretrained weights (needs network access, or the HF cache)
-    checkpoint: Optional[str] = None    # or a local state-dict file (timm, original DINOv2, or a model.pt of ours)
-    # timm.create_model arguments; num_classes is set from the dataset. None: DIGITS_VIT when the
-    # model trains from scratch (neither pretrained nor checkpoint), else the model's own ({}).
+    name: str = "vit_tiny_patch16_224"
+    """Any timm ViT: a name, name.tag (which weights, e.g. vit_large_patch14_dinov2.lvd142m) or hf-hub:org/repo."""
+    pretrained: bool = False
+    """timm's pretrained weights (network access, or the Hugging Face cache)."""
+    checkpoint: Optional[str] = None
+    """Or a local state-dict file (timm, original DINOv2, or a model.pt of ours)."""
     kwargs: Optional[Dict[str, Any]] = None
-    mean: Optional[Tuple[float, float, float]] = None  # input normalisation; None: the model's default
+    """timm.create_model arguments (num_classes comes from the data); null: the digits ViT (img_size 32, patch_size
+    4, embed_dim 128, depth 6, num_heads 8) when training from scratch (segmentation: embed_dim 64, num_heads 4 at
+    segmentation.image_size), the model's own with pretrained or checkpoint."""
+    mean: Optional[Tuple[float, float, float]] = None
+    """Input normalisation; null: the model's default."""
     std: Optional[Tuple[float, float, float]] = None
-    crop_pct: Optional[float] = Field(None, gt=0, le=1)  # eval centre crop; None: the model's (1.0 for digits)
+    crop_pct: Optional[float] = Field(None, gt=0, le=1)
+    """Eval centre crop (timm); null: the model's (1.0 for the digits)."""
 
     @property
     def build_kwargs(self) -> Dict[str, Any]:
@@ -97,94 +127,78 @@ class SceneCounts(Section):
 
 
 class SegmentationConfig(Section):
-    """task: segmentation. Data: data.source=digits (scenes of the bundled digits, generated) or
-    folder (ADE20K's layout: images/{training,validation}/, annotations/{training,validation}/,
-    single-channel PNG labels, 255 = not labelled)."""
-    image_size: PositiveInt = 64                     # images (and masks) are resized to this; the model is built for it
-    feature_blocks: Optional[List[int]] = None       # blocks whose patch tokens feed the linear head; None: the last
-    num_classes: Optional[PositiveInt] = None        # None: the dataset's (classes.txt, else the largest label + 1)
-    reduce_zero_label: bool = False                 # ADE20K: label 0 is "other" -> ignored, the rest move down by 1
-    scenes: SceneCounts = SceneCounts()              # data.source=digits: scenes per split (64 x 64 at image_size 64)
+    """task=segmentation: a linear head (BatchNorm + 1x1 conv) on the ViT's patch tokens. Data:
+    data.source=digits (scenes of the bundled digits, generated) or folder (ADE20K's layout:
+    images/{training,validation}/, annotations/{training,validation}/, single-channel PNG labels,
+    255 = not labelled)."""
+    image_size: PositiveInt = 64
+    """Images and masks are resized to this; the model is built for it (patch 4: 16 x 16 tokens)."""
+    feature_blocks: Optional[List[int]] = None
+    """Blocks whose patch tokens feed the head, e.g. [4, 11, 17, 23] (DINOv2-L); null: the last."""
+    num_classes: Optional[PositiveInt] = None
+    """null: the dataset's (classes.txt, else the largest label + 1); 255 = not labelled."""
+    reduce_zero_label: bool = False
+    """ADE20K: label 0 ("other") is ignored and the others move down by one."""
+    scenes: SceneCounts = SceneCounts()
+    """data.source=digits: scenes of 2-4 digits per split, label = digit + 1."""
 
 
-class TrainConfig(Section):
-    epochs: Optional[int] = Field(None, ge=0)       # None: the task's default (TASK_DEFAULTS)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    batch_size: Optional[PositiveInt] = None        # None: the task's default (TASK_DEFAULTS)
-    warmup_epochs: float = Field(1.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    # auto: light for the digits, timm otherwise; timm: timm's train transform (random resized crop,
-    # flip, colour jitter); light: small shifts and rotations, no flips or crops; none: eval transform
+@settings_section(frozen=True, kw_only=True, config=SECTION)
+class TrainConfig(TrainSettings):
+    """A fine-tuning stage: convheads' TrainSettings, and the batches it is fed."""
+    batch_size: PositiveInt
+    """The global batch of one update, whatever the number of processes: each of P processes takes
+    batch_size / (P x accumulation) per step."""
     augment: Literal[AUGMENTATIONS] = "auto"
-
-    # One update sees batch_size images, whatever the number of processes: each of P processes takes
-    # batch_size / (P x accumulation) per step, and the gradients of `accumulation` steps add up.
-    accumulation: PositiveInt = 1
-    clip_grad: Optional[float] = Field(None, gt=0)        # clip the gradients' global norm to this
-    grad_checkpointing: bool = False                      # recompute activations in the backward pass: less memory
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # keep an EMA of the weights (e.g. 0.999); saved instead
-    layer_decay: Optional[float] = Field(None, gt=0, le=1)  # layer-wise lr decay (timm), e.g. 0.75
-
-    @field_validator("augment", mode="before")
-    @classmethod
-    def _bool_augment(cls, v):  # params files from before the presets: true / false
-        return {True: "auto", False: "none"}.get(v, v) if isinstance(v, bool) else v
-
-
-class RecoverConfig(TrainConfig):
-    # None: the task's (TASK_DEFAULTS). Classification: 20 epochs at the baseline's lr: on the digits
-    # default 10 epochs (at 5e-4 or 1e-3) left the replaced model 2-2.6 pts short on some seeds; 20 at
-    # 1e-3 recovers to within a test image or two
-    lr: Optional[float] = Field(None, gt=0)
-    trainable: Literal[TRAINABLE] = "all"   # "new": only kernels and prefix scalars train
+    """auto: light for the digits, timm otherwise | timm (random resized crop, flip, colour jitter) | light
+    (small shifts and rotations, no flips or crops) | none (the eval transform)."""
 
 
 class LoaderConfig(Section):
     """DataLoader settings: images are decoded and transformed in worker processes. In no stage's
     fingerprint: every sample's augmentation is seeded on its own, so they change speed, not results."""
-    # None: one per CPU core but one, at most 8. The data stage hashes with this many processes
-    # (None: one per core, at most 8).
     num_workers: Optional[int] = Field(None, ge=0)
-    pin_memory: Optional[bool] = None               # None: on when device is cuda
-    persistent_workers: bool = True                 # keep workers between epochs
+    """null: one per CPU core but one, at most 8 (the data stage hashes with one per core, at most 8)."""
+    pin_memory: Optional[bool] = None
+    """null: on for cuda."""
+    persistent_workers: bool = True
+    """Keep the workers between epochs."""
 
 
 class ScoreConfig(Section):
-    max_images: int = Field(1000, ge=2)   # training images used for Sigma_h
+    max_images: int = Field(1000, ge=2)
+    """Training images Sigma_h is measured on."""
     batch_size: PositiveInt = 8
 
 
 DSP = "dsp"  # select.method: learned during recovery (convheads.dsp)
 
 
-class DSPConfig(Section):
+@settings_section(frozen=True, kw_only=True, config=SECTION)
+class DSPConfig(DSPSettings):
     """select.method=dsp: gates learn the choice during recovery (convheads/dsp.py)."""
-    temperature_start: float = Field(1.0, gt=0)
-    temperature_end: float = Field(1e-3, gt=0)
-    anneal_epochs: Optional[PositiveInt] = None   # None: all of recover.epochs; then the end temperature
-    gate_lr: float = Field(0.01, gt=0)           # the gates' own lr (no weight decay)
-
-    @model_validator(mode="after")
-    def _falls(self):
-        if self.temperature_end > self.temperature_start:
-            raise ValueError(f"the temperature must fall: temperature_end {self.temperature_end} > temperature_start "
-                             f"{self.temperature_start} (e.g. 1.0 -> 0.001)")
-        return self
+    anneal_epochs: Optional[PositiveInt] = None
+    """The temperature falls over this many recovery epochs (null: all of recover.epochs)."""
 
 
 class SelectConfig(Section):
-    """What to replace; the first rule that is set wins: blocks, then count, then fraction. `method`
-    ranks the heads for count / fraction (convheads.selection.METHODS): sigma (lowest Sigma first),
-    fit (best fit of a replace.kernel_size band + uniform level first), sigma_fit (rank sum),
-    random (seeded by `seed`: a control) or dsp (learned by gates during recovery: see DSPConfig)."""
+    """What to replace; the first rule that is set wins: blocks, then count, then fraction."""
     method: Literal[METHODS + (DSP,)] = "sigma"
+    """How count / fraction rank the heads: sigma (lowest Sigma_h / Sigma_b) | fit (best band + uniform fit of
+    E[A], replace.kernel_size) | sigma_fit (rank sum of both) | random (seeded by seed: a control) | dsp (learned
+    by gates during recovery)."""
     dsp: DSPConfig = DSPConfig()
-    max_drop: Optional[float] = Field(None, gt=0, le=1)  # flows.sweep: register the largest budget within this drop
+    max_drop: Optional[float] = Field(None, gt=0, le=1)
+    """python -m flows.sweep: register the largest budget whose mean drop of the headline metric is within this
+    (0.02 = 2 points); null: register nothing."""
     granularity: Literal[GRANULARITIES] = "block"
-    blocks: Optional[List[int]] = None      # exactly these whole blocks (e.g. a published list)
-    count: Optional[PositiveInt] = None     # this many heads (or blocks, by granularity)
-    fraction: Optional[float] = Field(0.5, gt=0, le=1)  # this fraction of all heads (or blocks)
+    """block (whole blocks, the paper's main setting) | head (scattered)."""
+    blocks: Optional[List[int]] = None
+    """Exactly these whole blocks, e.g. [8, 6, 4, 9] (a published list)."""
+    count: Optional[PositiveInt] = None
+    """This many heads (or blocks, by granularity)."""
+    fraction: Optional[float] = Field(0.5, gt=0, le=1)
+    """This fraction of all heads (or blocks)."""
 
     @model_validator(mode="after")
     def _some_rule(self):
@@ -193,10 +207,10 @@ class SelectConfig(Section):
         return self
 
 
-class ReplaceConfig(Section):
-    kernel_size: PositiveInt = 3
-    init: Literal[INITS] = "attention"
-    variant: Literal[VARIANTS] = "depthwise"
+@settings_section(frozen=True, kw_only=True, config=SECTION)
+class ReplaceConfig(ReplaceSettings):
+    init: str = "attention"
+    """attention (fitted to each head's mean attention in the scores) | gaussian (the reference's)."""
 
 
 class EvaluateConfig(Section):
@@ -205,12 +219,13 @@ class EvaluateConfig(Section):
 
 class BenchmarkConfig(Section):
     batch_sizes: List[PositiveInt] = [1, 64]
-    # Where the models are timed; the first gives the headline speedup (summary, registry gate).
-    # onnxruntime: the ONNX export, as deployed (CPU); eager / compile: PyTorch (torch.compile).
     runtimes: List[Literal[RUNTIMES]] = Field(["onnxruntime", "eager"], min_length=1)
+    """Where the models are timed; the first gives the headline speedup (summary, registry gate): onnxruntime
+    (the ONNX export, as deployed; CPU only, left out on a GPU) | eager | compile (PyTorch)."""
     repeats: PositiveInt = 20
     warmup: int = Field(3, ge=0)
-    threads: Optional[PositiveInt] = None   # None: torch's default for this machine
+    threads: Optional[PositiveInt] = None
+    """null: torch's default for this machine."""
 
     @model_validator(mode="after")
     def _distinct(self):
@@ -223,11 +238,16 @@ class DistributedConfig(Section):
     """The training stages (baseline, recover) over several processes: torchrun starts
     nproc_per_node on each of nnodes machines; not in any fingerprint (the same global batch gives
     the same model, to float rounding, on any number of processes)."""
-    nproc_per_node: PositiveInt = 1       # processes on this machine: one per GPU (or a share of the CPU cores)
-    nnodes: PositiveInt = 1               # machines
-    node_rank: int = Field(0, ge=0)       # this machine's rank: 0 hosts the rendezvous and writes the outputs
-    rdzv_endpoint: Optional[str] = None   # several machines: node 0's host:port, e.g. 10.0.0.1:29500
-    rdzv_timeout: PositiveInt = 300       # seconds a machine waits for the others to join
+    nproc_per_node: PositiveInt = 1
+    """Processes on each machine: one per GPU (or a share of the CPU cores)."""
+    nnodes: PositiveInt = 1
+    """Machines."""
+    node_rank: int = Field(0, ge=0)
+    """This machine's rank; node 0 hosts the rendezvous and writes the outputs."""
+    rdzv_endpoint: Optional[str] = None
+    """Several machines: node 0's host:port, e.g. 10.0.0.1:29500."""
+    rdzv_timeout: PositiveInt = 300
+    """Seconds a machine waits for the others to join."""
 
     @model_validator(mode="after")
     def _machines(self):
@@ -247,25 +267,25 @@ TASK_RUNNERS = ("local", "dask")
 
 class SweepConfig(Section):
     """python -m flows.sweep: replace + recover + evaluate for every (method, budget, seed) on one
-    shared baseline and score file, then every model benchmarked together. Methods: sigma_h (heads
-    by Sigma_h), sigma_b (whole blocks by Sigma_b), dsp (learned; select.granularity), random
-    (seeded; select.granularity), drop (Sigma's choice at select.granularity, heads removed)."""
-    budgets: List[float] = Field([0.1667, 0.3333, 0.5], min_length=1)  # fractions of the heads (blocks)
+    shared baseline and score file, then every model benchmarked together."""
+    budgets: List[float] = Field([0.1667, 0.3333, 0.5], min_length=1)
+    """Fractions of the heads (of the blocks for block methods): 1, 2, 3 of 6 blocks."""
     methods: List[Literal[SWEEP_METHODS]] = Field(["sigma_b", "dsp", "random"], min_length=1)
+    """sigma_h (heads by Sigma_h) | sigma_b (blocks by Sigma_b) | dsp (learned) | random (a control) | drop (Sigma's
+    choice removed outright); dsp, random, drop at select.granularity."""
     seeds: List[int] = Field([0], min_length=1)
-    recover_epochs: Optional[int] = Field(3, ge=0)   # None: recover.epochs
-    task_runner: Literal[TASK_RUNNERS] = "local"     # local: one point after another; dask: on a cluster
-    address: Optional[str] = None                    # dask: the scheduler, e.g. tcp://10.0.0.1:8786
-
-    @field_validator("budgets")
-    @classmethod
-    def _fractions(cls, v):
-        if any(not 0 < b <= 1 for b in v):
-            raise ValueError(f"budgets are fractions of the heads (or blocks), in (0, 1]; got {v}")
-        return v
+    """One point per seed (the selection of random, recovery, DSP's noise)."""
+    recover_epochs: Optional[int] = Field(3, ge=0)
+    """Recovery epochs per point (null: recover.epochs); cut to fit 2 cores."""
+    task_runner: Literal[TASK_RUNNERS] = "local"
+    """local: points one after another | dask: on the Dask cluster at address."""
+    address: Optional[str] = None
+    """dask: the scheduler, e.g. tcp://10.0.0.1:8786."""
 
     @model_validator(mode="after")
-    def _runner(self):
+    def _valid(self):
+        if any(not 0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"sweep.budgets are fractions of the heads (or blocks), in (0, 1]; got {self.budgets}")
         if self.task_runner == "dask" and not self.address:
             raise ValueError("sweep.task_runner=dask needs sweep.address: the Dask scheduler, e.g. tcp://10.0.0.1:8786")
         for name in ("budgets", "methods", "seeds"):
@@ -275,56 +295,68 @@ class SweepConfig(Section):
 
 
 class TrackingConfig(Section):
-    tracking_uri: Optional[str] = None      # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    tracking_uri: Optional[str] = None
+    """null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project."""
     experiment: str = "convheads"
 
 
 class RegistryConfig(Section):
-    """Every run registers its compressed model; the gate decides whether it becomes champion."""
+    """Every run registers its compressed model as a version (alias challenger); the gate decides
+    whether it becomes champion."""
     enabled: bool = True
-    model_name: Optional[str] = None          # None: convheads-<model.name>[-segmentation]
-    # The gate's headline metric is the task's: test top-1 (classification) or mIoU (segmentation).
-    max_top1_drop: float = Field(0.02, ge=0, le=1)   # classification: vs the run's baseline, as a fraction (0.02 = 2 points)
-    max_miou_drop: float = Field(0.02, ge=0, le=1)   # segmentation: the same for mIoU
-    min_speedup: float = Field(1.0, gt=0)     # compressed vs baseline latency ...
-    speedup_batch_size: Optional[PositiveInt] = None  # ... at this benchmark batch size (None: the largest)
-    must_beat_champion: bool = True           # higher test top-1 (mIoU) than the champion, on this run's test data ...
-    min_improvement: float = Field(0.0, ge=0, le=1)  # ... by at least this much (0.005 = half a point)
+    model_name: Optional[str] = None
+    """null: convheads-<model.name> (convheads-<model.name>-segmentation)."""
+    max_drop: float = Field(0.02, ge=0, le=1)
+    """The gate: at most this drop of the task's headline metric (test top-1, or mIoU for segmentation) below the
+    run's baseline, as a fraction (0.02 = 2 points) ..."""
+    min_speedup: float = Field(1.0, gt=0)
+    """... at least this fast vs the baseline ..."""
+    speedup_batch_size: Optional[PositiveInt] = None
+    """... at this benchmark batch size (null: the largest) ..."""
+    must_beat_champion: bool = True
+    """... and a better headline metric than the current champion's, on this run's test data ..."""
+    min_improvement: float = Field(0.0, ge=0, le=1)
+    """... by at least this much (0.005 = half a point); a rerun of the same never wins."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        old = [k for k in ("max_top1_drop", "max_miou_drop") if isinstance(data, dict) and k in data]
+        if old:
+            raise ValueError(f"registry.{old[0]} is now registry.max_drop (in the task's headline metric: top-1 for "
+                             f"classification, mIoU for segmentation); rename the key")
+        return data
 
 
 class ScheduleConfig(Section):
     """`python -m flows.serve`: the compression flow as a Prefect deployment on a cron schedule."""
     deployment: str = "scheduled"
-    cron: str = "0 3 * * *"                   # every day at 03:00
+    cron: str = "0 3 * * *"
+    """Every day at 03:00."""
     timezone: str = "UTC"
-
-    @model_validator(mode="after")
-    def _valid_schedule(self):
-        from prefect.client.schemas.schedules import CronSchedule
-
-        try:
-            CronSchedule(cron=self.cron, timezone=self.timezone)
-        except ValueError:
-            raise ValueError(f"schedule.cron {self.cron!r} with timezone {self.timezone!r} is not a valid "
-                             f"cron schedule (e.g. '0 3 * * *')") from None
-        return self
 
 
 class PipelineConfig(Section):
-    task: Literal["classification", "segmentation"] = "classification"
+    task: Literal[TASKS] = "classification"
+    """classification | segmentation."""
     seed: int = 0
-    device: str = "auto"                      # auto (cuda when there is a GPU) | cpu | cuda | cuda:N
-    precision: Literal[PRECISIONS] = "fp32"   # fp32 | bf16 | fp16 (autocast; fp16 needs a GPU)
+    device: str = "auto"
+    """auto (cuda when there is a GPU) | cpu | cuda | cuda:N."""
+    precision: Literal[PRECISIONS] = "fp32"
+    """fp32 | bf16 | fp16: autocast in training, scoring, evaluation and benchmarks (fp16 scales the loss, and
+    needs a GPU)."""
     distributed: DistributedConfig = DistributedConfig()
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
-    baseline: TrainConfig = TrainConfig()
+    baseline: TrainConfig
+    """Stage baseline: fine-tune the ViT on the task."""
     score: ScoreConfig = ScoreConfig()
     select: SelectConfig = SelectConfig()
     replace: ReplaceConfig = ReplaceConfig()
-    recover: RecoverConfig = RecoverConfig()
+    recover: TrainConfig
+    """Stage recover: fine-tune the replaced model to recover accuracy."""
     evaluate: EvaluateConfig = EvaluateConfig()
     loader: LoaderConfig = LoaderConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
@@ -333,17 +365,26 @@ class PipelineConfig(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     sweep: SweepConfig = SweepConfig()
 
-    @field_validator("device")
+    @model_validator(mode="before")
     @classmethod
-    def _device(cls, v):
-        if v not in DEVICES and not (v.startswith("cuda:") and v[5:].isdigit()):
-            raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N)")
-        return v
+    def _task_defaults(cls, data):
+        """Fill in the training settings the configuration leaves out (or null) with the task's."""
+        if not isinstance(data, dict):
+            return data
+        defaults = TASK_DEFAULTS.get(data.get("task", cls.model_fields["task"].default))
+        if defaults is None:  # not a task: its own field says so
+            return data
+        data = dict(data)
+        for stage, values in defaults.items():
+            given = data.get(stage) or {}
+            if isinstance(given, dict):
+                data[stage] = {**given, **{k: v for k, v in values.items() if given.get(k) is None}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.replace.kernel_size % 2 == 0:
-            raise ValueError("replace.kernel_size must be odd ('same' padding)")
+        if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N)")
         if self.replace.variant == "ensemble" and self.select.blocks is None and self.select.granularity != "block":
             raise ValueError("replace.variant=ensemble merges whole blocks; set select.granularity=block "
                              "(or select.blocks)")
@@ -377,39 +418,37 @@ class PipelineConfig(Section):
                 kwargs["img_size"] = self.segmentation.image_size
         return kwargs
 
-    def training(self, stage: str) -> TrainConfig:
-        """The fine-tuning settings of `stage` (baseline or recover), with the task's defaults for
-        those left None."""
-        settings = getattr(self, stage)
-        return settings.model_copy(update={k: v for k, v in TASK_DEFAULTS[stage][self.task].items()
-                                           if getattr(settings, k) is None})
-
     @property
     def gate_batch_size(self) -> int:
         return self.registry.speedup_batch_size or max(self.benchmark.batch_sizes)
 
-    def resolved(self) -> dict:
-        """The whole configuration as plain data with the training stages' task defaults filled in:
-        what a run records (MLflow params, its params.yaml), so that null never stands for a value."""
-        return {**self.model_dump(mode="json"), **{n: self.training(n).model_dump(mode="json") for n in TASK_DEFAULTS}}
+    @property
+    def benchmark_runtimes(self) -> List[str]:
+        """benchmark.runtimes that time the device the models run on: onnxruntime times the CPU, so
+        it is left out on a GPU (eager then, if nothing else is left)."""
+        cpu = resolve_device(self.device) == "cpu"
+        return [r for r in self.benchmark.runtimes if r != "onnxruntime" or cpu] or ["eager"]
 
     def section(self, *names: str) -> dict:
         """The named sections as plain data (what a stage's fingerprint depends on, what MLflow
-        records), the training stages' with the task's defaults filled in; the segmentation
-        section is None unless task is segmentation (it changes nothing else)."""
-        return {n: None if n == "segmentation" and self.task != "segmentation" else
-                self.training(n).model_dump(mode="json") if n in TASK_DEFAULTS else
-                getattr(self, n).model_dump(mode="json") if isinstance(getattr(self, n), BaseModel)
-                else getattr(self, n) for n in names}
+        records); the segmentation section is None unless task is segmentation (it changes nothing else)."""
+        data = self.model_dump(mode="json", include=set(names))
+        if "segmentation" in names and self.task != "segmentation":
+            data["segmentation"] = None
+        return data
 
 
 def _explain(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"  {key}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
-                                         and not isinstance(err["input"], dict) else ""))
+        unknown = err["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+        msg = "unknown key" if unknown else err["msg"].removeprefix("Value error, ")
+        field = re.match(r"(\w+) (must .*)", msg)  # a library settings check: "<field> must be ...; got ..."
+        if field:
+            key, msg = f"{key}.{field.group(1)}", field.group(2)
+        shown = not unknown and not isinstance(err["input"], dict) and err["type"] != "value_error"
+        lines.append(f"  {key}: {msg}" + (f" (got {err['input']!r})" if shown else ""))
     return "invalid configuration:\n" + "\n".join(lines)
 
 
@@ -454,13 +493,13 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def load_config(params_file: Optional[str] = "params.yaml", overrides: Optional[List[str]] = None) -> PipelineConfig:
-    """params.yaml (if it exists; missing keys take their defaults), then key=value overrides
-    applied on top of the result, validated."""
+    """params.yaml (if it exists; missing keys take their defaults) with key=value overrides on top, validated."""
     data: dict = {}
     if params_file and Path(params_file).exists():
         try:
             data = yaml.safe_load(Path(params_file).read_text()) or {}
         except yaml.YAMLError as e:
             raise ConvHeadsError(f"{params_file} is not valid YAML: {e}") from None
-    base = validate(data).model_dump(mode="json")
-    return validate(merge(base, parse_overrides(overrides or [])))
+        if not isinstance(data, dict):
+            raise ConvHeadsError(f"{params_file} holds {type(data).__name__}, not a mapping of settings")
+    return validate(merge(data, parse_overrides(overrides or [])))

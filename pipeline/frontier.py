@@ -8,15 +8,15 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from benchmarks.timing import OnnxTimer, latency_stats
 from convheads import model_cost, vit_info
+from convheads.engine.timing import OnnxTimer, latency_stats, time_in_runtime
 from convheads.precision import resolve_device
 
-from .benchmark import time_runtime
+from .artifacts import stage_model
 from .config import PipelineConfig, validate
-from .inputs import stage_model
-from .objective import objective
+from .problems import problem
 from .runner import output_dir, read_record
+from .summary import selection_summary
 
 SHARED = ("data", "baseline", "score")           # computed once, read by every point
 POINT_STAGES = ("select", "replace", "recover", "evaluate")
@@ -70,7 +70,7 @@ def benchmark_all(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], workdir: 
     if b.threads:
         torch.set_num_threads(b.threads)
     device = resolve_device(cfg.device)
-    runtime = next((r for r in b.runtimes if r != "onnxruntime" or device == "cpu"), "eager")
+    runtime = cfg.benchmark_runtimes[0]
     models = {"baseline": stage_model(cfg, "baseline").to(device)}
     for name, point in pts.items():
         models[name] = stage_model(point, "recover").to(device)
@@ -79,7 +79,8 @@ def benchmark_all(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], workdir: 
     with OnnxTimer() as onnx:
         for batch_size in b.batch_sizes:
             x = torch.randn(batch_size, 3, *size, device=device)
-            for name, t in time_runtime(models, runtime, x, cfg, workdir, onnx).items():
+            for name, t in time_in_runtime(models, runtime, x, workdir, onnx, b.warmup, b.repeats,
+                                           cfg.precision).items():
                 rows.append({"model": name, "runtime": runtime, **latency_stats(t, batch_size)})
     table = pd.DataFrame(rows)
     costs = {name: model_cost(m) for name, m in models.items()}
@@ -92,13 +93,13 @@ def frontier(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], timings: pd.Da
              trained: Dict[str, Dict]) -> pd.DataFrame:
     """A row per point: method, budget, seed, what was replaced, the task's headline metric (top1 or
     miou: before recovery, the baseline's, the drop), speed."""
-    metric = objective(cfg).headline
+    metric = problem(cfg).headline
     base = timings[timings.model == "baseline"].set_index("batch_size").infer_step_time
     rows = []
     for (method, budget, seed), name in ((p, point_name(*p)) for p in points(cfg)):
         point = pts[name]
         ev = read_record(point, "evaluate")["summary"]
-        sel = {**read_record(point, "select")["summary"], **read_record(point, "recover")["summary"].get("dsp", {})}
+        sel = selection_summary(point)
         mine = timings[timings.model == name].set_index("batch_size")
         rows.append({"method": method, "budget": budget, "seed": seed, "heads_replaced": sel["heads_replaced"],
                      "heads_total": sel["heads_total"], "whole_blocks": " ".join(map(str, sel["whole_blocks"])),
@@ -107,7 +108,7 @@ def frontier(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], timings: pd.Da
                      **{f"speedup_b{b}": base[b] / mine.infer_step_time[b] for b in cfg.benchmark.batch_sizes},
                      **{f"ms_b{b}": mine.infer_step_time[b] for b in cfg.benchmark.batch_sizes},
                      "params": int(mine.params.iloc[0]), "gmacs": float(mine.gmacs.iloc[0]),
-                     "train_seconds": trained[name]["seconds"], "point": name})
+                     "train_seconds": trained[name]["seconds"], "worker": trained[name]["worker"], "point": name})
     return pd.DataFrame(rows)
 
 
@@ -115,7 +116,7 @@ def plot(table: pd.DataFrame, cfg: PipelineConfig, runtime: str, path: Path) -> 
     """The headline metric (test top-1 or mIoU) vs measured speedup at the gate's batch size: a curve
     per method (mean over seeds, error bars one standard deviation when there are several), the
     baseline marked."""
-    task = objective(cfg)
+    task = problem(cfg)
     metric = task.headline
     speed = f"speedup_b{cfg.gate_batch_size}"
     fig = Figure(figsize=(7, 4.8), layout="constrained")

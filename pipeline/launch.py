@@ -1,10 +1,10 @@
 """Launching the training stages over several processes and machines with torchrun.
 
-`python -m tasks run baseline` (what dvc.yaml and the Prefect flow run) launches itself under
+`python -m pipeline run baseline` (what dvc.yaml and the Prefect flow run) launches itself under
 torchrun when `distributed` asks for more than one process: the same command line, once per
 process, each joining the process group (convheads.distributed). The launch is torchrun's own
 (torch.distributed.run, called in this process), so the command holding the project folder
-(tasks.lock) is the one that watches the workers; they inherit its hold.
+(pipeline.lock) is the one that watches the workers; they inherit its hold.
 """
 import logging
 import os
@@ -16,7 +16,7 @@ import time
 from typing import List
 
 from convheads import ConvHeadsError
-from convheads.data import cpu_cores
+from convheads.data.loaders import cpu_cores
 from convheads.precision import resolve_device
 
 from .config import PipelineConfig
@@ -30,7 +30,7 @@ def world_size(cfg: PipelineConfig) -> int:
 
 
 def torchrun_args(cfg: PipelineConfig, command: List[str]) -> List[str]:
-    """torchrun's arguments for `command` (the arguments after `python -m tasks`): what a user would type
+    """torchrun's arguments for `command` (the arguments after `python -m pipeline`): what a user would type
     after `torchrun`."""
     d = cfg.distributed
     args = [f"--nproc-per-node={d.nproc_per_node}"]
@@ -40,7 +40,7 @@ def torchrun_args(cfg: PipelineConfig, command: List[str]) -> List[str]:
         host, port = endpoint(cfg)
         args += [f"--nnodes={d.nnodes}", f"--node-rank={d.node_rank}", f"--master-addr={host}",
                  f"--master-port={port}", f"--rdzv-conf=timeout={d.rdzv_timeout}"]
-    return args + ["--max-restarts=0", "-m", "tasks", *command]
+    return args + ["--max-restarts=0", "-m", "pipeline", *command]
 
 
 def endpoint(cfg: PipelineConfig):
@@ -55,12 +55,13 @@ def check(cfg: PipelineConfig, gpus: int) -> None:
         raise ConvHeadsError(f"distributed.nproc_per_node={d.nproc_per_node} but this machine has {gpus} GPU"
                              f"{'s' if gpus != 1 else ''}: one process per GPU, so at most {gpus}")
     for name in TRAINING_STAGES:
-        t = cfg.training(name)  # the task's defaults for what is left null
-        if t.batch_size % (world_size(cfg) * t.accumulation):
+        t = getattr(cfg, name)
+        share = world_size(cfg) * t.accumulation
+        if t.batch_size % share:
             raise ConvHeadsError(
                 f"{name}.batch_size={t.batch_size} (the global batch of one update) must be a multiple of the "
-                f"processes x accumulation steps = {world_size(cfg)} x {t.accumulation}; e.g. "
-                f"{name}.batch_size={world_size(cfg) * t.accumulation * max(1, t.batch_size // (world_size(cfg) * t.accumulation))}")
+                f"processes x accumulation steps = {share // t.accumulation} x {t.accumulation}; e.g. "
+                f"{name}.batch_size={share * max(1, t.batch_size // share)}")
 
 
 def check_rendezvous(cfg: PipelineConfig) -> None:
@@ -98,7 +99,7 @@ def check_rendezvous(cfg: PipelineConfig) -> None:
 
 
 def launch(cfg: PipelineConfig, command: List[str]) -> int:
-    """Run `python -m tasks COMMAND` under torchrun with cfg.distributed; the workers' exit status
+    """Run `python -m pipeline COMMAND` under torchrun with cfg.distributed; the workers' exit status
     (2 when one failed on bad input, whose message it printed)."""
     import torch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -111,8 +112,8 @@ def launch(cfg: PipelineConfig, command: List[str]) -> int:
     print(f"launching {here} of {world_size(cfg)} processes on this machine: torchrun {' '.join(args)}",
           file=sys.stderr, flush=True)
     # torchrun would give each process 1 thread (and warn); a fair share of the cores is better.
-    env = {HELD_BY: str(os.getpid()),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpu_cores() // cfg.distributed.nproc_per_node)))}
+    threads = str(max(1, cpu_cores() // cfg.distributed.nproc_per_node))
+    env = {HELD_BY: str(os.getpid()), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     quiet = logging.getLogger("torch.distributed.elastic")

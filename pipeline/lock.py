@@ -96,7 +96,7 @@ def hold(cfg: PipelineConfig, holder: str) -> Iterator[None]:
 
 
 
-# Set by tasks.launch for its torchrun workers: the pid of the launcher that holds the folders for them.
+# Set by pipeline.launch for its torchrun workers: the pid of the launcher that holds the folders for them.
 HELD_BY = "CONVHEADS_FOLDERS_HELD_BY"
 
 
@@ -117,7 +117,7 @@ def held_by_launcher(cfg: PipelineConfig, holder: str) -> Iterator[None]:
                 record = {}
             if str(record.get("pid")) != pid:
                 raise ConvHeadsError(f"{folder} is not held by the launcher (pid {pid}) that started this process; "
-                                     f"start the stage as python -m tasks run ...")
+                                     f"start the stage as python -m pipeline run ...")
         yield
     elif int(os.environ.get("RANK", "0")) == 0:
         with hold(cfg, holder):

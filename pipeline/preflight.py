@@ -6,14 +6,14 @@ from pathlib import Path
 import torch
 
 from convheads import ConvHeadsError, SegmentationModel, Selection, create_model, vit_info
+from convheads.data.segmentation import scan_pairs
 from convheads.models import check_pretrained
 from convheads.precision import check_precision, resolve_device
-from convheads.segdata import scan_pairs
 from convheads.selection import check_count
 
 from .config import PipelineConfig
-from .data import source
 from .launch import check as check_launch
+from .sources import source
 
 
 def check_devices(cfg: PipelineConfig) -> None:

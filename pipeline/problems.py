@@ -1,7 +1,7 @@
-"""What the stages do differently per task (`task: classification | segmentation`): the model they
-build, the dataset a loader reads, how a model is judged, and the headline metric the summary
-leads with and the registry gate compares (`registry.max_<headline>_drop`). The stages call
-`objective(cfg)` and stay the same files for both tasks."""
+"""What the stages do differently per problem (the configuration's `task: classification |
+segmentation`): the model they build, the dataset a loader reads, how a model is judged, and the
+headline metric the summary leads with and the registry gate compares (`registry.max_drop`). The
+stages call `problem(cfg)` and stay the same files for both."""
 import functools
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Tuple
@@ -11,14 +11,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from convheads import as_vit, create_model, create_segmentation_model, vit_info
-from convheads.data import ManifestDataset, image_transform
-from convheads.evaluation import evaluate
+from convheads.data.images import image_transform
+from convheads.data.loaders import ManifestDataset
+from convheads.data.segmentation import PairDataset, mask_transform
+from convheads.engine.evaluation import evaluate, evaluate_segmentation
 from convheads.precision import resolve_device
-from convheads.segdata import PairDataset, mask_transform
-from convheads.segmentation import IGNORE_INDEX, evaluate_segmentation
+from convheads.segmentation import IGNORE_INDEX
 
+from .artifacts import MANIFEST, images_root, read_meta
 from .config import PipelineConfig
-from .data import MANIFEST, images_root, read_meta
 
 
 def data_config(cfg: PipelineConfig, model: nn.Module) -> Dict:
@@ -76,7 +77,7 @@ class Classification:
                         precision=precision or self.cfg.precision)
 
     def train_kwargs(self) -> Dict:
-        """convheads.training.train's loss and validation settings."""
+        """convheads.engine.training.train's loss and validation settings."""
         return {}
 
 
@@ -105,8 +106,8 @@ class Segmentation(Classification):
                 "validate": functools.partial(evaluate_segmentation, num_classes=self.num_classes)}
 
 
-OBJECTIVES = {"classification": Classification, "segmentation": Segmentation}
+PROBLEMS = {"classification": Classification, "segmentation": Segmentation}
 
 
-def objective(cfg: PipelineConfig) -> Classification:
-    return OBJECTIVES[cfg.task](cfg)
+def problem(cfg: PipelineConfig) -> Classification:
+    return PROBLEMS[cfg.task](cfg)

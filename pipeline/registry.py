@@ -1,17 +1,17 @@
 """The MLflow model registry: register each run's compressed model, gate the champion alias.
 
-Every registered version gets the alias `challenger`; `champion` moves to it only when the
-promotion gate passes (drop of the task's headline metric, test top-1 or mIoU; speedup; better
-than the current champion on the same test data, at full precision). The decision and its reasons go to the run and to the version's
-tags. Everything here uses the MlflowClient API, so it works against any tracking server.
+Every registered version gets the alias `challenger`; `champion` moves to it only when the promotion
+gate passes (drop of the task's headline metric, test top-1 or mIoU; speedup; better than the
+current champion on the same test data, at full precision). The decision and its reasons go to the
+run and to the version's tags. Everything here uses the MlflowClient API, so it works against any
+tracking server.
 
-Promotion is compare-and-set: reading the champion, measuring it and moving the alias happen
-under one lock, so of two runs registering at once the second compares with the first's result.
-For a local store (SQLite file, mlruns folder) the lock is a file beside it; against a tracking
-server the caller passes its own (the Prefect flow: a global concurrency limit on its server).
+Promotion is compare-and-set: reading the champion, measuring it and moving the alias happen under
+one lock, so of two runs registering at once the second compares with the first's result. For a
+local store (SQLite file, mlruns folder) the lock is a file beside it; against a tracking server the
+caller passes its own (the Prefect flow: a global concurrency limit on its server).
 """
 import contextlib
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,13 +25,15 @@ from mlflow.exceptions import MlflowException
 
 from convheads import ConvHeadsError, vit_info
 
+from .artifacts import stage_model
 from .config import PipelineConfig
-from .inputs import loader, stage_model
-from .objective import data_config, objective
+from .hashing import short_hash
+from .loaders import loader
 from .lock import exclusive, lock_file
-from .report import selection_summary
+from .problems import data_config, problem
 from .runner import read_record
-from .tracking import LOGGED_MODELS, git_commit, logged_model, tracking_uri
+from .summary import selection_summary
+from .tracking import LOGGED_MODELS, client_for, git_commit, logged_model, tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SETTINGS_TAG = "registry_settings"  # on a registered run: the settings its registration was decided with
@@ -51,8 +53,7 @@ def gate(score: float, drop: float, speedup: float, champion_score: Optional[flo
     `incomparable` says why the current champion cannot be compared with the candidate (then it does
     not pass)."""
     r = cfg.registry
-    task = objective(cfg)
-    label, max_drop = task.label, getattr(r, f"max_{task.headline}_drop")
+    label, max_drop = problem(cfg).label, r.max_drop
     checks = [
         (drop <= max_drop,
          f"{label} drop {drop * 100:.2f} pts {'<=' if drop <= max_drop else '>'} max {max_drop * 100:.2f} pts"),
@@ -89,10 +90,6 @@ def _distinct(a: float, b: float) -> Tuple[str, str]:
     return repr(a), repr(b)
 
 
-def client_for(cfg: PipelineConfig) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(tracking_uri(cfg))
-
-
 def version_by_alias(client: mlflow.MlflowClient, name: str, alias: str):
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -102,8 +99,7 @@ def version_by_alias(client: mlflow.MlflowClient, name: str, alias: str):
 
 def settings_hash(cfg: PipelineConfig) -> str:
     """What a registration was decided with: the model name and the gate."""
-    settings = {"model_name": cfg.registered_model_name, **cfg.registry.model_dump(mode="json")}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return short_hash({"model_name": cfg.registered_model_name, **cfg.registry.model_dump(mode="json")})
 
 
 def architecture(cfg: PipelineConfig) -> str:
@@ -148,7 +144,7 @@ def promotion_lock(cfg: PipelineConfig, holder: str):
 def _champion_score(client, name: str, champion, data_version: str, cfg: PipelineConfig) -> float:
     """The champion's headline metric (test top-1 or mIoU) on this run's test data, at full
     precision: as its run measured it if on the same data version, else measured now."""
-    metric = objective(cfg).headline
+    metric = problem(cfg).headline
     if champion.tags.get("data_version") == data_version:
         value = client.get_run(champion.run_id).data.metrics.get(f"evaluate/compressed/{metric}")
         if value is not None:
@@ -168,7 +164,7 @@ def evaluate_version(cfg: PipelineConfig, name: str, version) -> float:
     def predict(images: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(np.asarray(model.predict(images.numpy())))
 
-    task = objective(cfg)
+    task = problem(cfg)
     return task.evaluate(predict, loader(cfg, reference, "test", cfg.evaluate.batch_size), progress=False,
                          device="cpu", precision="fp32")[task.headline]
 
@@ -185,7 +181,7 @@ def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManage
         raise ConvHeadsError(f"run {run_id} has no logged {LOGGED_MODELS['recover']} to register")
     ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
     data_version = read_record(cfg, "data")["summary"]["data_version"]
-    metric = objective(cfg).headline
+    metric = problem(cfg).headline
     score, drop = ev["compressed"][metric], ev[f"{metric}_drop"]
     speedup = bench[f"speedup_b{cfg.gate_batch_size}"]
     ours = architecture(cfg)
@@ -276,13 +272,3 @@ def set_champion(client: mlflow.MlflowClient, name: str, version: str, reason: s
     client.set_model_version_tag(name, target.version, "promotion", f"{CHAMPION} ({reason})")
     return {"model_name": name, "version": int(target.version),
             "previous_champion": int(previous.version) if previous else None}
-
-
-def load_champion(cfg: PipelineConfig):
-    """The current champion as a PyTorch module."""
-    client, name = client_for(cfg), cfg.registered_model_name
-    _require_model(client, name)
-    if version_by_alias(client, name, CHAMPION) is None:
-        raise ConvHeadsError(f"model {name!r} has no {CHAMPION} yet; run the pipeline or promote a version")
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    return mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}")

@@ -9,7 +9,7 @@ folder again (training resumes from its last epoch there). Under torchrun every 
 stage and rank 0 alone writes. DVC runs the same stages and keeps its
 own record (dvc.lock) on top; dvc.yaml lists the same code per stage (`stage_code`).
 
-Callers hold the project folder (tasks.lock.hold) while they run stages, so no other run can be
+Callers hold the project folder (pipeline.lock.hold) while they run stages, so no other run can be
 writing the work folders that `execute` resumes or clears.
 """
 import ast
@@ -27,9 +27,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from convheads import ConvHeadsError, distributed
+from convheads import ConvHeadsError
+from convheads.engine import distributed
 
 from .config import PipelineConfig
+from .hashing import short_hash
 
 PROJECT = Path(__file__).resolve().parent.parent
 STAGE_FILE = "stage.json"
@@ -60,13 +62,13 @@ def output_dir(cfg: PipelineConfig, name: str) -> Path:
 
 # The project's own code; a stage's fingerprint covers the part of it that the stage runs. The
 # method library counts as one piece (its __init__ imports nearly all of it): editing convheads/
-# reruns every stage that uses it. Stage and tooling code counts file by file, so editing the
-# tracking or registry code, or the benchmark suite, retrains nothing.
-CODE_PACKAGES = ("convheads", "tasks", "benchmarks")
+# reruns every stage that uses it. Pipeline code counts file by file, so editing the tracking or
+# registry code, or another stage, retrains nothing.
+CODE_PACKAGES = ("convheads", "pipeline")
 WHOLE_PACKAGES = ("convheads",)
-# What tasks/config.py means to a stage is its configuration values, which the fingerprint holds
+# What pipeline/config.py means to a stage is its configuration values, which the fingerprint holds
 # already: editing the schema (say, a new registry setting) must not retrain anything.
-NOT_STAGE_CODE = {"tasks/config.py"}
+NOT_STAGE_CODE = {"pipeline/config.py"}
 
 
 def _module_file(module: str) -> Optional[Path]:
@@ -119,9 +121,15 @@ def stage_code(module: str) -> Tuple[str, ...]:
         path = _module_file(name)
         if top in WHOLE_PACKAGES:
             paths.add(top)
-        elif _rel(path) not in NOT_STAGE_CODE and path.stat().st_size:  # an empty __init__ runs nothing
+        elif _rel(path) not in NOT_STAGE_CODE and _runs_code(path):
             paths.add(_rel(path))
     return tuple(sorted(paths))
+
+
+def _runs_code(path: Path) -> bool:
+    """Whether a file does more than carry a docstring (a package's __init__ often does not)."""
+    body = ast.parse(path.read_text(), str(path)).body
+    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in body)
 
 
 def _rel(path: Path) -> str:
@@ -137,21 +145,6 @@ def code_version(stage: "Stage") -> str:
             h.update(_rel(path).encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
-
-
-def file_digest(path) -> str:
-    """sha256 of a file's contents, computed once per (size, mtime) of the file in this process."""
-    st = Path(path).stat()
-    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_record(cfg: PipelineConfig, name: str) -> Optional[dict]:
@@ -175,9 +168,9 @@ def fingerprint(stage: Stage, cfg: PipelineConfig) -> str:
         # The data stage's output is identified by its content: files touched but not changed rerun
         # the data stage (cheaply), not the training after it.
         upstream[need] = record["summary"].get("data_version") or record["fingerprint"]
-    key = {"stage": stage.name, "config": cfg.section(*stage.sections), "seed": cfg.seed,
-           "upstream": upstream, "code": code_version(stage), "watch": stage.watch(cfg) if stage.watch else None}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return short_hash({"stage": stage.name, "config": cfg.section(*stage.sections), "seed": cfg.seed,
+                       "upstream": upstream, "code": code_version(stage),
+                       "watch": stage.watch(cfg) if stage.watch else None})
 
 
 def up_to_date(stages, cfg: PipelineConfig) -> Optional[str]:
@@ -188,7 +181,7 @@ def up_to_date(stages, cfg: PipelineConfig) -> Optional[str]:
         if record is None or record["fingerprint"] != fingerprint(stage, cfg):
             return None
         fps.append(record["fingerprint"])
-    return hashlib.sha256("".join(fps).encode()).hexdigest()[:16]
+    return short_hash(fps)
 
 
 def execute(stage: Stage, cfg: PipelineConfig, force: bool = False) -> Outcome:
@@ -211,7 +204,7 @@ def execute(stage: Stage, cfg: PipelineConfig, force: bool = False) -> Outcome:
     (work / STAGE_FILE).write_text(json.dumps({"stage": stage.name, "fingerprint": fp, "summary": summary},
                                               indent=2, sort_keys=True))
     _swap(work, out)
-    # Attempts with other inputs: runs that are gone, since the caller holds the folder (tasks.lock).
+    # Attempts with other inputs: runs that are gone, since the caller holds the folder (pipeline.lock).
     for stale in out.parent.glob(f".{out.name}.*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
     return Outcome(stage.name, out, summary, fp, False, time.perf_counter() - start)

@@ -4,11 +4,11 @@ from typing import Dict
 import pandas as pd
 
 from .config import PipelineConfig
-from .objective import OBJECTIVES
+from .problems import PROBLEMS
 from .runner import read_record
 
 # The table's first rows per task: (metric, label); the first is the headline.
-QUALITY = {task: kind.quality for task, kind in OBJECTIVES.items()}
+QUALITY = {task: kind.quality for task, kind in PROBLEMS.items()}
 
 
 def summary(cfg: PipelineConfig) -> Dict:
@@ -38,7 +38,7 @@ def selection_summary(cfg: PipelineConfig) -> Dict:
     return {**read_record(cfg, "select")["summary"], **read_record(cfg, "recover")["summary"].get("dsp", {})}
 
 
-def table(s: Dict) -> str:
+def summary_table(s: Dict) -> str:
     b1, bn = s["latency_batch_size"], s["largest_batch_size"]
     # segmentation models run at the dataset's resolution, not the classifier's: say which
     at = f" at {s['img_size'][0]} x {s['img_size'][1]}" if s.get("task") == "segmentation" else ""

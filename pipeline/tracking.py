@@ -1,17 +1,17 @@
 """MLflow: one run per pipeline run, a nested run per stage, everything read from stage outputs.
 
-Logging reads the files a stage wrote, so the Prefect flow (which logs each stage as it
-finishes) and `python -m tasks track` (the last DVC stage, which logs them all at the end) log
-the same things. The parent run holds the configuration as params, the tags (git commit, data
-version, config hash), the headline metrics as `<stage>/<name>`, and both models (MLflow
-PyTorch models with signature and input example).
+Logging reads the files a stage wrote, so the Prefect flow (which logs each stage as it finishes)
+and `python -m pipeline track` (the last DVC stage, which logs them all at the end) log the same
+things. Registering the logged model is the registry's (registry.py), a step of its own. The parent
+run holds the configuration as params, the tags (git commit, data version, config hash), the
+headline metrics as `<stage>/<name>`, and both models (MLflow PyTorch models with signature and
+input example).
 
 Every logging step looks up what an earlier attempt already logged (a stage's nested run, a logged
-model) before creating it, so a retried task never logs twice. A tracking server that is down
-fails the run in seconds, with its address in the message, not after minutes of retries.
+model) before creating it, so a retried task never logs twice. A tracking server that is down fails
+the run in seconds, with its address in the message, not after minutes of retries.
 """
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -30,11 +30,12 @@ from mlflow.models import infer_signature
 
 from convheads import ConvHeadsError
 
+from .artifacts import HEADLINE, HISTORY, MODEL_FILE, stage_model
 from .config import PipelineConfig
-from .inputs import MODEL_FILE, loader, stage_model
+from .dag import STAGES
+from .hashing import short_hash
+from .loaders import loader
 from .runner import PROJECT, STAGE_FILE, output_dir, read_record, up_to_date
-from .pipeline import STAGES
-from .baseline import HEADLINE, HISTORY
 
 FINGERPRINT_TAG = "pipeline_fingerprint"  # all stage fingerprints: equal means nothing changed
 
@@ -45,9 +46,15 @@ LOGGED_TAG = "logged"  # on a stage's nested run once everything of the stage is
 
 # MLflow's HTTP client retries a failed request 7 times with exponential backoff (minutes) and waits
 # 120 s for an answer; a server that is down should fail a run in seconds. Settings of your own win.
-for _key, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}.items():
-    os.environ.setdefault(_key, _value)
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def client_for(cfg: PipelineConfig) -> mlflow.MlflowClient:
+    """A client of the configured store, with HTTP_SETTINGS (where not set already)."""
+    for key, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    return mlflow.MlflowClient(tracking_uri(cfg))
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -78,6 +85,7 @@ def setup(cfg: PipelineConfig) -> str:
     """Point MLflow at the store and experiment; return the experiment id."""
     uri = tracking_uri(cfg)
     check_reachable(cfg)
+    client_for(cfg)  # the HTTP settings
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
@@ -114,7 +122,7 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "convheads", "tasks", "flows"], cwd=PROJECT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "convheads", "pipeline", "flows"], cwd=PROJECT,
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -122,7 +130,7 @@ def git_commit() -> str:
 
 
 def config_hash(cfg: PipelineConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    return short_hash(cfg.model_dump(mode="json"))
 
 
 @contextlib.contextmanager
@@ -132,7 +140,7 @@ def pipeline_run(cfg: PipelineConfig, run_name: Optional[str] = None, tags: Opti
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
     try:
         mlflow.set_tags({"git_commit": git_commit(), "config_hash": config_hash(cfg), **(tags or {})})
-        resolved = cfg.resolved()
+        resolved = cfg.model_dump(mode="json")
         mlflow.log_params(flatten(resolved))
         mlflow.log_text(yaml.safe_dump(resolved, sort_keys=False), "params.yaml")
         yield run.info.run_id
@@ -234,10 +242,8 @@ def last_run_with(cfg: PipelineConfig, pipeline_fingerprint: str) -> Optional[ml
     return runs[0] if runs else None
 
 
-def track_outputs(cfg: PipelineConfig, run_name: Optional[str] = None) -> str:
-    """Log every finished stage to a new pipeline run and register its model (the last DVC stage)."""
-    from .registry import register
-
+def log_all(cfg: PipelineConfig, run_name: Optional[str] = None) -> str:
+    """Log every finished stage to a new pipeline run (what DVC's last stage does); its id."""
     for stage in STAGES:
         if read_record(cfg, stage) is None:
             raise ConvHeadsError(f"stage {stage!r} has not finished; run dvc repro")
@@ -245,6 +251,4 @@ def track_outputs(cfg: PipelineConfig, run_name: Optional[str] = None) -> str:
         for stage in STAGES:
             log_stage(cfg, stage, run_id)
         mlflow.set_tag(FINGERPRINT_TAG, up_to_date(STAGES.values(), cfg))
-        if cfg.registry.enabled:
-            register(cfg, run_id)
     return run_id

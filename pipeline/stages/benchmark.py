@@ -1,39 +1,25 @@
-"""Stage 8: latency and throughput of the baseline vs the compressed model in each configured
-runtime, the two models timed interleaved; the first runtime gives the headline speedup.
+"""Stage benchmark: latency and throughput of the baseline vs the compressed model in each
+configured runtime, the two models timed interleaved; the first runtime gives the headline speedup.
 
 onnxruntime times the models exported to ONNX (as deployed) in a process of its own (spinning off,
-PyTorch's thread count: benchmarks.timing explains why); eager and compile time them in PyTorch.
+PyTorch's thread count: convheads.engine.timing explains why); eager and compile time them in PyTorch.
 """
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pandas as pd
 import torch
-from torch import nn
 
-from benchmarks.timing import OnnxTimer, latency_stats, time_models
-from convheads import export_onnx, model_cost, vit_info
+from convheads import model_cost, vit_info
+from convheads.engine.timing import OnnxTimer, latency_stats, time_in_runtime
 from convheads.precision import resolve_device
 
-from .config import PipelineConfig
-from .evaluate import MODELS
-from .inputs import stage_model
-from .runner import write_json
+from ..artifacts import MODELS, stage_model
+from ..config import PipelineConfig
+from ..runner import Stage, write_json
 
 BENCHMARK, BENCHMARK_TABLE = "benchmark.json", "benchmark.csv"
-
-
-def time_runtime(models: Dict[str, nn.Module], runtime: str, x: torch.Tensor, cfg: PipelineConfig,
-                 workdir: Path, onnx: OnnxTimer) -> Dict[str, List[float]]:
-    """Seconds per call of each model as `runtime` runs it, the models interleaved."""
-    b = cfg.benchmark
-    if runtime == "onnxruntime":  # static shapes: one export per batch size, timed in the timer's own process
-        paths = {name: export_onnx(m, workdir / f"{name}_b{len(x)}.onnx", batch_size=len(x))
-                 for name, m in models.items()}
-        return onnx.time(paths, x.shape, torch.get_num_threads(), b.warmup, b.repeats)[0]
-    run_with = {name: torch.compile(m) for name, m in models.items()} if runtime == "compile" else models
-    return time_models(run_with, x, warmup=b.warmup, repeats=b.repeats, progress=True, precision=cfg.precision)
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
@@ -45,13 +31,12 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     costs = {name: model_cost(m) for name, m in models.items()}
     size = vit_info(models["baseline"]).img_size  # segmentation: segmentation.image_size
     rows = []
-    # onnxruntime times the CPU: on a GPU it would not measure the device the models run on
-    runtimes = [r for r in b.runtimes if r != "onnxruntime" or device == "cpu"] or ["eager"]
+    runtimes = cfg.benchmark_runtimes
     with tempfile.TemporaryDirectory() as tmp, OnnxTimer() as onnx:
         for runtime in runtimes:
             for batch_size in b.batch_sizes:
                 x = torch.randn(batch_size, 3, *size, device=device)
-                times = time_runtime(models, runtime, x, cfg, Path(tmp), onnx)
+                times = time_in_runtime(models, runtime, x, Path(tmp), onnx, b.warmup, b.repeats, cfg.precision)
                 for name, t in times.items():
                     rows.append({"runtime": runtime, "model": name, **latency_stats(t, batch_size),
                                  "param_count": costs[name].params, "infer_gmacs": costs[name].gmacs})
@@ -77,3 +62,6 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
                 result[f"{name}_b{batch_size}_samples_per_sec"] = t.infer_samples_per_sec[name]
     write_json(out / BENCHMARK, result)
     return result
+
+
+STAGE = Stage("benchmark", run, ("benchmark", "device", "precision"), needs=("baseline", "recover"))

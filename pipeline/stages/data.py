@@ -1,8 +1,8 @@
-"""Stage 1, data versioning: a manifest of the dataset's images, which stay where they are.
+"""Stage data, data versioning: a manifest of the dataset's images, which stay where they are.
 
 Sources: the embedded digits (default, no download) and a torchvision dataset (downloaded when
 online) are generated into the stage's folder as images; a user's image folder or CSV is read in
-place (convheads.manifest: layouts, splits, hashing). The stage writes manifest.csv (path, label,
+place (convheads.data.manifest: layouts, splits, hashing). The stage writes manifest.csv (path, label,
 class, split, size, sha256 per image) and meta.json (where the images are, classes, counts, image
 modes, and the DVC hash if the folder is tracked by DVC); the manifest's hash is the data version.
 """
@@ -15,14 +15,17 @@ import yaml
 from PIL import Image
 
 from convheads import ConvHeadsError
-from convheads.data import cpu_cores, digits_images, split_indices, write_split_folders
-from convheads.manifest import Item, Source, build_manifest, listing_digest, scan_csv, scan_folder
-from convheads.scenes import CLASSES, digit_scenes
-from convheads.segdata import CLASSES_FILE, FOLDERS, build_pair_manifest, scan_pairs
+from convheads.data.images import digits_images, split_indices, write_split_folders
+from convheads.data.loaders import cpu_cores
+from convheads.data.manifest import build_manifest
+from convheads.data.scenes import CLASSES, digit_scenes
+from convheads.data.segmentation import CLASSES_FILE, FOLDERS, build_pair_manifest, scan_pairs
 
-from .config import DataConfig, PipelineConfig
+from ..artifacts import MANIFEST, META
+from ..config import DataConfig, PipelineConfig
+from ..runner import Stage
+from ..sources import source, source_listing
 
-MANIFEST, META = "manifest.csv", "meta.json"
 HASH_CACHE = ".cache/hashes.sqlite"  # beside the dataset folder: it outlives reruns (DVC deletes outputs)
 
 
@@ -57,20 +60,12 @@ def _torchvision(cfg: DataConfig, out: Path) -> None:
     classes = [str(c) for c in getattr(parts[0], "classes", sorted(set(labels.tolist())))]
     train = np.arange(n_train)
     sub = split_indices(labels[train], cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    write_split_folders(out, images, labels, classes, {"train": np.setdiff1d(train, sub["val"]), "val": np.sort(sub["val"]),
-                                                       "test": np.arange(n_train, len(labels))})
+    splits = {"train": np.setdiff1d(train, sub["val"]), "val": np.sort(sub["val"]),
+              "test": np.arange(n_train, len(labels))}
+    write_split_folders(out, images, labels, classes, splits)
 
 
-GENERATED = {"digits": _digits, "torchvision": _torchvision}
-
-
-def source(cfg: DataConfig, generated_in: Optional[Path] = None) -> Source:
-    """The configured dataset as found on disk (generated sources: in `generated_in`)."""
-    if cfg.source in GENERATED:
-        return scan_folder(generated_in)
-    if cfg.source == "csv":
-        return scan_csv(Path(cfg.path), cfg.classes)
-    return scan_folder(Path(cfg.path), cfg.classes)
+GENERATORS = {"digits": _digits, "torchvision": _torchvision}  # sources.GENERATED
 
 
 def dvc_record(path: Path) -> Optional[dict]:
@@ -94,6 +89,10 @@ def hash_cache(cfg: PipelineConfig) -> Path:
     return Path(cfg.paths.data).parent / HASH_CACHE
 
 
+def _hashing_workers(cfg: PipelineConfig) -> int:
+    return min(8, cpu_cores()) if cfg.loader.num_workers is None else cfg.loader.num_workers
+
+
 def _scenes(cfg: PipelineConfig, out: Path) -> None:
     """The digits scenes (convheads.scenes) written in ADE20K's layout, with their class names."""
     s = cfg.segmentation
@@ -113,9 +112,9 @@ def _segmentation(cfg: PipelineConfig, out: Path) -> Tuple[Dict, str, str]:
     if generated:
         _scenes(cfg, out)
     found = scan_pairs(out if generated else Path(d.path))
-    workers = min(8, cpu_cores()) if cfg.loader.num_workers is None else cfg.loader.num_workers
     stats = build_pair_manifest(found, out / MANIFEST, s.num_classes, s.reduce_zero_label, seed=d.seed,
-                                val_fraction=d.val_fraction, test_fraction=d.test_fraction, workers=workers)
+                                val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                                workers=_hashing_workers(cfg))
     meta = {"source": d.source, "task": "segmentation", "root": None if generated else str(found.root),
             "layout": "images/ + annotations/ (ADE20K)", "classes": stats.class_names, "counts": stats.counts,
             "bytes": stats.bytes}
@@ -135,13 +134,12 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
 def _classification(cfg: PipelineConfig, out: Path) -> Tuple[Dict, str, str]:
     """The data stage for task=classification: the images listed (and checked) in a manifest."""
     d = cfg.data
-    if d.source in GENERATED:
-        GENERATED[d.source](d, out)
+    generated = d.source in GENERATORS
+    if generated:
+        GENERATORS[d.source](d, out)
     found = source(d, out)
-    workers = min(8, cpu_cores()) if cfg.loader.num_workers is None else cfg.loader.num_workers
     stats = build_manifest(found, out / MANIFEST, hash_cache(cfg), seed=d.seed, val_fraction=d.val_fraction,
-                           test_fraction=d.test_fraction, workers=workers)
-    generated = d.source in GENERATED
+                           test_fraction=d.test_fraction, workers=_hashing_workers(cfg))
     meta = {"source": d.source, "root": None if generated else str(found.root), "layout": found.layout,
             "classes": stats.classes, "counts": stats.counts, "modes": stats.modes, "bytes": stats.bytes}
     if d.source == "digits":
@@ -150,43 +148,4 @@ def _classification(cfg: PipelineConfig, out: Path) -> Tuple[Dict, str, str]:
                                       f"unchanged since hashed)")
 
 
-def source_listing(cfg: PipelineConfig) -> Optional[str]:
-    """What the data stage's fingerprint watches besides the configuration: a digest of the names,
-    sizes and times of a folder or CSV source's images (None for generated sources)."""
-    d = cfg.data
-    if d.source in GENERATED:
-        return None
-    found = pair_source(Path(d.path)) if cfg.task == "segmentation" else source(d)
-    dvc_file = Path(d.path).with_name(Path(d.path).name + ".dvc")
-    if dvc_file.is_file():
-        found.extra_files.append(dvc_file)
-    return listing_digest(found)
-
-
-def pair_source(root: Path) -> Source:
-    """An ADE20K-style folder as a Source of its images and masks (what the listing digest reads)."""
-    found = scan_pairs(root)
-    items = [Item(path, "", folder) for folder, pairs in found.pairs.items() for pair in pairs for path in pair]
-    extra = [root / CLASSES_FILE] if (root / CLASSES_FILE).is_file() else []
-    return Source(root, [], "pairs", tuple(found.pairs), lambda: iter(items), extra_files=extra)
-
-
-def write_listing(cfg: PipelineConfig, path: Path) -> None:
-    """The source listing as a small file: DVC reruns the data stage when it changes (dvc.yaml)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"source": cfg.data.source, "path": cfg.data.path,
-                                "listing": source_listing(cfg)}, indent=2) + "\n")
-
-
-def read_meta(cfg: PipelineConfig) -> dict:
-    path = Path(cfg.paths.data) / META
-    if not path.is_file():
-        raise ConvHeadsError(f"no dataset at {cfg.paths.data} (missing {META}); run the data stage first")
-    return json.loads(path.read_text())
-
-
-def images_root(cfg: PipelineConfig) -> Path:
-    """The folder the manifest's paths are relative to: the source folder, or the dataset folder
-    itself for generated sources."""
-    root = read_meta(cfg)["root"]
-    return Path(cfg.paths.data) if root is None else Path(root)
+STAGE = Stage("data", run, ("task", "data", "segmentation"), watch=source_listing)

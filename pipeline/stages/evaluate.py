@@ -1,4 +1,4 @@
-"""Stage 7: the task's metrics for the baseline, replaced and recovered models on the test split
+"""Stage evaluate: the task's metrics for the baseline, replaced and recovered models on the test split
 (classification: top-1/top-5/loss; segmentation: mIoU, pixel accuracy, loss, per-class IoU and a
 panel of predictions)."""
 from pathlib import Path
@@ -7,26 +7,25 @@ from typing import Dict
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure  # no pyplot: no GUI backend on servers and workers
 from matplotlib.patches import Patch
 
 from convheads.segmentation import IGNORE_INDEX
 
-from .config import PipelineConfig
-from .data import read_meta
-from .inputs import loader, stage_model
-from .objective import data_config, objective
-from .runner import write_json
+from ..artifacts import MODELS, read_meta, stage_model
+from ..config import PipelineConfig
+from ..loaders import loader
+from ..problems import data_config, problem
+from ..runner import Stage, write_json
 
-# What is compared: the stage whose model it is.
-MODELS = {"baseline": "baseline", "replaced": "replace", "compressed": "recover"}
 METRICS, TABLE = "metrics.json", "metrics.csv"
 PER_CLASS, PANEL = "per_class_iou.csv", "predictions.png"
 PANEL_IMAGES = 6
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
-    task = objective(cfg)
+    task = problem(cfg)
     results, per_class, models = {}, {}, {}
     for name, stage in MODELS.items():
         models[name] = stage_model(cfg, stage)
@@ -48,8 +47,6 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
 def palette(num_classes: int) -> np.ndarray:
     """[num_classes + 1, 3] fixed colours in [0, 1]: class 0 black, then tab20's (its dark shades
     first), cycled; the last row (ignore_index) light grey."""
-    from matplotlib import colormaps
-
     tab = colormaps["tab20"].colors
     order = [*range(0, 20, 2), *range(1, 20, 2)]
     colours = [(0.0, 0.0, 0.0)] + [tab[order[i % 20]] for i in range(num_classes - 1)]
@@ -59,7 +56,7 @@ def palette(num_classes: int) -> np.ndarray:
 @torch.no_grad()
 def plot_predictions(cfg: PipelineConfig, baseline, compressed, classes, path: Path) -> None:
     """The first test images: image | ground truth | baseline | compressed, one row each, with a legend."""
-    dataset = objective(cfg).dataset(baseline, "test", augment="none")
+    dataset = problem(cfg).dataset(baseline, "test", augment="none")
     images, masks = (torch.stack(t) for t in zip(*(dataset[i] for i in range(min(PANEL_IMAGES, len(dataset))))))
     dc = data_config(cfg, baseline)
     shown = (images * torch.tensor(dc["std"])[:, None, None] + torch.tensor(dc["mean"])[:, None, None]).clamp(0, 1)
@@ -87,3 +84,7 @@ def plot_predictions(cfg: PipelineConfig, baseline, compressed, classes, path: P
     handles.append(Patch(color=colours[ignore], label=f"ignored ({IGNORE_INDEX})"))
     fig.legend(handles=handles, loc="outside right center", fontsize="small")
     fig.savefig(path, dpi=80)
+
+
+STAGE = Stage("evaluate", run, ("segmentation", "evaluate", "device", "precision"),
+              needs=("baseline", "replace", "recover"))

@@ -1,4 +1,4 @@
-"""Stage 6: fine-tune the replaced model to recover accuracy (step 3 of the method).
+"""Stage recover: fine-tune the replaced model to recover accuracy (step 3 of the method).
 
 With select.method=dsp the choice itself is learned here: the stage gates every block of the
 baseline (convheads.dsp), trains gates and weights together while the temperature falls, and
@@ -17,11 +17,10 @@ from matplotlib.figure import Figure
 from convheads import vit_info
 from convheads.dsp import finalise, gate_log, gate_model
 
-from .baseline import fine_tune
-from .config import DSP, PipelineConfig
-from .inputs import stage_model
-from .score import load_scores
-from .select import SELECTION, load_selection
+from ..artifacts import SELECTION, load_scores, load_selection, stage_model
+from ..config import DSP, PipelineConfig
+from ..finetune import fine_tune
+from ..runner import Stage
 
 GATES_TABLE, GATES_PLOT = "gates.csv", "gates.png"
 
@@ -29,8 +28,7 @@ GATES_TABLE, GATES_PLOT = "gates.csv", "gates.png"
 def run(cfg: PipelineConfig, out: Path) -> Dict:
     if cfg.select.method == DSP:
         return learn_selection(cfg, out)
-    model = stage_model(cfg, "replace")
-    return fine_tune(cfg, "recover", model, out, trainable=cfg.recover.trainable, fold=True)
+    return fine_tune(cfg, "recover", stage_model(cfg, "replace"), out, fold=True)
 
 
 def learn_selection(cfg: PipelineConfig, out: Path) -> Dict:
@@ -45,9 +43,9 @@ def learn_selection(cfg: PipelineConfig, out: Path) -> Dict:
     log: List[Dict] = []
 
     def prepare(train_loader) -> None:  # the schedule in training forward passes
-        tcfg = cfg.training("recover")  # the task's defaults filled in
-        steps = len(train_loader) // tcfg.accumulation * tcfg.accumulation
-        gates.anneal_steps = steps * (d.anneal_epochs or tcfg.epochs)
+        rc = cfg.recover
+        steps = len(train_loader) // rc.accumulation * rc.accumulation
+        gates.anneal_steps = steps * (d.anneal_epochs or rc.epochs)
         log.extend(gate_log(gates, 0))
 
     def finish(model) -> Dict:
@@ -61,7 +59,7 @@ def learn_selection(cfg: PipelineConfig, out: Path) -> Dict:
                         "whole_blocks": sorted(b for b, h in selection.heads.items() if len(h) == info.num_heads),
                         "temperature_end": gates.temperature}}
 
-    return fine_tune(cfg, "recover", model, out, trainable=cfg.recover.trainable, prepare=prepare,
+    return fine_tune(cfg, "recover", model, out, prepare=prepare,
                      on_epoch=lambda row: log.extend(gate_log(gates, row["epoch"])), finish=finish)
 
 
@@ -80,3 +78,8 @@ def plot_gates(table: pd.DataFrame, k: int, granularity: str, path: Path) -> Non
     if table.gate.nunique() <= 12:
         weight_ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
+
+
+# dsp (select.method) trains gates on the baseline with the scores' init, to the select stage's budget
+STAGE = Stage("recover", run, ("segmentation", "recover", "device", "precision"),
+              needs=("replace", "baseline", "score", "select"))

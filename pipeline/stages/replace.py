@@ -1,13 +1,12 @@
-"""Stage 5: replace the selected heads of the baseline with depthwise-convolution heads."""
+"""Stage replace: replace the selected heads of the baseline with depthwise-convolution heads."""
 from pathlib import Path
 from typing import Dict
 
 from convheads import model_cost, replace_heads, save_model, vit_info
 
-from .config import PipelineConfig
-from .inputs import MODEL_FILE, stage_model
-from .score import load_scores
-from .select import load_selection
+from ..artifacts import MODEL_FILE, load_scores, load_selection, stage_model
+from ..config import PipelineConfig
+from ..runner import Stage
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
@@ -20,3 +19,6 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     after = model_cost(model)
     return {"params_before": before.params, "params_after": after.params,
             "gmacs_before": before.gmacs, "gmacs_after": after.gmacs, "depth": vit_info(model).depth}
+
+
+STAGE = Stage("replace", run, ("replace",), needs=("baseline", "score", "select"))

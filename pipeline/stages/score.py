@@ -1,4 +1,4 @@
-"""Stage 3: score every head of the fine-tuned baseline (Sigma_h, Sigma_b) on training images."""
+"""Stage score: score every head of the fine-tuned baseline (Sigma_h, Sigma_b) on training images."""
 from pathlib import Path
 from typing import Dict
 
@@ -8,11 +8,10 @@ import torch
 from convheads import HeadScores, score_heads
 from convheads.precision import resolve_device
 
-from .config import PipelineConfig
-from .inputs import loader, stage_model
-from .runner import output_dir
-
-SCORES, SCORES_TABLE = "scores.pt", "scores.csv"
+from ..artifacts import SCORES, SCORES_TABLE, stage_model
+from ..config import PipelineConfig
+from ..loaders import loader
+from ..runner import Stage
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
@@ -31,5 +30,4 @@ def scores_table(scores: HeadScores) -> pd.DataFrame:
                           "sigma_b": scores.sigma_b[b].item()} for b in range(depth) for h in range(heads)])
 
 
-def load_scores(cfg: PipelineConfig) -> HeadScores:
-    return HeadScores.from_dict(torch.load(output_dir(cfg, "score") / SCORES, weights_only=True))
+STAGE = Stage("score", run, ("score", "device", "precision"), needs=("baseline",))

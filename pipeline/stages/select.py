@@ -1,6 +1,5 @@
-"""Stage 4: select the heads (or whole blocks) to replace, and show the scores with the choice:
+"""Stage select: select the heads (or whole blocks) to replace, and show the scores with the choice:
 Sigma_h and the fit score per head (heads.csv, heatmap.png)."""
-import json
 from pathlib import Path
 from typing import Dict
 
@@ -10,11 +9,11 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend on servers and
 from convheads import HeadScores, Selection, select_heads
 from convheads.fitting import fit_scores
 
-from .config import DSP, PipelineConfig
-from .runner import output_dir
-from .score import load_scores
+from ..artifacts import SELECTION, load_scores
+from ..config import DSP, PipelineConfig
+from ..runner import Stage
 
-SELECTION, HEATMAP, HEADS_TABLE = "selection.json", "heatmap.png", "heads.csv"
+HEATMAP, HEADS_TABLE = "heatmap.png", "heads.csv"
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
@@ -28,37 +27,31 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
                                  granularity=s.granularity, method="sigma" if s.method == DSP else s.method,
                                  kernel_size=k, seed=cfg.seed)
     (out / SELECTION).write_text(selection.to_json() + "\n")
-    fit = fit_scores(scores, k) if scores.mean_attention is not None else None  # older score files: Sigma only
+    fit = fit_scores(scores, k)
     heads_table(scores, fit, selection).to_csv(out / HEADS_TABLE, index=False)
     plot_scores(scores, selection, out / HEATMAP, fit, k)
     return {"heads_replaced": selection.num_replaced, "heads_total": depth * num_heads,
             "blocks_touched": len(selection.heads), "method": s.method if s.blocks is None else "blocks",
             "whole_blocks": sorted(b for b, h in selection.heads.items() if len(h) == num_heads),
-            **({"fit_selected_mean": float(sum(fit[b, h].item() for b, hs in selection.heads.items() for h in hs)
-                                           / selection.num_replaced)} if fit is not None else {})}
-
-
-def load_selection(cfg: PipelineConfig) -> Selection:
-    return Selection.from_dict(json.loads((output_dir(cfg, "select") / SELECTION).read_text()))
+            "fit_selected_mean": float(sum(fit[b, h].item() for b, hs in selection.heads.items() for h in hs)
+                                       / selection.num_replaced)}
 
 
 def heads_table(scores: HeadScores, fit, selection: Selection) -> pd.DataFrame:
-    """One row per head: Sigma_h, Sigma_b, the fit score (when the scores have the maps), selected."""
+    """One row per head: Sigma_h, Sigma_b, the fit score, whether it is selected."""
     depth, heads = scores.sigma_h.shape
     return pd.DataFrame([{"block": b, "head": h, "sigma_h": scores.sigma_h[b, h].item(),
                           "sigma_b": scores.sigma_b[b].item(),
-                          **({"fit": fit[b, h].item(), "fit_b": fit[b].mean().item()} if fit is not None else {}),
+                          "fit": fit[b, h].item(), "fit_b": fit[b].mean().item(),
                           "selected": h in selection.heads.get(b, [])}
                          for b in range(depth) for h in range(heads)])
 
 
-def plot_scores(scores: HeadScores, selection: Selection, path: Path, fit=None, kernel_size: int = 3) -> None:
+def plot_scores(scores: HeadScores, selection: Selection, path: Path, fit, kernel_size: int = 3) -> None:
     """Sigma_h per block and head (selected heads crossed out), the fit score beside it, and Sigma_b per block."""
     depth, heads = scores.sigma_h.shape
-    maps = [(scores.sigma_h, "viridis", "Sigma_h", "Sigma_h (low = convolution-like)")]
-    if fit is not None:
-        maps.append((fit, "magma", f"fit ({kernel_size}x{kernel_size} band + uniform)",
-                     "fit of E[A] (high = representable)"))
+    maps = [(scores.sigma_h, "viridis", "Sigma_h", "Sigma_h (low = convolution-like)"),
+            (fit, "magma", f"fit ({kernel_size}x{kernel_size} band + uniform)", "fit of E[A] (high = representable)")]
     fig = Figure(figsize=(4 + 0.5 * heads * len(maps), 1.5 + 0.4 * depth), layout="constrained")
     axes = fig.subplots(1, len(maps) + 1, gridspec_kw={"width_ratios": [heads] * len(maps) + [3]})
     for ax, (values, cmap, name, label) in zip(axes, maps):
@@ -73,3 +66,6 @@ def plot_scores(scores: HeadScores, selection: Selection, path: Path, fit=None, 
             color=["red" if len(selection.heads.get(b, [])) == heads else "grey" for b in range(depth)])
     bx.set(xlabel="Sigma_b", yticks=range(depth), ylim=(depth - 0.5, -0.5), title="block mean")
     fig.savefig(path, dpi=120)
+
+
+STAGE = Stage("select", run, ("select", "replace"), needs=("score",))  # fit: replace.kernel_size
