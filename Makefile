@@ -1,5 +1,6 @@
-# `make run`: set up (first time) and run the compression pipeline on the embedded digits data.
-# `make test`: set up (first time) and run the test suite.
+# `make run`: set up (first time) and run the compression pipeline on the embedded default.
+# `make test`: set up (first time) and run the whole test suite; `make test-fast`: the edit-test loop (no servers,
+# flows, torchrun or DVC; under 3 minutes on 2 cores). `make lint`: ruff, and params.yaml against the schema.
 # `make bench`: the speed benchmark suite (tens of minutes on 2 cores); `make bench BENCH_ARGS=--quick` smoke-runs it.
 PYTHON ?= python3
 BENCH_ARGS ?=
@@ -7,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench repro serve clean
+.PHONY: setup run test test-fast lint params bench repro serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,14 +21,25 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m flows.compress
 
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pipeline params --check
+
+# after changing a default in pipeline/config.py
+params: $(STAMP)
+	$(BIN)/python -m pipeline params > params.yaml
+
 repro: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 serve: $(STAMP)
 	$(BIN)/python -m flows.serve
-
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.suite $(BENCH_ARGS)

@@ -2,13 +2,12 @@
 import copy
 
 import torch
+from helpers import SIGMA, tiny_vit
+from helpers import head_scores as scores_of
 
 import convheads
 from convheads import Selection, count_params, model_cost, replace_heads, select_heads
-from convheads.training import new_parameters
-
-from conftest import tiny_vit
-from test_selection import SIGMA, scores_of
+from convheads.engine.training import new_parameters
 
 
 def test_random_selection_is_seeded_and_takes_the_same_budget():

@@ -1,5 +1,6 @@
+from helpers import tiny_vit
+
 from convheads import model_cost
-from conftest import tiny_vit
 
 
 def test_macs_of_an_unmodified_vit_follow_the_formula():

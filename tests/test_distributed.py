@@ -14,15 +14,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import start_until_checkpoint, tiny_params
 
 from convheads import ConvHeadsError
 from flows.compress import main as compress_main
-from tasks.__main__ import main as tasks_main
-from tasks.config import validate
-from tasks.launch import check
-from tasks.pipeline import STAGES
-from tasks.runner import execute, output_dir, read_record
-from conftest import start_until_checkpoint, tiny_params
+from pipeline.__main__ import main as pipeline_main
+from pipeline.config import validate
+from pipeline.dag import STAGES
+from pipeline.launch import check
+from pipeline.runner import execute, output_dir, read_record
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +37,7 @@ def assert_same_weights(a, b, atol=1e-4):
     assert worst < atol, worst
 
 
+@pytest.mark.slow
 def test_the_flow_with_two_processes_trains_the_models_of_one_process(prefect_api, _finished_pipeline, tmp_path,
                                                                      capfd):
     params = tiny_params(tmp_path)
@@ -55,6 +56,7 @@ def test_the_flow_with_two_processes_trains_the_models_of_one_process(prefect_ap
     assert not list(Path(cfg.paths.outputs).glob(".*.partial"))
 
 
+@pytest.mark.slow
 def test_dsp_through_the_flow_in_two_processes_learns_what_one_process_learns(prefect_api, finished_pipeline,
                                                                             tmp_path, capfd):
     params = tiny_params(finished_pipeline)  # data, baseline and scores are done: only the rest runs
@@ -80,6 +82,7 @@ def test_dsp_through_the_flow_in_two_processes_learns_what_one_process_learns(pr
     assert_same_weights(weights(one, "recover"), weights(two, "recover"))
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_one_process_resumes_in_two_and_equals_an_uninterrupted_one(_finished_pipeline, tmp_path):
     shutil.copytree(_finished_pipeline / "data", tmp_path / "data")  # the data stage, finished
     params = tiny_params(tmp_path)
@@ -93,7 +96,7 @@ def test_a_run_killed_in_one_process_resumes_in_two_and_equals_an_uninterrupted_
     assert checkpoints(), output[-3000:]
     assert read_record(cfg, "baseline") is None  # nothing finished, nothing half-written in its place
 
-    again = subprocess.run([sys.executable, "-m", "tasks", *command, "distributed.nproc_per_node=2"], cwd=PROJECT,
+    again = subprocess.run([sys.executable, "-m", "pipeline", *command, "distributed.nproc_per_node=2"], cwd=PROJECT,
                            env={**os.environ, "PYTHONPATH": str(PROJECT)}, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "1 of 2 epochs done (written by 1 process, now 2)" in again.stdout + again.stderr
@@ -111,11 +114,11 @@ def test_bad_distributed_input_fails_at_once_and_writes_nothing(tiny_config, tmp
     # fp16 on the CPU: before Prefect starts, and in the stage itself
     assert compress_main(["--params", str(params_file), "precision=fp16", "device=cpu"]) == 2
     assert "precision: precision fp16 needs a CUDA GPU" in capsys.readouterr().err
-    assert tasks_main(["run", "baseline", "--params", str(params_file), "precision=fp16", "device=cpu"]) == 2
+    assert pipeline_main(["run", "baseline", "--params", str(params_file), "precision=fp16", "device=cpu"]) == 2
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
 
     # a global batch the processes cannot share
-    assert tasks_main(["run", "baseline", "--params", str(params_file), "distributed.nproc_per_node=2",
+    assert pipeline_main(["run", "baseline", "--params", str(params_file), "distributed.nproc_per_node=2",
                        "baseline.batch_size=63"]) == 2
     assert "baseline.batch_size=63 (the global batch of one update) must be a multiple of" in capsys.readouterr().err
 
@@ -135,7 +138,7 @@ def test_bad_distributed_input_fails_at_once_and_writes_nothing(tiny_config, tmp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again below: nothing listens there
     start = time.monotonic()
-    assert tasks_main(["run", "baseline", "--params", str(params_file), "distributed.nnodes=2",
+    assert pipeline_main(["run", "baseline", "--params", str(params_file), "distributed.nnodes=2",
                        "distributed.node_rank=1", f"distributed.rdzv_endpoint=127.0.0.1:{port}",
                        "distributed.rdzv_timeout=2"]) == 2
     assert time.monotonic() - start < 30
@@ -143,7 +146,7 @@ def test_bad_distributed_input_fails_at_once_and_writes_nothing(tiny_config, tmp
     assert f"distributed.rdzv_endpoint 127.0.0.1:{port} cannot be reached from this machine" in err
     assert "start node 0" in err
     # node 0 must own the endpoint's address
-    assert tasks_main(["run", "baseline", "--params", str(params_file), "distributed.nnodes=2",
+    assert pipeline_main(["run", "baseline", "--params", str(params_file), "distributed.nnodes=2",
                        "distributed.rdzv_endpoint=192.0.2.1:29500"]) == 2
     assert "192.0.2.1 is not an address of this machine" in capsys.readouterr().err
     assert not outputs.exists() or not any(outputs.iterdir())

@@ -3,13 +3,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import prefixed_vit, tiny_vit
 
 import convheads
 from convheads import ConvHeadsError, Selection
 from convheads.dsp import GatedAttention, finalise, gate_model, gates_of, soft_topk, temperature_at
-from convheads.training import param_groups, train
-
-from conftest import prefixed_vit, tiny_vit
+from convheads.engine.training import TrainSettings, param_groups, train
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
@@ -51,9 +50,9 @@ def test_gated_block_mixes_the_branches_and_its_conv_branch_moves_the_channel_ax
     attn = model.blocks[0].attn
     layer = GatedAttention(copy.deepcopy(attn), (5, 3), 3)
     with torch.no_grad():
-        layer.conv.weight.normal_()
-        layer.beta.zero_()
-        layer.alpha.zero_()
+        layer.mixer.conv.weight.normal_()
+        layer.mixer.beta.zero_()
+        layer.mixer.alpha.zero_()
     x = torch.randn(2, 3 + 15, 32)
     layer.eval()
     layer.weight = torch.zeros(4)
@@ -61,7 +60,7 @@ def test_gated_block_mixes_the_branches_and_its_conv_branch_moves_the_channel_ax
     layer.weight = torch.ones(4)
     v = F.linear(x, attn.qkv.weight[64:], attn.qkv.bias[64:])                  # [B, N, C]
     grid = v[:, 3:].transpose(1, 2).reshape(2, 32, 5, 3)                        # (B, N, C) -> (B, C, h, w)
-    conv = F.conv2d(grid, layer.conv.weight, padding=1, groups=32).flatten(2).transpose(1, 2)
+    conv = F.conv2d(grid, layer.mixer.conv.weight, padding=1, groups=32).flatten(2).transpose(1, 2)
     expected = attn.proj(torch.cat([v[:, :3], conv], dim=1))                     # prefix: alpha = 0 keeps V
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
@@ -97,7 +96,7 @@ def test_gates_train_in_their_own_group_with_the_same_noise_for_a_given_seed(tmp
         groups = param_groups(model, weight_decay=0.05)
         assert groups[-1] == {"params": [gates.logits], "lr": 0.01, "weight_decay": 0.0}
         assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-        train(model, data, epochs=2, progress=False, warmup_epochs=0)
+        train(model, data, TrainSettings(epochs=2, warmup_epochs=0), progress=False)
         return gates.logits.detach().clone(), int(gates.step), finalise(model)
 
     (a, steps, sel_a), (b, _, sel_b) = run(), run()

@@ -1,12 +1,23 @@
 """The head-ensembled variant computes METHOD.md's formula, folds exactly, and counts exactly."""
 import pytest
 import torch
+from helpers import banded_attention, prefixed_vit, tiny_vit, value_and_output_weights
 
 import convheads
-from convheads import (ConvHeadsError, EnsembleHeadAttention, Selection, count_params, fold_ensembles, load_model,
-                       model_cost, replace_heads, replaced_selection, save_model, score_heads)
-from convheads.training import new_parameters
-from conftest import banded_attention, prefixed_vit, tiny_vit, value_and_output_weights
+from convheads import (
+    ConvHeadsError,
+    EnsembleHeadAttention,
+    Selection,
+    count_params,
+    fold_ensembles,
+    load_model,
+    model_cost,
+    replace_heads,
+    replaced_selection,
+    save_model,
+    score_heads,
+)
+from convheads.engine.training import new_parameters
 
 
 def randomise(layer: EnsembleHeadAttention) -> None:
@@ -28,7 +39,7 @@ def test_training_form_computes_the_merged_head_formula(prefix):
     layer = model.blocks[1].attn
     randomise(layer)
     kernel = torch.randn(3, 3)
-    layer.init_kernels(kernel[None])
+    layer.mixer.init_kernels(kernel[None])
 
     h, w = 5, 3
     x = torch.randn(2, prefix + h * w, C)
@@ -38,8 +49,8 @@ def test_training_form_computes_the_merged_head_formula(prefix):
     W_O = sum(p[i] * w_o[:, i * d:(i + 1) * d] for i in range(H))                               # W_O' [C, d]
     pre, pat = V[:, :prefix], V[:, prefix:]
     if prefix:
-        pre = pre + layer.alpha[:, 0, None] * pat.mean(1, keepdim=True)
-        pat = pat + (layer.beta[:, 0, None] * V[:, :prefix]).sum(1, keepdim=True)
+        pre = pre + layer.mixer.alpha[:, 0, None] * pat.mean(1, keepdim=True)
+        pat = pat + (layer.mixer.beta[:, 0, None] * V[:, :prefix]).sum(1, keepdim=True)
     mixed = torch.cat([pre, banded_attention(kernel, h, w) @ pat], 1)
     torch.testing.assert_close(layer(x), mixed @ W_O.T + b_o, atol=1e-5, rtol=1e-5)
 
@@ -51,7 +62,7 @@ def test_equal_weights_at_init_and_kernels_fitted_to_the_mean_head():
     layer = model.blocks[2].attn
     torch.testing.assert_close(layer.head_weights(), torch.full((4,), 0.25))
     expected = scores.kernels(3)[2].mean(0)
-    torch.testing.assert_close(layer.conv.weight[:, 0], expected.expand(layer.head_dim, 3, 3))
+    torch.testing.assert_close(layer.mixer.conv.weight[:, 0], expected.expand(layer.head_dim, 3, 3))
 
 
 @pytest.mark.parametrize("prefix", [0, 5])
@@ -68,7 +79,7 @@ def test_folded_model_equals_the_training_form(prefix):
     assert layer.folded and not hasattr(layer, "logits")
     C, d = 32, 8
     assert layer.in_proj.weight.shape == (d, C) and layer.proj.weight.shape == (C, d)
-    assert layer.conv.weight.shape == (d, 1, 3, 3)
+    assert layer.mixer.conv.weight.shape == (d, 1, 3, 3)
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConvHeadsError, match="folded"):
         layer.head_weights()
@@ -102,10 +113,11 @@ def test_gradients_reach_every_head_and_the_logits():
     per_head = layer.in_proj.weight.grad.view(4, 8, 32).abs().sum(dim=(1, 2))
     assert (per_head > 0).all()
     new = {id(p) for p in new_parameters(model)}
-    assert new == {id(layer.logits), id(layer.conv.weight), id(layer.alpha), id(layer.beta)}
+    assert new == {id(layer.logits), id(layer.mixer.conv.weight), id(layer.mixer.alpha), id(layer.mixer.beta)}
     assert id(layer.in_proj.weight) not in new
     fold_ensembles(model)
-    assert {id(p) for p in new_parameters(model)} == {id(layer.conv.weight), id(layer.alpha), id(layer.beta)}
+    mixing = {id(layer.mixer.conv.weight), id(layer.mixer.alpha), id(layer.mixer.beta)}
+    assert {id(p) for p in new_parameters(model)} == mixing
 
 
 @pytest.mark.parametrize("fold", [False, True])

@@ -3,11 +3,11 @@ import onnx
 import pytest
 import timm
 import torch
+from helpers import replaced_tiny
 
 import convheads
 from convheads import ConvHeadsError, at_resolution, check_onnx, export_onnx, vit_info
 from convheads.export import OnnxModel
-from conftest import replaced_tiny
 
 
 def test_a_replaced_model_round_trips_through_onnxruntime(tmp_path):
@@ -32,7 +32,8 @@ def test_a_mismatched_export_is_caught(tmp_path):
 
 def test_other_resolutions_need_a_model_built_for_them(tmp_path):
     model = replaced_tiny()
-    with pytest.raises(ConvHeadsError, match=r"built for 32 x 32 images, not 48 x 48.*at_resolution\(model, \(48, 48\)\)"):
+    with pytest.raises(ConvHeadsError,
+                       match=r"built for 32 x 32 images, not 48 x 48.*at_resolution\(model, \(48, 48\)\)"):
         export_onnx(model, tmp_path / "m.onnx", img_size=48)
     with pytest.raises(ConvHeadsError, match="dynamic_img_size=True"):
         export_onnx(replaced_tiny(dynamic_img_size=True), tmp_path / "m.onnx")
@@ -61,7 +62,7 @@ def test_at_resolution_resamples_a_fixed_size_model_and_keeps_its_replacement():
     bigger = at_resolution(model, 48)
     assert vit_info(bigger).img_size == (48, 48) and bigger.pos_embed.shape[1] == 3 + 36
     assert convheads.replacement_config(bigger) == convheads.replacement_config(model)
-    torch.testing.assert_close(bigger.blocks[0].attn.conv.weight, model.blocks[0].attn.conv.weight)
+    torch.testing.assert_close(bigger.blocks[0].attn.mixer.conv.weight, model.blocks[0].attn.mixer.conv.weight)
     same = at_resolution(model, 32)
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(same(x), model(x))

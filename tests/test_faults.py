@@ -10,18 +10,22 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
+import psutil
+import pytest
 import requests
 import torch
 import yaml
+from helpers import seg_params, start_until_checkpoint, tiny_params
+from PIL import Image
 
 from convheads import create_model, load_model, save_model
-from convheads.training import train
+from convheads.engine.training import TrainSettings, train
 from flows.compress import main as compress_main
-from tasks.config import validate
-from tasks.pipeline import STAGES
-from tasks.runner import execute, output_dir, read_record
-from conftest import start_until_checkpoint, tiny_params
+from pipeline.config import validate
+from pipeline.dag import STAGES
+from pipeline.runner import execute, output_dir, read_record
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -43,6 +47,7 @@ def stage_files(cfg) -> dict:
     return {name: (output_dir(cfg, name) / "stage.json").stat().st_mtime_ns for name in STAGES}
 
 
+@pytest.mark.slow
 def test_kill_9_during_recovery_then_the_same_command_resumes_and_a_second_run_is_refused(
         prefect_api, _finished_pipeline, tmp_path, capsys):
     params = copy_of(_finished_pipeline, tmp_path / "project", recover={"epochs": 3})
@@ -53,7 +58,7 @@ def test_kill_9_during_recovery_then_the_same_command_resumes_and_a_second_run_i
 
     first, checkpoints = start_until_checkpoint(["run", "recover", "--params", str(params_file)], cfg.paths.outputs,
                                                 "recover", poll=0.05)
-    command = [sys.executable, "-m", "tasks", "run", "recover", "--params", str(params_file)]
+    command = [sys.executable, "-m", "pipeline", "run", "recover", "--params", str(params_file)]
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
     assert checkpoints(), first.communicate()[0][-3000:]  # it finished an epoch and is training the next
     os.kill(first.pid, signal.SIGSTOP)  # hold it there while another run tries the same folder
@@ -61,7 +66,7 @@ def test_kill_9_during_recovery_then_the_same_command_resumes_and_a_second_run_i
         # a scheduled run firing now: refused at once, naming the run that holds the folder
         assert compress_main(["--params", str(params_file)]) == 2
         error = capsys.readouterr().err
-        assert f"is in use by python -m tasks run recover (pid {first.pid} on {socket.gethostname()}" in error
+        assert f"is in use by python -m pipeline run recover (pid {first.pid} on {socket.gethostname()}" in error
         assert "paths.outputs=" in error
     finally:
         os.kill(first.pid, signal.SIGKILL)
@@ -85,11 +90,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_tracking_server_that_is_down_fails_the_run_in_seconds_and_the_same_command_recovers(
         prefect_api, _finished_pipeline, tmp_path, capsys, monkeypatch):
     root = tmp_path / "project"
     params = copy_of(_finished_pipeline, root, tracking={"tracking_uri": None},
-                     registry={"min_speedup": 0.01, "max_top1_drop": 1.0})
+                     registry={"min_speedup": 0.01, "max_drop": 1.0})
     cfg, params_file = validate(params), str(root / "params.yaml")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -143,7 +149,7 @@ DISK_FULL = """
 import resource, signal, sys
 import torch
 from convheads import ConvHeadsError, create_model, save_model
-from convheads.training import train
+from convheads.engine.training import TrainSettings, train
 
 model_file, checkpoint = sys.argv[1:]
 model = create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4,
@@ -154,7 +160,7 @@ batches = [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
 for attempt in (lambda: save_model(model, model_file),
-                lambda: train(model, batches, epochs=2, checkpoint=checkpoint, progress=False)):
+                lambda: train(model, batches, TrainSettings(epochs=2), checkpoint=checkpoint, progress=False)):
     try:
         attempt()
     except ConvHeadsError as e:
@@ -169,8 +175,8 @@ def test_a_full_disk_keeps_the_previous_model_and_checkpoint_and_says_what_happe
     save_model(model, model_file)
     x = torch.randn(2, 3, 16, 16)
     saved = model.eval()(x).detach()
-    train(model, [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))], epochs=1, checkpoint=checkpoint,
-          progress=False)
+    train(model, [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))], TrainSettings(epochs=1),
+          checkpoint=checkpoint, progress=False)
     before = model_file.read_bytes(), checkpoint.read_bytes()
 
     proc = subprocess.run([sys.executable, "-c", DISK_FULL, str(model_file), str(checkpoint)], cwd=PROJECT,
@@ -185,3 +191,70 @@ def test_a_full_disk_keeps_the_previous_model_and_checkpoint_and_says_what_happe
     torch.testing.assert_close(load_model(model_file)(x), saved)
     assert len(torch.load(checkpoint, weights_only=False)["history"]) == 1
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no half-written leftovers
+
+
+def temporary_servers(port: int):
+    """The processes serving Prefect's temporary API on `port` (uvicorn, started by a flow's command line)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "uvicorn" in cmd and "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port):
+            found.append(p)
+    return found
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_flow_command_ends_its_temporary_prefect_server(_finished_pipeline, tmp_path):
+    copy_of(_finished_pipeline, tmp_path / "project", recover={"epochs": 50})  # long enough to be killed in
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(PROJECT))
+    flow = subprocess.Popen([sys.executable, "-m", "flows.compress", "--params", str(tmp_path / "project/params.yaml")],
+                            cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = None
+    for line in flow.stdout:  # "Starting temporary server on http://127.0.0.1:PORT", then the run's own log
+        if "Starting temporary server on" in line:
+            port = int(line.rsplit(":", 1)[1].strip().rstrip("/"))
+        if port is not None and "train_loss" in line:  # recovery is under way: the flow is mid-run
+            break
+    assert port is not None and temporary_servers(port), "no temporary server seen"
+    os.kill(flow.pid, signal.SIGKILL)
+    flow.wait()
+    deadline = time.monotonic() + 30
+    while temporary_servers(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not temporary_servers(port), "the temporary Prefect server outlived the command that started it"
+
+
+def mismatched_segmentation_folder(root: Path) -> Path:
+    """An ADE20K-style folder whose one mask is smaller than its image: found only when the data stage reads it."""
+    rng = np.random.default_rng(0)
+    for split, count in (("training", 6), ("validation", 3)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(count):
+            image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / f"images/{split}/img_{i}.png")
+            size = 48 if (split, i) == ("training", 5) else 64
+            Image.fromarray(rng.integers(0, 3, (size, size), dtype=np.uint8)).save(
+                root / f"annotations/{split}/img_{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_bad_input_found_inside_a_stage_ends_the_flow_with_one_clear_line(tmp_path):
+    folder = mismatched_segmentation_folder(tmp_path / "ade")
+    params = seg_params(tmp_path, image_size=64)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(PROJECT))
+    proc = subprocess.run([sys.executable, "-m", "flows.compress", "--params", str(tmp_path / "params.yaml"),
+                           "task=segmentation", "data.source=folder", f"data.path={folder}"], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output and "NoneType: None" not in output, output[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: 1 image/mask pair(s) are not usable: {folder}/annotations/training/img_5.png: mask is "
+                      f"48 x 48 but its image images/training/img_5.png is 64 x 64 (width x height); a mask must "
+                      f"have its image's size"], proc.stderr[-3000:]
+    assert proc.stderr.rstrip().splitlines()[-1] == errors[0]  # the last word is the fix

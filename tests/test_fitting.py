@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers import banded_attention, head_scores, prefixed_vit, tiny_vit, value_and_output_weights
 
 import convheads
 from convheads import ConvHeadsError, HeadScores, Selection, fit_scores, replace_heads, score_heads, select_heads
+from convheads.engine.training import new_parameters
 from convheads.fitting import fit_mixing, implied_attention
-from convheads.training import new_parameters
-from conftest import banded_attention, prefixed_vit, tiny_vit, value_and_output_weights
 
 
 def global_matrix(kernel, gamma, phi, alpha, beta, h, w, P):
@@ -39,16 +39,16 @@ def test_depthwise_global_equals_attention_with_band_plus_uniform_plus_prefix_te
     with torch.no_grad():
         for p in layer.mixing_parameters():
             p.normal_()
-    layer.init_kernels(torch.randn(H, 3, 3))   # one kernel per head, as the attention formula has
+    layer.mixer.init_kernels(torch.randn(H, 3, 3))   # one kernel per head, as the attention formula has
     h, w = 5, 3
     x = torch.randn(2, prefix + h * w, C)
     V = x @ w_v.T + b_v
-    kernels = layer.conv.weight[::d, 0]
+    kernels = layer.mixer.conv.weight[::d, 0]
     heads = []
     for i in range(H):
         P = prefix
-        A = global_matrix(kernels[i], layer.gamma[i], layer.phi[..., i] if P else None,
-                          layer.alpha[:, i] if P else None, layer.beta[:, i] if P else None, h, w, P)
+        A = global_matrix(kernels[i], layer.mixer.gamma[i], layer.mixer.phi[..., i] if P else None,
+                          layer.mixer.alpha[:, i] if P else None, layer.mixer.beta[:, i] if P else None, h, w, P)
         heads.append(A @ V[..., i * d:(i + 1) * d])
     expected = torch.cat(heads, -1) @ w_o.T + b_o
     for how in ("conv", "shift", "banded"):
@@ -83,7 +83,8 @@ def test_a_uniform_head_is_reproduced_by_the_fitted_global_layer_and_not_by_dept
         replaced = replace_heads(copy.deepcopy(model), Selection.from_blocks([1], 4), variant=variant,
                                  init="attention", scores=scores)
         with torch.no_grad():   # relative to the attention output's size
-            errors[variant] = ((replaced.blocks[1].attn(tokens[0]) - expected).abs().max() / expected.abs().max()).item()
+            error = (replaced.blocks[1].attn(tokens[0]) - expected).abs().max() / expected.abs().max()
+            errors[variant] = error.item()
     assert errors["depthwise_global"] < 1e-5
     assert errors["fixed"] < 1e-3           # E[A] is stored in half precision
     assert errors["depthwise"] > 0.1
@@ -105,9 +106,9 @@ def test_the_prefix_fit_matches_what_the_layer_computes():
     # the layers start from these parameters
     replace_heads(model, Selection({1: [0, 2]}), variant="depthwise_global", init="attention", scores=scores)
     layer = model.blocks[1].attn
-    torch.testing.assert_close(layer.beta, fit["beta"][1, [0, 2]].T)
-    torch.testing.assert_close(layer.gamma, fit["gamma"][1, [0, 2]])
-    torch.testing.assert_close(layer.phi, scores.prefix_to_prefix[1, [0, 2]].permute(1, 2, 0).float())
+    torch.testing.assert_close(layer.mixer.beta, fit["beta"][1, [0, 2]].T)
+    torch.testing.assert_close(layer.mixer.gamma, fit["gamma"][1, [0, 2]])
+    torch.testing.assert_close(layer.mixer.phi, scores.prefix_to_prefix[1, [0, 2]].permute(1, 2, 0).float())
 
 
 def test_fixed_heads_mix_with_their_mean_attention_and_cost_n_squared():
@@ -153,10 +154,11 @@ def test_global_and_fixed_models_train_save_load_and_export(tmp_path):
     model.train()
     model(x).sum().backward()
     for b in (0, 1):
-        assert model.blocks[b].attn.gamma.grad.abs().sum() > 0 and model.blocks[b].attn.phi.grad.abs().sum() > 0
-    assert model.blocks[2].attn.attention.grad.abs().sum() > 0
+        mixer = model.blocks[b].attn.mixer
+        assert mixer.gamma.grad.abs().sum() > 0 and mixer.phi.grad.abs().sum() > 0
+    assert model.blocks[2].attn.mixer.attention.grad.abs().sum() > 0
     assert {id(p) for p in new_parameters(model)} >= {
-        id(model.blocks[0].attn.gamma), id(model.blocks[2].attn.attention)}
+        id(model.blocks[0].attn.mixer.gamma), id(model.blocks[2].attn.mixer.attention)}
     model.eval()
     path = convheads.save_model(model, tmp_path / "m.pt")
     again = convheads.load_model(path)
@@ -169,7 +171,7 @@ def test_global_and_fixed_models_train_save_load_and_export(tmp_path):
 def test_fit_and_sigma_fit_selection():
     sigma = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
     fit = torch.tensor([[0.1, 0.9], [0.8, 0.6]])
-    scores = HeadScores(sigma, torch.zeros(2, 2, 3, 3), torch.zeros(2, 2, 0), torch.zeros(2, 2, 0), 2, (2, 2), 0)
+    scores = head_scores(sigma)
     import convheads.selection as selection
     original = selection.fit_scores
     selection.fit_scores = lambda s, k: fit     # the ranking's arithmetic, on chosen fits
@@ -187,11 +189,9 @@ def test_bad_fit_requests_get_clear_errors():
     scores = score_heads(model, [torch.randn(2, 3, 32, 32)], progress=False)
     with pytest.raises(ConvHeadsError, match="method must be one of"):
         select_heads(scores, count=1, method="dsp-typo")
-    old = HeadScores(**{**scores.__dict__, "mean_attention": None, "prefix_to_prefix": None})
-    with pytest.raises(ConvHeadsError, match="score the model again"):
-        select_heads(old, count=1, method="fit")
-    with pytest.raises(ConvHeadsError, match="score the model again"):
-        replace_heads(tiny_vit(), Selection({0: [0]}), variant="depthwise_global", init="attention", scores=old)
+    older = {k: v for k, v in scores.to_dict().items() if k not in ("mean_attention", "prefix_to_prefix")}
+    with pytest.raises(ConvHeadsError, match="without prefix_to_prefix, mean_attention.*score the model again"):
+        HeadScores.from_dict(older)
     with pytest.raises(ConvHeadsError, match="variant must be one of"):
         replace_heads(tiny_vit(), Selection({0: [0]}), variant="global")
     with pytest.raises(ConvHeadsError, match='init="attention" needs the scores'):

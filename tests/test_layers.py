@@ -1,10 +1,11 @@
-"""The replacement layer computes what METHOD.md's derivation says it does."""
+"""The replacement layer computes what the derivation says: a convolution-like head's A @ V is a depthwise
+convolution of V on the patch grid (README, \"The method\")."""
 import pytest
 import torch
+from helpers import banded_attention, prefixed_vit, tiny_vit, value_and_output_weights
 
 import convheads
 from convheads import Selection, gaussian_kernel, replace_heads
-from conftest import banded_attention, prefixed_vit, tiny_vit, value_and_output_weights
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 5])
@@ -14,12 +15,10 @@ def test_depthwise_heads_equal_attention_with_a_fixed_banded_matrix(prefix, kern
     attn = model.blocks[1].attn
     H, d, C = attn.num_heads, attn.head_dim, attn.qkv.in_features
     w_v, b_v, w_o, b_o = value_and_output_weights(attn)
-    replace_heads(model, Selection({1: range(H)}))
+    replace_heads(model, Selection({1: range(H)}), kernel_size=kernel_size)
     layer = model.blocks[1].attn
     kernels = torch.randn(H, kernel_size, kernel_size)
-    layer.conv = torch.nn.Conv2d(H * d, H * d, kernel_size, padding=kernel_size // 2, groups=H * d, bias=False)
-    layer.kernel_size = kernel_size
-    layer.init_kernels(kernels)
+    layer.mixer.init_kernels(kernels)
 
     h, w = 5, 3
     x = torch.randn(2, prefix + h * w, C)
@@ -29,8 +28,8 @@ def test_depthwise_heads_equal_attention_with_a_fixed_banded_matrix(prefix, kern
         Vi = V[..., i * d:(i + 1) * d]
         pre, pat = Vi[:, :prefix], Vi[:, prefix:]
         if prefix:
-            pre_out = pre + layer.alpha[:, i, None] * pat.mean(1, keepdim=True)
-            pat = pat + (layer.beta[:, i, None] * pre).sum(1, keepdim=True)
+            pre_out = pre + layer.mixer.alpha[:, i, None] * pat.mean(1, keepdim=True)
+            pat = pat + (layer.mixer.beta[:, i, None] * pre).sum(1, keepdim=True)
         out = banded_attention(kernels[i], h, w) @ pat     # the attention formula A_i V_i
         heads.append(torch.cat([pre_out, out], 1) if prefix else out)
     expected = torch.cat(heads, -1) @ w_o.T + b_o

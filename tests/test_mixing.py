@@ -4,24 +4,24 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import prefixed_vit, replaced_tiny, tiny_vit
 
 import convheads
 from convheads import ConvHeadsError, Selection, replace_heads
 from convheads.mixing import IMPLEMENTATIONS, ParameterCache, choose
-from conftest import prefixed_vit, replaced_tiny, tiny_vit
 
 
 def reference_mix(v, layer):
     """The straightforward way, head by head: prefix scalars, then a channels-first depthwise conv."""
     P, (h, w), d = layer.num_prefix_tokens, layer.grid_size, layer.head_dim
-    weight = layer.conv.weight
+    weight = layer.mixer.conv.weight
     out = []
     for i in range(v.shape[-1] // d):
         vi = v[..., i * d:(i + 1) * d]
         pre, pat = vi[:, :P], vi[:, P:]
         if P:
-            pre = pre + layer.alpha[:, i, None] * pat.mean(1, keepdim=True)
-            pat = pat + (layer.beta[:, i, None] * vi[:, :P]).sum(1, keepdim=True)
+            pre = pre + layer.mixer.alpha[:, i, None] * pat.mean(1, keepdim=True)
+            pat = pat + (layer.mixer.beta[:, i, None] * vi[:, :P]).sum(1, keepdim=True)
         grid = pat.transpose(1, 2).reshape(v.shape[0], d, h, w)
         conv = F.conv2d(grid, weight[i * d:(i + 1) * d], padding=weight.shape[-1] // 2, groups=d)
         out.append(torch.cat([pre, conv.flatten(2).transpose(1, 2)], dim=1))
@@ -35,7 +35,7 @@ def mixing_layer(prefix, grid, kernel_size=3):
     replace_heads(model, Selection.from_blocks([0], 4), kernel_size=kernel_size)
     layer = model.blocks[0].attn
     with torch.no_grad():
-        layer.conv.weight.normal_()
+        layer.mixer.conv.weight.normal_()
         for p in layer.mixing_parameters()[1:]:
             p.uniform_(-1, 1)
     return layer
@@ -45,7 +45,7 @@ def mixing_layer(prefix, grid, kernel_size=3):
 @pytest.mark.parametrize("grid", [(4, 4), (5, 3), (8, 8)])
 def test_every_implementation_is_the_reference_convolution_with_the_same_gradients(prefix, grid):
     layer = mixing_layer(prefix, grid, kernel_size=5 if grid == (5, 3) else 3)
-    v = torch.randn(2, prefix + grid[0] * grid[1], layer.conv.out_channels)
+    v = torch.randn(2, prefix + grid[0] * grid[1], layer.mixer.conv.out_channels)
     with torch.no_grad():
         expected = reference_mix(v, layer)
     params = [v] + layer.mixing_parameters()
@@ -54,9 +54,9 @@ def test_every_implementation_is_the_reference_convolution_with_the_same_gradien
         for train in (True, False):
             layer.train(train)
             with torch.no_grad():
-                torch.testing.assert_close(layer._mix(v), expected, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(layer.mixer(v, layer.grid_size), expected, atol=1e-5, rtol=1e-5)
             x = v.clone().requires_grad_()
-            out = layer._mix(x)
+            out = layer.mixer(x, layer.grid_size)
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
             grads = torch.autograd.grad((out * expected).sum(), [x] + params[1:])
             ref = torch.autograd.grad((reference_mix(x, layer) * expected).sum(), [x] + params[1:])
@@ -81,19 +81,19 @@ def test_the_choice_follows_shape_device_and_mode():
 def test_the_inference_matrix_follows_every_change_of_the_parameters():
     layer = mixing_layer(1, (4, 4)).eval()
     layer.mixing = "banded"
-    v = torch.randn(1, 17, layer.conv.out_channels)
+    v = torch.randn(1, 17, layer.mixer.conv.out_channels)
     with torch.inference_mode():
-        before = layer._mix(v)
+        before = layer.mixer(v, layer.grid_size)
     with torch.no_grad():                                    # built under inference mode, reused outside it
-        torch.testing.assert_close(layer._mix(v), before)
-    layer.conv.weight.data.mul_(2)                           # .data writes bump no version counter
-    layer.alpha.data.add_(1)
+        torch.testing.assert_close(layer.mixer(v, layer.grid_size), before)
+    layer.mixer.conv.weight.data.mul_(2)                           # .data writes bump no version counter
+    layer.mixer.alpha.data.add_(1)
     with torch.no_grad():
-        torch.testing.assert_close(layer._mix(v), reference_mix(v, layer), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.mixer(v, layer.grid_size), reference_mix(v, layer), atol=1e-5, rtol=1e-5)
     state = {k: v + 1 for k, v in layer.state_dict().items()}
     layer.load_state_dict(state)
     with torch.inference_mode():
-        torch.testing.assert_close(layer._mix(v), reference_mix(v, layer), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.mixer(v, layer.grid_size), reference_mix(v, layer), atol=1e-5, rtol=1e-5)
 
 
 def test_a_parameter_cache_recomputes_while_gradients_flow():

@@ -1,10 +1,10 @@
 """Building, checkpoint loading and save/load, with the errors users hit."""
 import pytest
 import torch
+from helpers import tiny_vit
 
 import convheads
 from convheads import ConvHeadsError, create_model, load_checkpoint, load_model, save_model
-from conftest import tiny_vit
 
 
 def test_a_local_checkpoint_gives_the_same_model(tmp_path):
@@ -92,7 +92,8 @@ def test_a_failed_save_leaves_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_unknown_names_suggest_close_ones():
-    with pytest.raises(ConvHeadsError, match="unknown timm model 'vit_tiny_patch16_22'; did you mean vit_tiny_patch16_224"):
+    with pytest.raises(ConvHeadsError,
+                       match="unknown timm model 'vit_tiny_patch16_22'; did you mean vit_tiny_patch16_224"):
         create_model("vit_tiny_patch16_22")
 
 
@@ -107,7 +108,8 @@ def test_tagged_names_and_hub_ids():
     model = create_model("vit_small_patch14_dinov2.lvd142m", device="meta", img_size=28, depth=1)
     assert model.pretrained_cfg["tag"] == "lvd142m" and model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
     assert create_model("vit_base_patch16_224.augreg_in21k", device="meta").pretrained_cfg["num_classes"] == 21843
-    with pytest.raises(ConvHeadsError, match="no pretrained tag 'nope' for vit_small_patch14_dinov2; its tags: lvd142m"):
+    with pytest.raises(ConvHeadsError,
+                       match="no pretrained tag 'nope' for vit_small_patch14_dinov2; its tags: lvd142m"):
         create_model("vit_small_patch14_dinov2.nope")
     with pytest.raises(ConvHeadsError, match="not a Hugging Face Hub id; write hf-hub:<org>/<repo>"):
         create_model("hf-hub:vit_small")
@@ -167,7 +169,8 @@ def test_an_original_dinov2_checkpoint_loads_at_another_resolution(tmp_path):
     state.update(mask_token=torch.zeros(1, 32), register_tokens=dinov2.reg_token.detach(),
                  cls_token=dinov2.cls_token.detach(), pos_embed=torch.cat([torch.zeros(1, 1, 32), dinov2.pos_embed], 1))
     torch.save(state, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
-    model = create_model("vit_small_patch14_reg4_dinov2.lvd142m", checkpoint=tmp_path / "dinov2_vits14_reg4_pretrain.pth",
+    checkpoint = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    model = create_model("vit_small_patch14_reg4_dinov2.lvd142m", checkpoint=checkpoint,
                          img_size=28, num_classes=4, **kwargs)  # 2 x 2 grid
     assert torch.equal(model.reg_token, dinov2.reg_token) and model.pos_embed.shape == (1, 4, 32)
     assert torch.equal(model.blocks[0].mlp.fc1.weight, dinov2.blocks[0].mlp.fc1.weight)
@@ -180,12 +183,12 @@ def test_a_saved_model_is_a_checkpoint_that_carries_its_build_arguments(tmp_path
 
 
 def test_at_resolution_is_an_independent_copy():
-    from convheads.training import train
+    from convheads.engine.training import TrainSettings, train
     model = tiny_vit(dynamic_img_size=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     copy = convheads.at_resolution(model, 48)
     x = torch.randn(4, 3, 48, 48)
     torch.testing.assert_close(copy(x), model(x))
-    train(copy, [(x, torch.tensor([0, 1, 2, 3]))], epochs=1, lr=0.1, warmup_epochs=0, progress=False)
+    train(copy, [(x, torch.tensor([0, 1, 2, 3]))], TrainSettings(epochs=1, lr=0.1, warmup_epochs=0), progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not torch.equal(copy.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)

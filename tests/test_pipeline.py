@@ -1,17 +1,20 @@
 """The stages, run as the Prefect flow and DVC run them: outputs, skipping, resuming, errors."""
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
+from helpers import PROJECT, tiny_params
 from PIL import Image
 
-from convheads import ConvHeadsError, create_model, load_model
-from tasks import preflight
-from tasks.config import PipelineConfig, load_config, validate
-from tasks.runner import execute, read_record
-from tasks.pipeline import STAGES
-from conftest import tiny_params
+from convheads import ConvHeadsError, create_model, load_model, replaced_selection
+from pipeline import preflight
+from pipeline.config import TASK_DEFAULTS, PipelineConfig, load_config, validate
+from pipeline.dag import STAGES
+from pipeline.params_file import check_params_file
+from pipeline.runner import execute, read_record
 
 
 def run_all(cfg):
@@ -48,7 +51,8 @@ def test_the_pipeline_writes_every_output_and_reruns_only_what_changed(tiny_conf
     assert set(bench.runtime) == {"onnxruntime", "eager"}  # the export as deployed, and PyTorch
     assert {"infer_samples_per_sec", "infer_step_time", "param_count", "infer_gmacs"} <= set(bench.columns)
     assert len(pd.read_csv(f"{out}/baseline/history.csv")) == 2
-    assert load_model(f"{out}/recover/model.pt").blocks[0].attn is not None
+    recovered = replaced_selection(load_model(f"{out}/recover/model.pt"))
+    assert recovered.heads == {int(b): h for b, h in selection["heads"].items()}  # the selected heads, replaced
 
     again = run_all(tiny_config)
     assert all(o.skipped for o in again.values())
@@ -57,6 +61,7 @@ def test_the_pipeline_writes_every_output_and_reruns_only_what_changed(tiny_conf
     assert [n for n, o in changed.items() if not o.skipped] == ["recover", "evaluate", "benchmark"]
 
 
+@pytest.mark.slow
 def test_same_params_same_seed_same_metrics(tmp_path):
     results = []
     for run in ("a", "b"):
@@ -67,13 +72,14 @@ def test_same_params_same_seed_same_metrics(tmp_path):
     assert results[0] == results[1]
 
 
+@pytest.mark.slow
 def test_an_interrupted_stage_leaves_no_outputs_and_resumes_where_it_stopped(tmp_path, monkeypatch):
-    import tasks.baseline
+    import pipeline.finetune
 
     cfg = validate({**tiny_params(tmp_path / "x"), "recover": {"epochs": 2, "batch_size": 64}})
     for name in ("data", "baseline", "score", "select", "replace"):
         execute(STAGES[name], cfg)
-    real_train = tasks.baseline.train
+    real_train = pipeline.finetune.train
 
     def interrupted(*args, **kwargs):
         def stop(row):
@@ -81,14 +87,15 @@ def test_an_interrupted_stage_leaves_no_outputs_and_resumes_where_it_stopped(tmp
                 raise KeyboardInterrupt
         return real_train(*args, **{**kwargs, "on_epoch": stop})
 
-    monkeypatch.setattr(tasks.baseline, "train", interrupted)
+    monkeypatch.setattr(pipeline.finetune, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         execute(STAGES["recover"], cfg)
     assert not (tmp_path / "x/outputs/recover").exists()
     assert list((tmp_path / "x/outputs").glob(".recover.*.partial/resume.pt"))
 
     epochs_run = []
-    monkeypatch.setattr(tasks.baseline, "train", lambda *a, **k: real_train(*a, **{**k, "on_epoch": epochs_run.append}))
+    monkeypatch.setattr(pipeline.finetune, "train",
+                        lambda *a, **k: real_train(*a, **{**k, "on_epoch": epochs_run.append}))
     resumed = execute(STAGES["recover"], cfg)
     assert [r["epoch"] for r in epochs_run] == [2]  # epoch 1 came from the checkpoint
     assert not list((tmp_path / "x/outputs").glob(".recover.*"))
@@ -109,7 +116,8 @@ def folder_dataset(root, classes=("cat", "dog"), per_class=6, size=(20, 24)):
 
 def test_an_image_folder_is_versioned_in_place_and_fed_at_the_models_size(tmp_path):
     import hashlib
-    from tasks.inputs import loader
+
+    from pipeline.loaders import loader
     folder_dataset(tmp_path / "src", per_class=10)
     cfg = validate({**tiny_params(tmp_path), "data": {"source": "folder", "path": str(tmp_path / "src"),
                                                       "val_fraction": 0.25, "test_fraction": 0.25}})
@@ -147,7 +155,8 @@ def test_preflight_names_the_bad_key_or_file(tmp_path):
     for change, match in [
         ({"model": {"name": "vit_tiny_patch16_22"}}, "model: unknown timm model"),
         ({"model": {"checkpoint": str(tmp_path / "missing.pt")}}, "checkpoint file not found"),
-        ({"model": {"checkpoint": str(tmp_path / "wrong.pt")}}, r"model.checkpoint: the checkpoint .*wrong.pt does not fit"),
+        ({"model": {"checkpoint": str(tmp_path / "wrong.pt")}},
+         r"model.checkpoint: the checkpoint .*wrong.pt does not fit"),
         ({"data": {"source": "folder", "path": str(tmp_path / "nowhere")}}, "data.path: .*nowhere is not a folder"),
         ({"select": {"blocks": [5]}}, r"select.blocks: the selection names block 5 but the model has 2 blocks"),
         ({"select": {"blocks": [1, 1]}}, r"select.blocks: selection lists a block twice: \[1, 1\]"),
@@ -166,7 +175,8 @@ def test_a_checkpoint_with_another_classifier_fine_tunes_from_its_body(tmp_path)
     cfg = validate(tiny_params(tmp_path))
     donor = create_model(cfg.model.name, **{**cfg.model.kwargs, "num_classes": 1000})
     torch.save(donor.state_dict(), tmp_path / "donor.pt")
-    cfg = validate({**tiny_params(tmp_path), "model": {**cfg.model.model_dump(), "checkpoint": str(tmp_path / "donor.pt")}})
+    model_section = {**cfg.model.model_dump(), "checkpoint": str(tmp_path / "donor.pt")}
+    cfg = validate({**tiny_params(tmp_path), "model": model_section})
     preflight.check(cfg)
     model = create_model(cfg.model.name, checkpoint=cfg.model.checkpoint, **{**cfg.model.kwargs, "num_classes": 10})
     assert torch.equal(model.blocks[1].attn.qkv.weight, donor.blocks[1].attn.qkv.weight)
@@ -177,10 +187,10 @@ def test_configuration_errors_name_the_key():
     for overrides, match in [
         (["recover.epoch=3"], "recover.epoch: unknown key"),
         (["recover.epochs=three"], "recover.epochs: Input should be a valid integer"),
-        (["recover.lr=0"], "recover.lr: Input should be greater than 0"),
+        (["recover.lr=0"], "recover.lr: must be > 0; got 0.0"),
         (["select.granularity=layer"], "select.granularity: Input should be 'head' or 'block'"),
         (["data.source=folder"], "data.source=folder needs data.path"),
-        (["replace.kernel_size=4"], "replace.kernel_size must be odd"),
+        (["replace.kernel_size=4"], "replace.kernel_size: must be a positive odd integer"),
         (["recover.epochs"], "is not key=value"),
         (["benchmark.runtimes=[eager, eager]"], "lists a runtime twice"),
         (["benchmark.runtimes=[tensorrt]"], "benchmark.runtimes.0: Input should be 'onnxruntime', 'eager' or"),
@@ -199,9 +209,31 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
-def test_the_shipped_params_file_is_the_default_configuration():
-    from pathlib import Path
-    assert load_config(Path(__file__).parent.parent / "params.yaml") == PipelineConfig()
+def test_the_shipped_params_file_is_generated_from_the_schema(tmp_path):
+    shipped = PROJECT / "params.yaml"
+    assert load_config(shipped) == PipelineConfig()
+    check_params_file(shipped)  # what `make lint` checks in CI
+    stale = tmp_path / "params.yaml"
+    stale.write_text(shipped.read_text().replace("  repeats: 20\n", "  repeats: 5\n"))
+    with pytest.raises(ConvHeadsError, match=r"(?s)regenerate it with `python -m pipeline params > .*params.yaml`"
+                                             r".*-  repeats: 5.*\+  repeats: 20"):
+        check_params_file(stale)
+
+
+def test_task_dependent_training_settings_are_filled_in_per_task_and_old_keys_name_the_new_ones(tmp_path):
+    for task in TASK_DEFAULTS:  # null (or left out) in a params file: the task's own
+        cfg = load_config(PROJECT / "params.yaml", [f"task={task}"] if task == "segmentation" else [])
+        for stage, values in TASK_DEFAULTS[task].items():
+            assert {k: getattr(getattr(cfg, stage), k) for k in values} == values
+    assert load_config(None, ["recover.epochs=7"]).recover.epochs == 7  # a value given wins
+    for old in ("max_top1_drop", "max_miou_drop"):
+        with pytest.raises(ConvHeadsError, match=f"registry.{old} is now registry.max_drop"):
+            load_config(None, [f"registry.{old}=0.01"])
+    shim = subprocess.run([sys.executable, "-m", "tasks", "run", "baseline"], cwd=PROJECT, capture_output=True,
+                          text=True, timeout=60)
+    assert shim.returncode == 2
+    assert shim.stderr.strip() == ("error: `python -m tasks` is now `python -m pipeline`: "
+                                   "run `python -m pipeline run baseline`")
 
 
 def test_the_ensemble_variant_replaces_whole_blocks_and_ships_folded(finished_pipeline):
@@ -220,13 +252,15 @@ def test_the_ensemble_variant_replaces_whole_blocks_and_ships_folded(finished_pi
 
 
 def test_the_closing_summary_reports_what_the_stages_measured(finished_pipeline):
-    from tasks.report import summary, table
+    from pipeline.summary import summary
+    from pipeline.summary import summary_table as table
     cfg = validate(tiny_params(finished_pipeline))
     s = summary(cfg)
     metrics = json.loads(open(f"{cfg.paths.outputs}/evaluate/metrics.json").read())
     selection = json.loads(open(f"{cfg.paths.outputs}/select/selection.json").read())
     assert s["compressed_top1"] == metrics["compressed"]["top1"] and s["top1_drop"] == metrics["top1_drop"]
-    assert (s["heads_replaced"], s["heads_total"]) == (4, 8) and s["whole_blocks"] == [int(b) for b in selection["heads"]]
+    assert (s["heads_replaced"], s["heads_total"]) == (4, 8)
+    assert s["whole_blocks"] == [int(b) for b in selection["heads"]]
     text = table(s)
     assert f"{metrics['compressed']['top1']:.2%}" in text and "4 of 8" in text
     assert f"whole blocks {s['whole_blocks'][0]}" in text and f"{s['speedup_b4']:.3f}x (onnxruntime)" in text

@@ -3,11 +3,11 @@ import copy
 
 import pytest
 import torch
+from helpers import head_scores, tiny_vit
 
 import convheads
 from convheads import score_heads, select_heads
 from convheads.scoring import HeadScores, _offset_means
-from conftest import tiny_vit
 
 
 def reference_maps(model, images):
@@ -109,8 +109,7 @@ def test_offset_means_average_over_queries_whose_neighbour_exists():
 
 def test_kernels_are_centred_crops_zero_padded_beyond_the_grid():
     off = torch.arange(5 * 3, dtype=torch.float64).reshape(1, 1, 5, 3)  # grid (3, 2)
-    scores = HeadScores(sigma_h=torch.zeros(1, 1), offset_attention=off, patch_to_prefix=torch.zeros(1, 1, 1),
-                        prefix_to_patches=torch.zeros(1, 1, 1), num_images=2, grid_size=(3, 2), num_prefix_tokens=1)
+    scores = head_scores(torch.zeros(1, 1), grid_size=(3, 2), offset_attention=off)
     k3 = scores.kernels(3)
     assert k3.shape == (1, 1, 3, 3)
     torch.testing.assert_close(k3[0, 0], off[0, 0, 1:4, 0:3].float())
@@ -134,14 +133,14 @@ def test_attention_init_fits_kernels_beta_and_alpha_from_the_scores():
     layer = model.blocks[1].attn
     d = layer.head_dim
     kernels = scores.kernels(3)[1, [0, 3]]
-    torch.testing.assert_close(layer.conv.weight[:, 0], kernels.repeat_interleave(d, dim=0))
+    torch.testing.assert_close(layer.mixer.conv.weight[:, 0], kernels.repeat_interleave(d, dim=0))
     # beta is added before the convolution: the raw weight, divided by the kernel's mean in-grid sum
     # (a 4 x 4 grid: the centre tap lands on it from all 16 patches, a side tap from 12, a corner tap from 9)
     taps = torch.tensor([[9, 12, 9], [12, 16, 12], [9, 12, 9]]) / 16
     mean_sum = (kernels * taps).sum(dim=(-2, -1))
-    torch.testing.assert_close(layer.beta, scores.patch_to_prefix[1, [0, 3]].T.float() / mean_sum)
-    torch.testing.assert_close(layer.alpha, scores.prefix_to_patches[1, [0, 3]].T.float())
-    assert layer.beta.shape == (3, 2)
+    torch.testing.assert_close(layer.mixer.beta, scores.patch_to_prefix[1, [0, 3]].T.float() / mean_sum)
+    torch.testing.assert_close(layer.mixer.alpha, scores.prefix_to_patches[1, [0, 3]].T.float())
+    assert layer.mixer.beta.shape == (3, 2)
 
 
 @pytest.mark.parametrize("batches, match", [

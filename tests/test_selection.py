@@ -1,20 +1,8 @@
 import pytest
-import torch
+from helpers import SIGMA
+from helpers import head_scores as scores_of
 
 from convheads import ConvHeadsError, Selection, select_heads
-from convheads.scoring import HeadScores
-
-
-def scores_of(sigma):
-    sigma = torch.tensor(sigma, dtype=torch.float64)
-    return HeadScores(sigma_h=sigma, offset_attention=torch.zeros(*sigma.shape, 3, 3, dtype=torch.float64),
-                      patch_to_prefix=torch.zeros(*sigma.shape, 1), prefix_to_patches=torch.zeros(*sigma.shape, 1),
-                      num_images=10, grid_size=(2, 2), num_prefix_tokens=1)
-
-
-SIGMA = [[5.0, 1.0, 7.0],
-         [2.0, 2.0, 9.0],
-         [0.5, 8.0, 8.0]]
 
 
 def test_head_granularity_takes_the_globally_lowest_heads_ties_by_index():

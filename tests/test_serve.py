@@ -9,11 +9,14 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 import requests
 import yaml
+from helpers import tiny_params
 
-from tasks.config import validate
-from conftest import tiny_params
+from pipeline.config import validate
+
+pytestmark = pytest.mark.slow  # a Prefect server and its CLI
 
 PROJECT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")

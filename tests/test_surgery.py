@@ -2,11 +2,22 @@
 import pytest
 import timm
 import torch
+from helpers import tiny_vit
 
 import convheads
-from convheads import (ConvHeadAttention, ConvHeadsError, Selection, count_params, load_model, model_cost,
-                       replace_heads, replaced_selection, save_model, score_heads, select_heads)
-from conftest import tiny_vit
+from convheads import (
+    ConvHeadAttention,
+    ConvHeadsError,
+    Selection,
+    count_params,
+    load_model,
+    model_cost,
+    replace_heads,
+    replaced_selection,
+    save_model,
+    score_heads,
+    select_heads,
+)
 
 MODELS = [  # (timm name, build kwargs, prefix tokens); small images keep the CPU tests quick
     ("vit_tiny_patch16_224", {}, 1),
@@ -35,10 +46,10 @@ def test_replaced_models_run_train_and_reload(name, kwargs, prefix, tmp_path):
     model.train()
     model.forward_features(x).sum().backward()  # all tokens: with CLS pooling the last patches are unused
     conv = next(m for m in model.modules() if isinstance(m, ConvHeadAttention) and m.variant == "depthwise")
-    assert conv.conv.weight.grad is not None and conv.conv.weight.grad.abs().sum() > 0
+    assert conv.mixer.conv.weight.grad is not None and conv.mixer.conv.weight.grad.abs().sum() > 0
     if prefix:
-        assert conv.alpha.shape == conv.beta.shape == (prefix, len(conv.conv_heads))
-        assert conv.alpha.grad.abs().sum() > 0 and conv.beta.grad.abs().sum() > 0
+        assert conv.mixer.alpha.shape == conv.mixer.beta.shape == (prefix, len(conv.conv_heads))
+        assert conv.mixer.alpha.grad.abs().sum() > 0 and conv.mixer.beta.grad.abs().sum() > 0
     model.eval()
     save_model(model, tmp_path / "m.pt")
     again = load_model(tmp_path / "m.pt")

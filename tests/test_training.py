@@ -2,15 +2,16 @@
 import numpy as np
 import pytest
 import torch
+from helpers import replaced_tiny, tiny_vit
 from torch import nn
 
 from convheads import ConvHeadsError, Selection, replace_heads
-from benchmarks.timing import latency_stats, percentile, time_models
-from convheads.data import ManifestDataset, digits_images, split_indices, write_split_folders
-from convheads.manifest import build_manifest, scan_folder
-from convheads.evaluation import evaluate
-from convheads.training import new_parameters, param_groups, train
-from conftest import replaced_tiny, tiny_vit
+from convheads.data.images import digits_images, split_indices, write_split_folders
+from convheads.data.loaders import ManifestDataset
+from convheads.data.manifest import build_manifest, scan_folder
+from convheads.engine.evaluation import evaluate
+from convheads.engine.timing import latency_stats, percentile, time_models
+from convheads.engine.training import TrainSettings, new_parameters, param_groups, train
 
 
 def fake_loader(n=16, classes=5, batch=8):
@@ -44,7 +45,8 @@ def test_training_lowers_the_loss_and_reports_each_epoch():
     loader = fake_loader()
     before = evaluate(model, loader, progress=False)["loss"]
     seen = []
-    history = train(model, loader, loader, epochs=3, lr=3e-3, warmup_epochs=0, progress=False, on_epoch=seen.append)
+    history = train(model, loader, TrainSettings(epochs=3, lr=3e-3, warmup_epochs=0), loader, progress=False,
+                    on_epoch=seen.append)
     assert [h["epoch"] for h in history] == [1, 2, 3] and seen == history
     assert history[-1]["val_loss"] < before
     assert set(history[0]) >= {"train_loss", "train_top1", "lr", "val_top1", "val_top5", "val_loss"}
@@ -56,7 +58,7 @@ def test_training_only_the_new_parameters_leaves_the_rest_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     new = {id(p) for p in new_parameters(model)}
     assert len(new) == 3  # kernels, alpha, beta
-    train(model, fake_loader(), epochs=1, lr=1e-2, trainable="new", progress=False)
+    train(model, fake_loader(), TrainSettings(epochs=1, lr=1e-2, trainable="new"), progress=False)
     names = {id(p): n for n, p in model.named_parameters()}
     changed = {n for n, v in model.state_dict().items() if not torch.equal(v, before[n])}
     assert changed == {names[i] for i in new}
@@ -85,8 +87,8 @@ def test_accumulation_and_checkpointing_train_the_same_weights():
                                  ("checkpointed", 8, {"grad_checkpointing": True})]:
         torch.manual_seed(0)
         model = tiny_vit()
-        train(model, [(x[i:i + batch], y[i:i + batch]) for i in range(0, 16, batch)], epochs=2, lr=3e-3,
-              warmup_epochs=0, progress=False, **options)
+        train(model, [(x[i:i + batch], y[i:i + batch]) for i in range(0, 16, batch)],
+              TrainSettings(epochs=2, lr=3e-3, warmup_epochs=0, **options), progress=False)
         trained[name] = model.state_dict()
         assert not model.grad_checkpointing
     for name in ("accumulated", "checkpointed"):
@@ -95,7 +97,8 @@ def test_accumulation_and_checkpointing_train_the_same_weights():
 
 def test_bf16_autocast_trains_evaluates_and_scores_on_the_cpu():
     model, loader = tiny_vit(), fake_loader()
-    history = train(model, loader, loader, epochs=3, lr=3e-3, warmup_epochs=0, progress=False, precision="bf16")
+    history = train(model, loader, TrainSettings(epochs=3, lr=3e-3, warmup_epochs=0), loader, progress=False,
+                    precision="bf16")
     assert history[-1]["train_loss"] < history[0]["train_loss"] and np.isfinite(history[-1]["val_loss"])
     fp32, bf16 = (evaluate(model, loader, progress=False, precision=p) for p in ("fp32", "bf16"))
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05) and bf16["num_images"] == 16
@@ -113,10 +116,12 @@ def test_bf16_autocast_trains_evaluates_and_scores_on_the_cpu():
 
 def test_a_resumed_run_with_ema_equals_an_uninterrupted_one(tmp_path):
     loader = fake_loader()
-    options = dict(epochs=3, lr=3e-3, warmup_epochs=1, progress=False, ema_decay=0.9, clip_grad=1.0)
+    options = dict(settings=TrainSettings(epochs=3, lr=3e-3, warmup_epochs=1, ema_decay=0.9, clip_grad=1.0),
+                   progress=False)
     torch.manual_seed(0)
     whole = tiny_vit()
-    train(whole, loader, loader, **options)
+    train(whole, loader, val_loader=loader, **options)
+
     class Interrupted(Exception):
         pass
 
@@ -125,10 +130,10 @@ def test_a_resumed_run_with_ema_equals_an_uninterrupted_one(tmp_path):
 
     torch.manual_seed(0)
     with pytest.raises(Interrupted):  # after the first epoch and its checkpoint
-        train(tiny_vit(), loader, loader, **options, checkpoint=tmp_path / "resume.pt", on_epoch=interrupt)
+        train(tiny_vit(), loader, val_loader=loader, **options, checkpoint=tmp_path / "resume.pt", on_epoch=interrupt)
     torch.manual_seed(5)
     resumed = tiny_vit()
-    history = train(resumed, loader, loader, **options, checkpoint=tmp_path / "resume.pt")
+    history = train(resumed, loader, val_loader=loader, **options, checkpoint=tmp_path / "resume.pt")
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert all(torch.allclose(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())
     # a checkpoint of another global batch (other batch sizes, or another number of processes) is refused
@@ -138,9 +143,13 @@ def test_a_resumed_run_with_ema_equals_an_uninterrupted_one(tmp_path):
 
 def test_training_argument_errors():
     with pytest.raises(ConvHeadsError, match="no replaced depthwise heads"):
-        train(tiny_vit(), fake_loader(), trainable="new", progress=False)
+        train(tiny_vit(), fake_loader(), TrainSettings(trainable="new"), progress=False)
     with pytest.raises(ConvHeadsError, match="trainable must be one of"):
-        train(tiny_vit(), fake_loader(), trainable="some", progress=False)
+        TrainSettings(trainable="some")
+    with pytest.raises(ConvHeadsError, match="epochs must be >= 0; got -1"):
+        TrainSettings(epochs=-1)
+    with pytest.raises(ConvHeadsError, match="settings must be a convheads TrainSettings"):
+        train(tiny_vit(), fake_loader(), settings={"epochs": 1}, progress=False)
 
 
 def test_digits_render_to_rgb_and_split_reproducibly(tmp_path):
