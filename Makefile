@@ -4,11 +4,12 @@
 # `make bench`: the speed benchmark suite (tens of minutes on 2 cores); `make bench BENCH_ARGS=--quick` smoke-runs it.
 PYTHON ?= python3
 BENCH_ARGS ?=
+DEVICE_ARGS ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint params bench repro serve clean
+.PHONY: setup run test test-fast lint params bench device-check repro serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,3 +47,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# the GPU check (benchmarks/device_check.py); DEVICE_ARGS=--quick runs its code paths on the CPU
+device-check:
+	$(BIN)/python -m benchmarks.device_check $(DEVICE_ARGS)
