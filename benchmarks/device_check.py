@@ -162,6 +162,16 @@ def correctness(device: torch.device, deadline: Deadline) -> List[dict]:
     return rows
 
 
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _failed(row: dict, error: Exception, device: torch.device) -> dict:
+    _free(device)   # what the failed case held (an out-of-memory, say) is not the next one's
+    return {**row, "ok": False, "note": f"{type(error).__name__}: {error}"[:200]}
+
+
 # ------------------------------------------------------------------------------------------------- b. speed
 
 def time_interleaved(runners: Dict[str, Callable[[], object]], device: torch.device, warmup: int,
@@ -245,6 +255,7 @@ def speed(device: torch.device, settings: Sequence[Setting], deadline: Deadline,
             key = (setting.name, precision)
             if key not in built:
                 built.clear()   # one setting's models on the device at a time
+                _free(device)
                 built[key] = _models(setting, device, DTYPES[precision])
             models = built[key]
             x = torch.randn(batch, 3, setting.img_size, setting.img_size, device=device, dtype=DTYPES[precision])
@@ -256,11 +267,8 @@ def speed(device: torch.device, settings: Sequence[Setting], deadline: Deadline,
                 q1, _, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0], t[0], t[0])
                 rows.append({**row, "variant": name, "median_ms": statistics.median(t) * 1e3, "q1_ms": q1 * 1e3,
                              "q3_ms": q3 * 1e3, "rounds": len(t), "speedup": base / statistics.median(t)})
-        except Exception as e:
-            rows.append({**row, "note": f"{type(e).__name__}: {e}"[:200]})
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        except Exception as e:   # one setting's failure is a result; the others still run
+            rows.append(_failed(row, e, device))
     return rows
 
 
@@ -306,11 +314,9 @@ def training(device: torch.device, setting: Setting, batch: int, steps: int, dea
             rows.append({**row, "median_ms": seconds * 1e3, "rounds": done, "images_per_s": batch / seconds,
                          "peak_mem_mb": peak})
             model = optimizer = None   # freed before the next setting's model is built
-        except Exception as e:
-            rows.append({**row, "note": f"{type(e).__name__}: {e}"[:200]})
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _free(device)
+        except Exception as e:   # one setting's failure is a result; the others still run
+            rows.append(_failed(row, e, device))
     return rows
 
 
@@ -323,22 +329,14 @@ def pipeline(device: torch.device, deadline: Deadline) -> List[dict]:
             f"skipped: the pipeline needs {', '.join(missing)}, missing here. Carry them: on the CPU machine "
             f"`pip download --no-deps -d wheels {' '.join(missing)}`, run with carry=['wheels'] and "
             f"`pip install --no-index --find-links wheels {' '.join(missing)}` first")}]
-    from pipeline.config import PipelineConfig  # here, not at the top: parts a-c need none of it
+    from pipeline.config import PipelineConfig, tiny_params  # here, not at the top: parts a-c need none of it
     from pipeline.dag import STAGES
     from pipeline.runner import execute
 
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        cfg = PipelineConfig.model_validate({}).model_dump(mode="json")
+        cfg = tiny_params(root)
         cfg.update(device=device.type, precision="bf16" if device.type == "cuda" else "fp32")
-        cfg["paths"] = {"data": f"{root}/data/dataset", "outputs": f"{root}/outputs"}
-        cfg["data"]["image_size"] = 16
-        cfg["model"]["kwargs"] = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 4}
-        cfg["baseline"].update(epochs=1, batch_size=64)
-        cfg["recover"].update(epochs=1, batch_size=64)
-        cfg["score"]["max_images"] = 32
-        cfg["benchmark"].update(batch_sizes=[1, 4], repeats=2, warmup=1)
-        cfg["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
         config = PipelineConfig.model_validate(cfg)
         for name, stage in STAGES.items():
             if deadline.passed():

@@ -503,3 +503,18 @@ def load_config(params_file: Optional[str] = "params.yaml", overrides: Optional[
         if not isinstance(data, dict):
             raise ConvHeadsError(f"{params_file} holds {type(data).__name__}, not a mapping of settings")
     return validate(merge(data, parse_overrides(overrides or [])))
+
+
+def tiny_params(root) -> dict:
+    """A configuration (as params.yaml would hold it) that runs every stage in seconds, everything
+    under `root`: a 2-block ViT on 16 px digits. For smoke runs (the tests, the device check)."""
+    cfg = PipelineConfig.model_validate({}).model_dump(mode="json")
+    cfg["paths"] = {"data": f"{root}/data/dataset", "outputs": f"{root}/outputs"}
+    cfg["data"]["image_size"] = 16
+    cfg["model"]["kwargs"] = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 4}
+    cfg["baseline"].update(epochs=2, batch_size=64)
+    cfg["recover"].update(epochs=1, batch_size=64)
+    cfg["score"]["max_images"] = 32
+    cfg["benchmark"].update(batch_sizes=[1, 4], repeats=2, warmup=1)
+    cfg["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
+    return cfg

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import convheads
-from pipeline.config import PipelineConfig
+from pipeline.config import tiny_params  # noqa: F401 (the tests' smoke configuration, re-exported)
 
 PROJECT = Path(__file__).resolve().parent.parent
 # Sigma_h of a 3-block, 3-head model, for the selection tests
@@ -58,19 +58,6 @@ def replaced_tiny(**kwargs):
     with torch.no_grad():
         model.blocks[3].attn.logits.normal_(std=0.02)
     return model
-
-def tiny_params(root) -> dict:
-    """A pipeline configuration that runs end to end in seconds, everything under `root`."""
-    cfg = PipelineConfig.model_validate({}).model_dump(mode="json")
-    cfg["paths"] = {"data": f"{root}/data/dataset", "outputs": f"{root}/outputs"}
-    cfg["data"]["image_size"] = 16
-    cfg["model"]["kwargs"] = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 4}
-    cfg["baseline"].update(epochs=2, batch_size=64)
-    cfg["recover"].update(epochs=1, batch_size=64)
-    cfg["score"]["max_images"] = 32
-    cfg["benchmark"].update(batch_sizes=[1, 4], repeats=2, warmup=1)
-    cfg["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
-    return cfg
 
 def start_until_checkpoint(command, outputs, stage: str, poll: float = 0.02):
     """Start a stage's command line in the project; return (the process, a function listing its
