@@ -14,7 +14,7 @@ QUALITY = {task: kind.quality for task, kind in PROBLEMS.items()}
 def summary(cfg: PipelineConfig) -> Dict:
     """Headline numbers from the evaluate, benchmark and select stages."""
     ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
-    sel = selection_summary(cfg)
+    sel, scored = selection_summary(cfg), read_record(cfg, "score")["summary"]
     b1, bn = cfg.benchmark.batch_sizes[0], cfg.benchmark.batch_sizes[-1]
     quality = {f"{model}_{metric}": ev[model][metric] for metric, _ in QUALITY[cfg.task]
                for model in ("baseline", "replaced", "compressed")}
@@ -23,6 +23,7 @@ def summary(cfg: PipelineConfig) -> Dict:
         "task": cfg.task, **quality, f"{headline}_drop": ev[f"{headline}_drop"],
         "heads_replaced": sel["heads_replaced"], "heads_total": sel["heads_total"],
         "whole_blocks": sel["whole_blocks"], "selected_by": sel.get("method"),
+        **{k: scored[k] for k in ("local_heads", "local_share_max", "uniform_share")},
         "params_baseline": bench["baseline_params"], "params_compressed": bench["compressed_params"],
         "gmacs_baseline": bench["baseline_gmacs"], "gmacs_compressed": bench["compressed_gmacs"],
         "latency_ms_baseline": bench[f"baseline_b{b1}_ms"], "latency_ms_compressed": bench[f"compressed_b{b1}_ms"],
@@ -51,6 +52,8 @@ def summary_table(s: Dict) -> str:
     ] + [
         ("heads replaced", "-", f"{s['heads_replaced']} of {s['heads_total']}",
          f"whole blocks {', '.join(map(str, s['whole_blocks']))}" if s["whole_blocks"] else "scattered"),
+        ("local heads (>= 50% in 3 x 3)", f"{s['local_heads']} of {s['heads_total']}", "",
+         f"most local {s['local_share_max']:.0%}; uniform attention {s['uniform_share']:.0%}"),
         ("parameters", f"{s['params_baseline']:,}", f"{s['params_compressed']:,}",
          f"{s['params_compressed'] / s['params_baseline'] - 1:+.1%}"),
         ("GMACs / image", f"{s['gmacs_baseline']:.4g}", f"{s['gmacs_compressed']:.4g}",

@@ -42,7 +42,8 @@ def test_the_pipeline_writes_every_output_and_reruns_only_what_changed(tiny_conf
     assert sum(len(h) for h in selection["heads"].values()) == 4  # half of 2 blocks x 4 heads
     assert open(f"{out}/select/heatmap.png", "rb").read(4) == b"\x89PNG"
     scores = pd.read_csv(f"{out}/score/scores.csv")
-    assert list(scores.columns) == ["block", "head", "sigma_h", "sigma_b"] and len(scores) == 8
+    assert list(scores.columns) == ["block", "head", "sigma_h", "sigma_b", "local_share"] and len(scores) == 8
+    assert scores.local_share.between(0, 1).all()
     metrics = json.loads(open(f"{out}/evaluate/metrics.json").read())
     assert set(metrics) >= {"baseline", "replaced", "compressed", "top1_drop"}
     assert metrics["top1_drop"] == pytest.approx(metrics["baseline"]["top1"] - metrics["compressed"]["top1"])
@@ -265,6 +266,9 @@ def test_the_closing_summary_reports_what_the_stages_measured(finished_pipeline)
     assert f"{metrics['compressed']['top1']:.2%}" in text and "4 of 8" in text
     assert f"whole blocks {s['whole_blocks'][0]}" in text and f"{s['speedup_b4']:.3f}x (onnxruntime)" in text
     assert "speedup in eager" in text and f"batch 1: {s['eager_speedup_b1']:.3f}x, batch 4: " in text
+    scores = pd.read_csv(f"{cfg.paths.outputs}/score/scores.csv")
+    assert s["local_heads"] == (scores.local_share >= 0.5).sum() and 0 < s["uniform_share"] < s["local_share_max"]
+    assert f"{s['local_heads']} of 8" in text and f"most local {s['local_share_max']:.0%}" in text
 
 
 def test_selection_by_fit_and_the_global_variant_run_as_stages(finished_pipeline):

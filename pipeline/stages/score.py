@@ -1,4 +1,5 @@
-"""Stage score: score every head of the fine-tuned baseline (Sigma_h, Sigma_b) on training images."""
+"""Stage score: score every head of the fine-tuned baseline (Sigma_h, Sigma_b) on training images, and how
+local each head's attention is (its share inside the 3 x 3 window, convheads.locality)."""
 from pathlib import Path
 from typing import Dict
 
@@ -6,6 +7,7 @@ import pandas as pd
 import torch
 
 from convheads import HeadScores, score_heads
+from convheads.locality import local_share, uniform_share
 from convheads.precision import resolve_device
 
 from ..artifacts import SCORES, SCORES_TABLE, stage_model
@@ -20,14 +22,21 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     scores = score_heads(model, batches, max_images=cfg.score.max_images, precision=cfg.precision)
     torch.save(scores.to_dict(), out / SCORES)
     scores_table(scores).to_csv(out / SCORES_TABLE, index=False)
+    local = local_share(scores, LOCAL_WINDOW)
     return {"num_images": scores.num_images, "sigma_h_min": scores.sigma_h.min().item(),
-            "sigma_h_max": scores.sigma_h.max().item()}
+            "sigma_h_max": scores.sigma_h.max().item(),
+            # heads with at least half their attention on the 3 x 3 neighbourhood: what a convolution can be
+            "local_heads": int((local >= 0.5).sum()), "local_share_max": local.max().item(),
+            "uniform_share": uniform_share(scores.grid_size, scores.num_prefix_tokens, LOCAL_WINDOW)}
 
 
 def scores_table(scores: HeadScores) -> pd.DataFrame:
     depth, heads = scores.sigma_h.shape
+    local = local_share(scores, LOCAL_WINDOW)
     return pd.DataFrame([{"block": b, "head": h, "sigma_h": scores.sigma_h[b, h].item(),
-                          "sigma_b": scores.sigma_b[b].item()} for b in range(depth) for h in range(heads)])
+                          "sigma_b": scores.sigma_b[b].item(), "local_share": local[b, h].item()}
+                         for b in range(depth) for h in range(heads)])
 
 
+LOCAL_WINDOW = 3
 STAGE = Stage("score", run, ("score", "device", "precision"), needs=("baseline",))
