@@ -1,4 +1,4 @@
-"""The head-ensembled variant computes METHOD.md's formula, folds exactly, and counts exactly."""
+"""The head-ensembled variant computes its formula (see convheads/ensemble.py), folds exactly, counts exactly."""
 import pytest
 import torch
 from helpers import banded_attention, prefixed_vit, tiny_vit, value_and_output_weights
