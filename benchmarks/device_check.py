@@ -46,6 +46,7 @@ from torch import nn
 
 from convheads import ConvHeadAttention, EnsembleHeadAttention, Selection, replace_heads
 from convheads.dsp import GatedAttention
+from convheads.engine.timing import synchronize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Largest |device - reference| over the largest |reference|, for outputs and for every gradient.
@@ -94,11 +95,6 @@ class Deadline:
 
     def passed(self) -> bool:
         return self.left() <= 0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------- a. correctness
@@ -303,12 +299,12 @@ def training(device: torch.device, setting: Setting, batch: int, steps: int, dea
                 torch.cuda.reset_peak_memory_stats(device)
 
             _train_step(model, optimizer, x, target)   # the first step allocates the optimizer's state
-            _sync(device)
+            synchronize(device)
             start, done = time.perf_counter(), 0
             while done < steps and not (done and deadline.passed()):
                 _train_step(model, optimizer, x, target)
                 done += 1
-            _sync(device)
+            synchronize(device)
             seconds = (time.perf_counter() - start) / done
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
             rows.append({**row, "median_ms": seconds * 1e3, "rounds": done, "images_per_s": batch / seconds,

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
-import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,7 +29,7 @@ from ..precision import autocast
 RUNTIMES = ("onnxruntime", "eager", "compile")
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -60,11 +59,11 @@ def time_models(models: Mapping[str, Callable], inputs: torch.Tensor, warmup: in
     times: Dict[str, List[float]] = {name: [] for name in models}
     for r in tqdm(range(warmup + repeats), desc="timing", unit="round", disable=not progress, leave=False):
         for name, model in models.items():
-            _sync(inputs.device)
+            synchronize(inputs.device)
             start = time.perf_counter()
             with autocast(precision, inputs.device):
                 model(inputs)
-            _sync(inputs.device)
+            synchronize(inputs.device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
@@ -165,6 +164,8 @@ class PeakMemory:
 
     def __init__(self, every_s: float = 0.002):
         self.every_s, self.peak_mb, self._done = every_s, 0.0, threading.Event()
+        import psutil  # here: only the sampler needs it, and the device check imports this module without it
+
         self._process = psutil.Process()
 
     def _sample(self) -> None:
