@@ -15,14 +15,16 @@ from ..config import PipelineConfig
 from ..loaders import loader
 from ..runner import Stage
 
+LOCAL_WINDOW = 3   # the method's default kernel size: how local a head must be for it
+
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
     model = stage_model(cfg, "baseline").to(resolve_device(cfg.device))
     batches = loader(cfg, model, "train", cfg.score.batch_size, train=True)
     scores = score_heads(model, batches, max_images=cfg.score.max_images, precision=cfg.precision)
     torch.save(scores.to_dict(), out / SCORES)
-    scores_table(scores).to_csv(out / SCORES_TABLE, index=False)
     local = local_share(scores, LOCAL_WINDOW)
+    scores_table(scores, local).to_csv(out / SCORES_TABLE, index=False)
     return {"num_images": scores.num_images, "sigma_h_min": scores.sigma_h.min().item(),
             "sigma_h_max": scores.sigma_h.max().item(),
             # heads with at least half their attention on the 3 x 3 neighbourhood: what a convolution can be
@@ -30,13 +32,12 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
             "uniform_share": uniform_share(scores.grid_size, scores.num_prefix_tokens, LOCAL_WINDOW)}
 
 
-def scores_table(scores: HeadScores) -> pd.DataFrame:
+def scores_table(scores: HeadScores, local: torch.Tensor) -> pd.DataFrame:
+    """One row per head; local: [depth, heads] local_share."""
     depth, heads = scores.sigma_h.shape
-    local = local_share(scores, LOCAL_WINDOW)
     return pd.DataFrame([{"block": b, "head": h, "sigma_h": scores.sigma_h[b, h].item(),
                           "sigma_b": scores.sigma_b[b].item(), "local_share": local[b, h].item()}
                          for b in range(depth) for h in range(heads)])
 
 
-LOCAL_WINDOW = 3
 STAGE = Stage("score", run, ("score", "device", "precision"), needs=("baseline",))
