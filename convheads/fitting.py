@@ -14,8 +14,12 @@ k x k window W around each query patch, E[A] is read as a uniform level plus a l
 "depthwise" has no uniform level (u = 0), no gamma and no phi (a prefix token keeps weight 1 on
 itself). beta: the layer adds beta * v_prefix to the patch values before the convolution, so a
 prefix token's weight on patch p is beta * (the sum of the kernel taps that land on the grid at
-p); S is that sum averaged over the patches, so the mean weight equals E[A]'s (the raw mean weight
-would be too small by S). A head that attends exactly uniformly is reproduced exactly.
+p); S is that sum averaged over the patches (the kernel's mass), so the mean weight equals E[A]'s
+(the raw mean weight would be too small by S). A head that attends exactly uniformly is reproduced
+exactly. Below a mass of BETA_MASS the division is guarded: beta = excess * S / BETA_MASS^2, which
+fades to 0 with the mass (continuous at BETA_MASS). Without the guard a near-uniform head under
+depthwise_global (kernel ~ 0 once the uniform level is taken out) gets |beta| of 20-40, and beta
+scales a prefix token's values, which can have a far larger norm than the patches'.
 
 `fit_scores`: 1 - the total-variation distance between each row of E[A] and the same row of
 the matrix the fitted layer computes, averaged over rows: 1 when the variant represents the head's
@@ -32,7 +36,7 @@ from .mixing import banded_matrix, depthwise_mix
 from .scoring import HeadScores
 
 FITTED = ("depthwise", "depthwise_global", "fixed")  # the variants fit_mixing fits
-EPS = 1e-6  # below this mean kernel sum a prefix token cannot reach the patches through the kernel: beta = 0
+BETA_MASS = 0.05  # below this kernel mass beta is guarded (see the module docstring); |beta| <= excess / BETA_MASS
 
 
 def _offset_counts(h: int, w: int) -> torch.Tensor:
@@ -71,10 +75,11 @@ def fit_mixing(scores: HeadScores, kernel_size: int, variant: str) -> Dict[str, 
         u = offsets.new_zeros(offsets.shape[:2])
     tap_counts = _window(counts, h, w, kernel_size)                     # 0 for taps beyond the grid
     kernel = (_window(offsets, h, w, kernel_size) - u[..., None, None]) * (tap_counts > 0)
-    mean_sum = (kernel * tap_counts).sum(dim=(-2, -1)) / (h * w)        # S: the kernel's mean in-grid sum
-    safe = torch.where(mean_sum.abs() > EPS, mean_sum, torch.ones_like(mean_sum))
-    beta = torch.where(mean_sum.abs()[..., None] > EPS,
-                       (scores.patch_to_prefix.double() - u[..., None]) / safe[..., None], 0.0)
+    mass = (kernel * tap_counts).sum(dim=(-2, -1)) / (h * w)            # S: the kernel's mean in-grid sum
+    excess = scores.patch_to_prefix.double() - u[..., None]             # [D, H, P]
+    guarded = mass.abs() < BETA_MASS
+    divisor = torch.where(guarded, torch.full_like(mass, BETA_MASS ** 2), mass ** 2)
+    beta = excess * (mass / divisor)[..., None]                         # excess / S, or excess * S / BETA_MASS^2
     fit = {"kernel": kernel, "alpha": scores.prefix_to_patches.double(), "beta": beta}
     if variant == "depthwise_global":
         fit["gamma"] = u * N

@@ -2,7 +2,12 @@
 
 Sigma_h, a head's score, is the sum over (query, key) of the standard deviation of its attention
 weight A[query, key] over images: 0 for a head that attends the same way whatever the image, as a
-convolution does. Sigma_b, a block's, is the mean of its heads'.
+convolution does. Sigma_b, a block's, is the mean of its heads'. tokens="patches" (the default)
+sums over patch queries and patch keys only, as the reference implementation does (without the
+CLS token): the convolution replaces the patch-to-patch mixing, while the prefix tokens' rows and
+columns are handled by the layer's prefix scalars, and a CLS row that varies from image to image
+would otherwise count against a head whose patch mixing is perfectly fixed. tokens="all" sums over
+every (query, key) pair.
 
 A streaming per-element mean and variance of every block's attention probabilities is kept over
 images (Chan/Welford merge, float64, Bessel's correction), so memory is
@@ -10,7 +15,7 @@ O(blocks x heads x tokens^2) whatever the number of images. Fused attention kern
 the probabilities, so a pre-hook on each attention module recomputes them explicitly from the
 module's own Q/K weights under no_grad; the model's computation is untouched.
 """
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -23,6 +28,8 @@ from .layers import ReplacedAttention
 from .modes import eval_mode
 from .precision import autocast, input_dtype
 from .vit import as_vit, vit_info
+
+SIGMA_TOKENS = ("patches", "all")
 
 
 @dataclass
@@ -41,6 +48,7 @@ class HeadScores:
     num_images: int
     grid_size: Tuple[int, int]
     num_prefix_tokens: int
+    sigma_tokens: str = "all"        # what sigma_h sums over: "patches" (patch pairs) or "all" (every pair)
 
     # offset_attention[b, i, h-1+dy, w-1+dx] is the mean attention weight, over images and over
     # the query patches p whose neighbour p + (dy, dx) lies on the grid, from p to that neighbour.
@@ -74,7 +82,7 @@ class HeadScores:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadScores":
-        missing = [f.name for f in fields(cls) if f.name not in d]
+        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
         if missing:
             raise ConvHeadsError(f"a score file without {', '.join(missing)}: it was written by another version of "
                                  f"convheads; score the model again (score_heads, or the score stage)")
@@ -146,14 +154,17 @@ def score_heads(
         max_images: Optional[int] = 1000,
         progress: bool = True,
         precision: str = "fp32",
+        tokens: str = "patches",
 ) -> HeadScores:
     """Score every attention head of a timm ViT on up to `max_images` images (see the module docstring).
 
     batches: an iterable of image tensors [B, 3, H, W] or of (images, labels) pairs, e.g. a DataLoader.
     The model runs in eval mode; its previous mode is restored afterwards. precision bf16 / fp16
     computes the attention maps under autocast (in low precision); their statistics are
-    accumulated in float64 whatever the precision.
+    accumulated in float64 whatever the precision. tokens: "patches" | "all", what Sigma_h sums over.
     """
+    if tokens not in SIGMA_TOKENS:
+        raise ConvHeadsError(f"tokens must be one of {SIGMA_TOKENS}; got {tokens!r}")
     info, model = vit_info(model), as_vit(model)  # a segmentation model: its backbone's heads
     if any(isinstance(b.attn, ReplacedAttention) for b in model.blocks):
         raise ConvHeadsError("the model already has replaced heads; score the model before replace_heads")
@@ -193,9 +204,14 @@ def score_heads(
     P = info.num_prefix_tokens
     means = torch.stack([m.mean for m in moments])  # [depth, H, N, N]
     return HeadScores(
-        sigma_h=torch.stack([m.std().sum(dim=(-2, -1)) for m in moments]).cpu(),
+        sigma_h=torch.stack([_sigma(m.std(), P if tokens == "patches" else 0) for m in moments]).cpu(),
         offset_attention=torch.stack([_offset_means(m, grid, P) for m in means]).cpu(),
         patch_to_prefix=means[..., P:, :P].mean(dim=-2).cpu(),
         prefix_to_patches=means[..., :P, P:].sum(dim=-1).cpu(),
         num_images=seen, grid_size=grid, num_prefix_tokens=P, prefix_to_prefix=means[..., :P, :P].cpu(),
-        mean_attention=means.half().cpu())
+        mean_attention=means.half().cpu(), sigma_tokens=tokens)
+
+
+def _sigma(std: torch.Tensor, skip: int) -> torch.Tensor:
+    """[heads]: the sum of std [heads, N, N] over (query, key), without the first `skip` rows and columns."""
+    return std[..., skip:, skip:].sum(dim=(-2, -1))

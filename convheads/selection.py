@@ -3,7 +3,8 @@
 Methods (`METHODS`, the `select.method` of the pipeline) rank the heads (or blocks) and take the first:
   sigma      lowest Sigma_h (Sigma_b) first: the heads whose attention depends least on the input
   fit        highest fit score first (fitting.fit_scores): the heads whose mean attention the
-             replacement represents best (band + uniform level + prefix terms)
+             replacement variant in use represents best (depthwise: band + prefix terms;
+             depthwise_global: also the uniform level)
   sigma_fit  lowest sum of the two ranks first (ties: the lower Sigma). Ranks, not a product or a
              sum of the scores: Sigma is a sum of standard deviations over N^2 entries (its scale
              depends on the token count and the model), fit a bounded fraction; ranks are
@@ -16,7 +17,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 
 from .errors import ConvHeadsError
-from .fitting import fit_scores
+from .fitting import FITTED, fit_scores
 from .scoring import HeadScores
 
 GRANULARITIES = ("head", "block")
@@ -138,9 +139,9 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def ranking(scores: HeadScores, method: str = "sigma", granularity: str = "head", kernel_size: int = 3,
-            seed: int = 0) -> torch.Tensor:
+            seed: int = 0, variant: str = "depthwise") -> torch.Tensor:
     """The heads (flat index block * heads + head) or blocks, in the order `method` replaces them
-    (`seed`: the random order's)."""
+    (`seed`: the random order's; `variant`: whose fit "fit" and "sigma_fit" rank by)."""
     check_method(method)
     depth, num_heads = scores.sigma_h.shape
     units = _units(depth, num_heads, granularity)
@@ -149,7 +150,11 @@ def ranking(scores: HeadScores, method: str = "sigma", granularity: str = "head"
     sigma = scores.sigma_h if granularity == "head" else scores.sigma_b[:, None]
     if method == "sigma":
         return torch.argsort(sigma.flatten(), stable=True)
-    fit = fit_scores(scores, kernel_size).double()
+    if variant not in FITTED:
+        raise ConvHeadsError(f"select method {method!r} ranks heads by how well the replacement fits their mean "
+                             f"attention, and variant {variant!r} has no attention fit (variants with one: {FITTED}); "
+                             f"use method 'sigma'")
+    fit = fit_scores(scores, kernel_size, variant).double()
     fit = (fit if granularity == "head" else fit.mean(dim=1, keepdim=True)).flatten()
     if method == "fit":
         return torch.argsort(-fit, stable=True)
@@ -166,9 +171,10 @@ def select_heads(
         method: str = "sigma",
         kernel_size: int = 3,
         seed: int = 0,
+        variant: str = "depthwise",
 ) -> Selection:
     """The first `count` (or `fraction` of all) heads ("head") or whole blocks ("block") by `method`
-    (see METHODS above; "fit" and "sigma_fit" score the fit of a k x k kernel, `kernel_size`;
+    (see METHODS above; "fit" and "sigma_fit" score the fit of `variant`'s k x k kernel, `kernel_size`;
     "random" draws its order from `seed`).
 
     Ties are broken by index, so the result is deterministic.
@@ -183,5 +189,5 @@ def select_heads(
             raise ConvHeadsError(f"fraction must be in (0, 1]; got {fraction}")
         count = max(1, round(fraction * units))
     check_count(count, depth, num_heads, granularity)
-    order = ranking(scores, method, granularity, kernel_size, seed)[:count].tolist()
+    order = ranking(scores, method, granularity, kernel_size, seed, variant)[:count].tolist()
     return Selection.from_units(order, granularity, num_heads, depth)

@@ -9,7 +9,7 @@ from helpers import banded_attention, head_scores, prefixed_vit, tiny_vit, value
 import convheads
 from convheads import ConvHeadsError, HeadScores, Selection, fit_scores, replace_heads, score_heads, select_heads
 from convheads.engine.training import new_parameters
-from convheads.fitting import fit_mixing, implied_attention
+from convheads.fitting import BETA_MASS, fit_mixing, implied_attention
 
 
 def global_matrix(kernel, gamma, phi, alpha, beta, h, w, P):
@@ -94,14 +94,24 @@ def test_a_uniform_head_is_reproduced_by_the_fitted_global_layer_and_not_by_dept
 
 def test_the_prefix_fit_matches_what_the_layer_computes():
     """beta is added before the convolution: the fitted layer gives each prefix token the mean weight on
-    the patches that E[A] has (today's raw beta would be too small by the kernel's sum)."""
+    the patches that E[A] has (a raw beta would be too small by the kernel's sum), unless the kernel's
+    mass is below BETA_MASS: then beta is guarded (bounded by excess / BETA_MASS) and the weight falls short."""
     model = prefixed_vit(5)
     scores = score_heads(model, [torch.randn(4, 3, 40, 24)], progress=False)
     for variant in ("depthwise", "depthwise_global"):
         fit = fit_mixing(scores, 3, variant)
         implied = implied_attention(fit, scores.grid_size, 5)
-        torch.testing.assert_close(implied[..., 5:, :5].mean(dim=-2), scores.patch_to_prefix.float(),
-                                   atol=1e-6, rtol=1e-4)
+        weight = implied[..., 5:, :5].mean(dim=-2)                      # [D, H, P]: what the layer gives
+        excess = scores.patch_to_prefix.float() - (fit["gamma"][..., None] / implied.shape[-1]
+                                                    if "gamma" in fit else 0)
+        mass = (weight - scores.patch_to_prefix.float() + excess) / fit["beta"]   # the kernel's mass S
+        exact = (mass.abs() >= BETA_MASS).all(dim=-1)
+        torch.testing.assert_close(weight[exact], scores.patch_to_prefix.float()[exact], atol=1e-6, rtol=1e-4)
+        assert (fit["beta"][~exact].abs() <= excess[~exact].abs() / BETA_MASS + 1e-6).all()
+        if variant == "depthwise":  # a random ViT's heads are near-uniform: the depthwise kernel keeps ~9/N of it
+            assert exact.all()
+        else:  # ... and the global fit takes that as the uniform level: kernels near 0, beta guarded
+            assert not exact.all() and fit["beta"].abs().max() < 5
         torch.testing.assert_close(implied[..., :5, 5:].sum(dim=-1), scores.prefix_to_patches.float())
     # the layers start from these parameters
     replace_heads(model, Selection({1: [0, 2]}), variant="depthwise_global", init="attention", scores=scores)
@@ -174,7 +184,7 @@ def test_fit_and_sigma_fit_selection():
     scores = head_scores(sigma)
     import convheads.selection as selection
     original = selection.fit_scores
-    selection.fit_scores = lambda s, k: fit     # the ranking's arithmetic, on chosen fits
+    selection.fit_scores = lambda s, k, variant: fit     # the ranking's arithmetic, on chosen fits
     try:
         assert select_heads(scores, count=2, method="fit").heads == {0: [1], 1: [0]}
         # ranks: sigma (0, 1, 2, 3), fit (3, 0, 1, 2): sums 3, 1, 3, 5; the tie of heads 0 and 2 goes to lower sigma
@@ -182,6 +192,21 @@ def test_fit_and_sigma_fit_selection():
         assert select_heads(scores, count=1, granularity="block", method="fit").heads == {1: [0, 1]}
     finally:
         selection.fit_scores = original
+
+
+def test_fit_ranks_by_the_fit_of_the_variant_in_use():
+    model = prefixed_vit(1)
+    scores = score_heads(model, [torch.randn(4, 3, 40, 24)], progress=False)
+    orders = {}
+    for variant in ("depthwise", "depthwise_global"):
+        fit = fit_scores(scores, 3, variant).flatten()
+        chosen = select_heads(scores, count=3, method="fit", variant=variant)
+        best = torch.argsort(-fit, stable=True)[:3].tolist()
+        assert sorted(b * scores.num_heads + h for b, hs in chosen.heads.items() for h in hs) == sorted(best)
+        orders[variant] = best
+    assert orders["depthwise"] != orders["depthwise_global"]  # else the test could not tell them apart
+    with pytest.raises(ConvHeadsError, match="variant 'identity' has no attention fit.*use method 'sigma'"):
+        select_heads(scores, count=1, method="sigma_fit", variant="identity")
 
 
 def test_bad_fit_requests_get_clear_errors():

@@ -26,9 +26,12 @@ def test_sigma_equals_the_sum_of_per_element_standard_deviations():
     model = tiny_vit()
     images = torch.randn(8, 3, 32, 32)
     maps = reference_maps(model, images)
-    scores = score_heads(model, [images[:3], images[3:4], images[4:]], progress=False)
+    scores = score_heads(model, [images[:3], images[3:4], images[4:]], progress=False, tokens="all")
     expected = maps.std(dim=0, unbiased=True).sum(dim=(-2, -1))  # Bessel's correction
     torch.testing.assert_close(scores.sigma_h, expected, atol=1e-7, rtol=1e-6)  # float32 maps
+    patches = score_heads(model, [images], progress=False)  # the default: patch queries and keys (token 0 is CLS)
+    torch.testing.assert_close(patches.sigma_h, maps.std(dim=0)[..., 1:, 1:].sum(dim=(-2, -1)), atol=1e-7, rtol=1e-6)
+    assert (patches.sigma_h < scores.sigma_h).all() and patches.sigma_tokens == "patches"
     assert scores.sigma_h.dtype == torch.float64 and scores.sigma_h.shape == (3, 4)
     torch.testing.assert_close(scores.sigma_b, expected.mean(dim=1))
     assert scores.num_images == 8

@@ -7,7 +7,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend on servers and workers
 
 from convheads import HeadScores, Selection, select_heads
-from convheads.fitting import fit_scores
+from convheads.fitting import FITTED, fit_scores
 
 from ..artifacts import SELECTION, load_scores
 from ..config import DSP, PipelineConfig
@@ -25,9 +25,9 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     else:  # dsp learns its choice in recovery: here, Sigma's choice at the same budget (the replaced model's)
         selection = select_heads(scores, count=s.count, fraction=None if s.count else s.fraction,
                                  granularity=s.granularity, method="sigma" if s.method == DSP else s.method,
-                                 kernel_size=k, seed=cfg.seed)
+                                 kernel_size=k, seed=cfg.seed, variant=cfg.replace.variant)
     (out / SELECTION).write_text(selection.to_json() + "\n")
-    fit = fit_scores(scores, k)
+    fit = fit_scores(scores, k, fitted_variant(cfg.replace.variant))
     heads_table(scores, fit, selection).to_csv(out / HEADS_TABLE, index=False)
     plot_scores(scores, selection, out / HEATMAP, fit, k)
     return {"heads_replaced": selection.num_replaced, "heads_total": depth * num_heads,
@@ -35,6 +35,12 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
             "whole_blocks": sorted(b for b, h in selection.heads.items() if len(h) == num_heads),
             "fit_selected_mean": float(sum(fit[b, h].item() for b, hs in selection.heads.items() for h in hs)
                                        / selection.num_replaced)}
+
+
+def fitted_variant(variant: str) -> str:
+    """Whose fit heads.csv and the heat map show: the variant's, or the depthwise one's (identity,
+    drop and ensemble have no fit of their own)."""
+    return variant if variant in FITTED else "depthwise"
 
 
 def heads_table(scores: HeadScores, fit, selection: Selection) -> pd.DataFrame:
@@ -51,7 +57,7 @@ def plot_scores(scores: HeadScores, selection: Selection, path: Path, fit, kerne
     """Sigma_h per block and head (selected heads crossed out), the fit score beside it, and Sigma_b per block."""
     depth, heads = scores.sigma_h.shape
     maps = [(scores.sigma_h, "viridis", "Sigma_h", "Sigma_h (low = convolution-like)"),
-            (fit, "magma", f"fit ({kernel_size}x{kernel_size} band + uniform)", "fit of E[A] (high = representable)")]
+            (fit, "magma", f"fit of the {kernel_size}x{kernel_size} replacement", "fit of E[A] (high = representable)")]
     fig = Figure(figsize=(4 + 0.5 * heads * len(maps), 1.5 + 0.4 * depth), layout="constrained")
     axes = fig.subplots(1, len(maps) + 1, gridspec_kw={"width_ratios": [heads] * len(maps) + [3]})
     for ax, (values, cmap, name, label) in zip(axes, maps):
