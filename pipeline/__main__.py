@@ -6,9 +6,10 @@ the configuration file.
     python -m pipeline listing FILE [--params params.yaml] [key=value ...]   # the data source's listing -> FILE
     python -m pipeline params [--check]      # params.yaml as the schema's defaults say (--check: compare)
 
-Stages: data, baseline, score, select, replace, recover, evaluate, benchmark. The training
-stages (baseline, recover) launch themselves under torchrun when `distributed` asks for more than
-one process (pipeline.launch): this same command line, once per process.
+Stages: data, baseline, score, select, replace, recover, evaluate, benchmark; and pretrain
+(flows.pretrain). The training stages (baseline, recover) launch themselves under torchrun when
+`distributed` asks for more than one process (pipeline.launch): this same command line, once per
+process.
 """
 import argparse
 import sys
@@ -20,7 +21,7 @@ from convheads.precision import resolve_device
 
 from . import preflight
 from .config import load_config
-from .dag import STAGES
+from .dag import ALL_STAGES
 from .launch import TRAINING_STAGES, launch, world_size
 from .lock import held_by_launcher, hold
 from .params_file import PARAMS_FILE, check_params_file, params_yaml
@@ -42,8 +43,8 @@ def main(argv=None) -> int:
         if args.command == "params":
             return _params(args.params, args.check)
         target = rest.pop(0) if args.command in ("run", "listing") and rest else None
-        if args.command == "run" and target not in STAGES:
-            p.error(f"run needs a stage name, one of: {', '.join(STAGES)}")
+        if args.command == "run" and target not in ALL_STAGES:
+            p.error(f"run needs a stage name, one of: {', '.join(ALL_STAGES)}")
         if args.command == "listing" and not target:
             p.error("listing needs the file to write")
         cfg = load_config(args.params, rest)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
             if launched:
                 return launch(cfg, argv if argv is not None else sys.argv[1:])
             if target:
-                _report(execute(STAGES[target], cfg, force=args.force))
+                _report(execute(ALL_STAGES[target], cfg, force=args.force))
             else:
                 from .registry import register  # MLflow: imported by the one command that uses it
                 from .tracking import log_all
@@ -95,7 +96,7 @@ def _worker(cfg, stage, force: bool) -> int:
     distributed.setup(distributed.local_device(resolve_device(cfg.device)))
     try:
         with held_by_launcher(cfg, f"python -m pipeline run {stage} (torchrun)"):
-            outcome = execute(STAGES[stage], cfg, force=force)
+            outcome = execute(ALL_STAGES[stage], cfg, force=force)
         if distributed.is_main():
             _report(outcome)
     finally:

@@ -17,11 +17,15 @@ from pydantic.dataclasses import dataclass as settings_section
 
 from convheads import ConvHeadsError
 from convheads.data.images import AUGMENTATIONS
+from convheads.data.photos import PhotoSettings
 from convheads.dsp import DSPSettings
 from convheads.engine.timing import RUNTIMES
 from convheads.engine.training import TrainSettings
+from convheads.fitting import FITTED
 from convheads.layers import CONV_VARIANTS
+from convheads.mim import PretrainSettings
 from convheads.precision import DEVICES, PRECISIONS, resolve_device
+from convheads.scoring import SIGMA_TOKENS
 from convheads.selection import GRANULARITIES, METHODS
 from convheads.surgery import ReplaceSettings
 
@@ -45,6 +49,9 @@ DIGITS_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "nu
 # to train in minutes; 6 blocks of 4 heads of width 16.
 SCENES_VIT = {"patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4}
 
+# The embedded default's backbone: pretrained by `python -m flows.pretrain --ship` (pipeline/stages/pretrain.py).
+PHOTOS_CHECKPOINT = "data/pretrained/photos_vit.pt"
+
 SECTION = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
@@ -59,11 +66,34 @@ class PathsConfig(Section):
     """One folder per stage."""
 
 
+class PhotosConfig(Section):
+    """data.source=photos: crops of the photographs bundled with scikit-image and scikit-learn, labelled by the
+    photograph they come from. Each photograph is cut into tiles and every tile belongs to one split, so test
+    crops share no pixel with training crops (convheads/data/photos.py)."""
+    tile: PositiveInt = 64
+    """Side of the tiles, in the photographs' pixels; data.val_fraction and data.test_fraction of them are held out."""
+    crop: PositiveInt = 48
+    """Side of a crop, in the photographs' pixels (at most tile); resized to data.image_size."""
+    train: PositiveInt = 300
+    """Crops per photograph (class) in each split."""
+    val: PositiveInt = 60
+    test: PositiveInt = 280
+    """18 photographs x 280 = 5,040 test crops: a 1-point difference between two models is resolved."""
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.crop > self.tile:
+            raise ValueError(f"data.photos.crop ({self.crop} px) must fit inside a tile (data.photos.tile = "
+                             f"{self.tile} px): lower crop or raise tile")
+        return self
+
+
 class DataConfig(Section):
     """Where the images come from. A folder or CSV is read in place (never copied): the data stage
     writes a manifest (path, label, split, size, content hash) whose hash is the data version."""
-    source: Literal["digits", "folder", "csv", "torchvision"] = "digits"
-    """digits (bundled with scikit-learn) | folder | csv | torchvision."""
+    source: Literal["digits", "photos", "folder", "csv", "torchvision"] = "digits"
+    """digits (bundled with scikit-learn) | photos (crops of the photographs bundled with scikit-image and
+    scikit-learn) | folder | csv | torchvision."""
     path: Optional[str] = None
     """folder: <path>/<class>/<image>, or <path>/{train,val,test}/<class>/<image> (ImageNet's train/ and val/:
     val is the test split); csv: a CSV file with columns path,label[,split], paths relative to its folder."""
@@ -74,7 +104,8 @@ class DataConfig(Section):
     download_dir: str = "data/downloads"
     """Where torchvision datasets are downloaded to."""
     image_size: PositiveInt = 32
-    """digits: the size the 8 x 8 digits are rendered at."""
+    """digits, photos: the size the images are rendered at."""
+    photos: PhotosConfig = PhotosConfig()
     val_fraction: float = Field(0.15, gt=0, lt=1)
     """Splits a source does not have are carved out of its training images, by a seeded hash of each path."""
     test_fraction: float = Field(0.15, gt=0, lt=1)
@@ -165,10 +196,40 @@ class LoaderConfig(Section):
     """Keep the workers between epochs."""
 
 
+PRETRAIN_SOURCES = ("photos", "folder")
+
+
+@settings_section(frozen=True, kw_only=True, config=SECTION)
+class PretrainConfig(PretrainSettings):
+    """Stage pretrain (python -m flows.pretrain): masked image modelling (SimMIM, convheads/mim.py) of a ViT
+    on random crops of the training tiles, the way foundation models learn convolution-like heads. Its
+    backbone.pt is what model.checkpoint takes; the embedded default ships one (data/pretrained/)."""
+    source: Literal[PRETRAIN_SOURCES] = "photos"
+    """photos (the bundled photographs' training tiles, data.photos) | folder (every image under pretrain.path,
+    tiled the same way)."""
+    path: Optional[str] = None
+    """source=folder: a folder of images (any layout; labels are not used)."""
+    kwargs: Dict[str, Any] = Field(default_factory=lambda: dict(DIGITS_VIT))
+    """timm.create_model arguments of the ViT (model.name's family) to pretrain."""
+    scale: Tuple[float, float] = (0.5, 1.25)
+    """Crop sides, relative to data.photos.crop, are drawn from this range (at most tile / crop)."""
+
+    @model_validator(mode="after")
+    def _source_needs(self):
+        if self.source == "folder" and not self.path:
+            raise ValueError("pretrain.source=folder needs pretrain.path: a folder of images")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"pretrain.scale must be (low, high) with 0 < low <= high; got {self.scale}")
+        return self
+
+
 class ScoreConfig(Section):
     max_images: int = Field(1000, ge=2)
     """Training images Sigma_h is measured on."""
     batch_size: PositiveInt = 8
+    sigma_tokens: Literal[SIGMA_TOKENS] = "patches"
+    """patches: Sigma_h sums the std of the patch-to-patch weights, what the convolution replaces (the
+    reference's, without CLS; prefix tokens have their own scalars) | all: over every (query, key) pair."""
 
 
 DSP = "dsp"  # select.method: learned during recovery (convheads.dsp)
@@ -178,7 +239,10 @@ DSP = "dsp"  # select.method: learned during recovery (convheads.dsp)
 class DSPConfig(DSPSettings):
     """select.method=dsp: gates learn the choice during recovery (convheads/dsp.py)."""
     anneal_epochs: Optional[PositiveInt] = None
-    """The temperature falls over this many recovery epochs (null: all of recover.epochs)."""
+    """The temperature falls over this many recovery epochs (null: all the gated epochs)."""
+    hard_epochs: int = Field(1, ge=0)
+    """The last recovery epochs train the finalised model (the hard top-k, no gates, no noise); the gates train
+    in the epochs before them (at least one: with recover.epochs <= hard_epochs, all but one are hard)."""
 
 
 class SelectConfig(Section):
@@ -357,6 +421,7 @@ class PipelineConfig(Section):
     replace: ReplaceConfig = ReplaceConfig()
     recover: TrainConfig
     """Stage recover: fine-tune the replaced model to recover accuracy."""
+    pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     loader: LoaderConfig = LoaderConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
@@ -388,9 +453,18 @@ class PipelineConfig(Section):
         if self.replace.variant == "ensemble" and self.select.blocks is None and self.select.granularity != "block":
             raise ValueError("replace.variant=ensemble merges whole blocks; set select.granularity=block "
                              "(or select.blocks)")
+        if self.select.method in ("fit", "sigma_fit") and self.replace.variant not in FITTED:
+            raise ValueError(f"select.method={self.select.method} ranks heads by the fit of replace.variant, and "
+                             f"{self.replace.variant} has none (variants with one: {', '.join(FITTED)}); use "
+                             f"select.method=sigma")
         if self.select.method == DSP and self.replace.variant not in CONV_VARIANTS:
             raise ValueError(f"select.method=dsp gates a convolution branch: replace.variant must be one of "
                              f"{CONV_VARIANTS}")
+        crops = self.data.photos
+        if self.pretrain.scale[1] * crops.crop > crops.tile:
+            raise ValueError(f"pretrain.scale's largest crop ({self.pretrain.scale[1]} x data.photos.crop = "
+                             f"{self.pretrain.scale[1] * crops.crop:g} px) is larger than a tile ({crops.tile} px): "
+                             f"lower pretrain.scale or raise data.photos.tile")
         if self.task == "segmentation" and self.data.source not in ("digits", "folder"):
             raise ValueError("task=segmentation reads data.source=digits (generated scenes) or folder (ADE20K's "
                              f"layout), not {self.data.source}")
@@ -503,6 +577,12 @@ def load_config(params_file: Optional[str] = "params.yaml", overrides: Optional[
         if not isinstance(data, dict):
             raise ConvHeadsError(f"{params_file} holds {type(data).__name__}, not a mapping of settings")
     return validate(merge(data, parse_overrides(overrides or [])))
+
+
+def photo_settings(data: DataConfig) -> PhotoSettings:
+    """How the data section cuts crops of the photographs (the data stage's and the pretrain stage's)."""
+    return PhotoSettings(tile=data.photos.tile, crop=data.photos.crop, image_size=data.image_size,
+                         val_fraction=data.val_fraction, test_fraction=data.test_fraction, seed=data.seed)
 
 
 def tiny_params(root) -> dict:

@@ -20,25 +20,28 @@ from convheads.segmentation import IGNORE_INDEX
 
 from .artifacts import MANIFEST, images_root, read_meta
 from .config import PipelineConfig
+from .sources import EMBEDDED
 
 
 def data_config(cfg: PipelineConfig, model: nn.Module) -> Dict:
     """timm's data config for `model` at its own input size, with the configured overrides.
 
-    The digits fill their frame, so they are not centre-cropped (crop_pct 1.0) unless configured."""
+    The embedded images (digits, photo crops) are made at the model's size, so they are not
+    centre-cropped (crop_pct 1.0) unless configured."""
     dc = resolve_data_config({}, model=as_vit(model))
     dc["input_size"] = (3, *vit_info(model).img_size)
     m = cfg.model
     dc["mean"], dc["std"] = tuple(m.mean or dc["mean"]), tuple(m.std or dc["std"])
-    dc["crop_pct"] = m.crop_pct or (1.0 if cfg.data.source == "digits" else dc["crop_pct"])
+    dc["crop_pct"] = m.crop_pct or (1.0 if cfg.data.source in EMBEDDED else dc["crop_pct"])
     return dc
 
 
 def augmentation(cfg: PipelineConfig, augment: str) -> str:
-    """A training stage's augment setting, resolved: auto is light for the digits (a flipped or
-    cropped digit can be another digit), timm's train transform for everything else."""
+    """A training stage's augment setting, resolved: auto is light for the embedded images (a flipped
+    or cropped digit can be another digit; a 32 px crop cropped again loses its texture), timm's
+    train transform for everything else."""
     if augment == "auto":
-        return "light" if cfg.data.source == "digits" else "timm"
+        return "light" if cfg.data.source in EMBEDDED else "timm"
     return augment
 
 
@@ -71,10 +74,11 @@ class Classification:
         return ManifestDataset(Path(self.cfg.paths.data) / MANIFEST, images_root(self.cfg), split, transform)
 
     def evaluate(self, model: Callable, loader: Iterable, progress: bool = True, device: Optional[str] = None,
-                 precision: Optional[str] = None) -> Dict:
-        """The task's metrics of `model` over `loader`, on `device` at `precision` (None: the configured ones)."""
+                 precision: Optional[str] = None, per_image: bool = False) -> Dict:
+        """The task's metrics of `model` over `loader`, on `device` at `precision` (None: the configured ones);
+        per_image: each image's prediction too (classification), for paired comparisons."""
         return evaluate(model, loader, device or resolve_device(self.cfg.device), progress=progress,
-                        precision=precision or self.cfg.precision)
+                        precision=precision or self.cfg.precision, per_image=per_image)
 
     def train_kwargs(self) -> Dict:
         """convheads.engine.training.train's loss and validation settings."""
@@ -97,7 +101,7 @@ class Segmentation(Classification):
                            reduce_zero=self.cfg.segmentation.reduce_zero_label)
 
     def evaluate(self, model: Callable, loader: Iterable, progress: bool = True, device: Optional[str] = None,
-                 precision: Optional[str] = None) -> Dict:
+                 precision: Optional[str] = None, per_image: bool = False) -> Dict:
         return evaluate_segmentation(model, loader, self.num_classes, device or resolve_device(self.cfg.device),
                                      progress=progress, precision=precision or self.cfg.precision)
 

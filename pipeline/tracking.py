@@ -32,7 +32,7 @@ from convheads import ConvHeadsError
 
 from .artifacts import HEADLINE, HISTORY, MODEL_FILE, stage_model
 from .config import PipelineConfig
-from .dag import STAGES
+from .dag import ALL_STAGES, STAGES
 from .hashing import short_hash
 from .loaders import loader
 from .runner import PROJECT, STAGE_FILE, output_dir, read_record, up_to_date
@@ -165,7 +165,7 @@ def log_stage(cfg: PipelineConfig, stage: str, run_id: str, skipped: bool = Fals
             with mlflow.start_run(run_id=earlier.info.run_id if earlier else None, run_name=stage, nested=True,
                                   experiment_id=parent.experiment_id):
                 mlflow.set_tags({"stage": stage, "skipped": str(skipped), "fingerprint": record["fingerprint"]})
-                mlflow.log_params(flatten(cfg.section(*STAGES[stage].sections)))
+                mlflow.log_params(flatten(cfg.section(*ALL_STAGES[stage].sections)))
                 history = _history_rows(folder / HISTORY) if (folder / HISTORY).is_file() else []
                 for row in history:  # per-epoch curves; their last values need no second copy at step 0
                     mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))

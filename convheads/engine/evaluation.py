@@ -25,16 +25,22 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def evaluate(model: Model, loader: Iterable, device: str = "cpu", progress: bool = True,
-             precision: str = "fp32") -> Dict[str, float]:
+             precision: str = "fp32", per_image: bool = False) -> Dict:
     """{"top1", "top5", "loss", "num_images"}; top-5 is top-k with k = min(5, classes).
 
     Counts and the loss are summed in float64. Inside a process group (torchrun), each process
     evaluates its share of the images (the loader's) and the sums are added over the processes:
-    every process gets the totals.
+    every process gets the totals. per_image: also "predicted" and "labels", int64 [num_images] in
+    the loader's order (one process): what paired comparisons of two models on the same images need.
     """
+    if per_image and distributed.world_size() > 1:
+        raise ConvHeadsError("per-image predictions are kept on one process; evaluate outside torchrun")
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # images, top-1 hits, top-5 hits, loss
+    kept = []
     for images, labels, logits in predictions(model, loader, device, progress, precision):
         topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        if per_image:
+            kept.append(torch.stack([topk[:, 0], labels]).cpu())
         sums += torch.stack([torch.tensor(len(labels), dtype=torch.float64, device=device),
                              (topk[:, 0] == labels).sum().double(),
                              (topk == labels[:, None]).any(dim=-1).sum().double(),
@@ -42,7 +48,10 @@ def evaluate(model: Model, loader: Iterable, device: str = "cpu", progress: bool
     n, top1, top5, loss = distributed.all_sum(sums).tolist()
     if n == 0:
         raise ConvHeadsError("the evaluation loader yielded no images")
-    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "num_images": int(n)}
+    metrics = {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "num_images": int(n)}
+    if per_image:
+        metrics["predicted"], metrics["labels"] = torch.cat(kept, dim=1)
+    return metrics
 
 
 def segmentation_metrics(num_classes: int, ignore_index: int = IGNORE_INDEX):

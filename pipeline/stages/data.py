@@ -18,13 +18,14 @@ from convheads import ConvHeadsError
 from convheads.data.images import digits_images, split_indices, write_split_folders
 from convheads.data.loaders import cpu_cores
 from convheads.data.manifest import build_manifest
+from convheads.data.photos import PhotoCrops, load_photos
 from convheads.data.scenes import CLASSES, digit_scenes
 from convheads.data.segmentation import CLASSES_FILE, FOLDERS, build_pair_manifest, scan_pairs
 
 from ..artifacts import MANIFEST, META
-from ..config import DataConfig, PipelineConfig
+from ..config import DataConfig, PipelineConfig, photo_settings
 from ..runner import Stage
-from ..sources import source, source_listing
+from ..sources import EMBEDDED, source, source_listing
 
 HASH_CACHE = ".cache/hashes.sqlite"  # beside the dataset folder: it outlives reruns (DVC deletes outputs)
 
@@ -33,6 +34,20 @@ def _digits(cfg: DataConfig, out: Path) -> None:
     images, labels = digits_images(cfg.image_size)
     write_split_folders(out, images, labels, [str(i) for i in range(10)],
                         split_indices(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed))
+
+
+def _photos(cfg: DataConfig, out: Path) -> None:
+    """Crops of the bundled photographs, each split cut from its own tiles (convheads.data.photos)."""
+    photos = load_photos()
+    for split, per_class in cfg.photos.model_dump().items():
+        if split not in ("train", "val", "test"):
+            continue
+        crops = PhotoCrops(photos, photo_settings(cfg), split)
+        for i in range(per_class * len(crops.classes)):
+            image, label = crops.sample(i)
+            path = out / split / crops.classes[label] / f"{i:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
 
 
 def _torchvision(cfg: DataConfig, out: Path) -> None:
@@ -65,7 +80,7 @@ def _torchvision(cfg: DataConfig, out: Path) -> None:
     write_split_folders(out, images, labels, classes, splits)
 
 
-GENERATORS = {"digits": _digits, "torchvision": _torchvision}  # sources.GENERATED
+GENERATORS = {"digits": _digits, "photos": _photos, "torchvision": _torchvision}  # sources.GENERATED
 
 
 def dvc_record(path: Path) -> Optional[dict]:
@@ -142,7 +157,7 @@ def _classification(cfg: PipelineConfig, out: Path) -> Tuple[Dict, str, str]:
                            test_fraction=d.test_fraction, workers=_hashing_workers(cfg))
     meta = {"source": d.source, "root": None if generated else str(found.root), "layout": found.layout,
             "classes": stats.classes, "counts": stats.counts, "modes": stats.modes, "bytes": stats.bytes}
-    if d.source == "digits":
+    if d.source in EMBEDDED:
         meta["image_size"] = d.image_size
     return meta, stats.data_version, (f"{sum(stats.counts.values())} images ({stats.hashed} read, {stats.cached} "
                                       f"unchanged since hashed)")

@@ -1,6 +1,6 @@
 """Stage evaluate: the task's metrics for the baseline, replaced and recovered models on the test split
-(classification: top-1/top-5/loss; segmentation: mIoU, pixel accuracy, loss, per-class IoU and a
-panel of predictions)."""
+(classification: top-1/top-5/loss, and every test image's prediction by each model for paired
+comparisons; segmentation: mIoU, pixel accuracy, loss, per-class IoU and a panel of predictions)."""
 from pathlib import Path
 from typing import Dict
 
@@ -19,23 +19,29 @@ from ..loaders import loader
 from ..problems import data_config, problem
 from ..runner import Stage, write_json
 
-METRICS, TABLE = "metrics.json", "metrics.csv"
+METRICS, TABLE, PREDICTIONS = "metrics.json", "metrics.csv", "predictions.csv"
 PER_CLASS, PANEL = "per_class_iou.csv", "predictions.png"
 PANEL_IMAGES = 6
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
     task = problem(cfg)
-    results, per_class, models = {}, {}, {}
+    results, per_class, models, predicted = {}, {}, {}, {}
+    per_image = cfg.task == "classification"
     for name, stage in MODELS.items():
         models[name] = stage_model(cfg, stage)
-        metrics = task.evaluate(models[name], loader(cfg, models[name], "test", cfg.evaluate.batch_size))
+        metrics = task.evaluate(models[name], loader(cfg, models[name], "test", cfg.evaluate.batch_size),
+                                per_image=per_image)
         results[name] = {k: metrics[k] for k in task.metrics}
         per_class[name] = metrics.get("iou")
+        if per_image:
+            predicted["label"], predicted[name] = metrics["labels"].numpy(), metrics["predicted"].numpy()
     results[f"{task.headline}_drop"] = results["baseline"][task.headline] - results["compressed"][task.headline]
     results["num_images"] = metrics["num_images"]
     write_json(out / METRICS, results)
     pd.DataFrame([{"model": n, **results[n]} for n in MODELS]).to_csv(out / TABLE, index=False)
+    if per_image:  # test images in the manifest's order: the same rows in every run on this data version
+        pd.DataFrame(predicted).to_csv(out / PREDICTIONS, index_label="image")
     if cfg.task == "segmentation":
         classes = read_meta(cfg)["classes"]
         pd.DataFrame({"class": classes, **{f"{n}_iou": per_class[n] for n in MODELS}}).to_csv(

@@ -21,7 +21,8 @@ LOCAL_WINDOW = 3   # the method's default kernel size: how local a head must be 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
     model = stage_model(cfg, "baseline").to(resolve_device(cfg.device))
     batches = loader(cfg, model, "train", cfg.score.batch_size, train=True)
-    scores = score_heads(model, batches, max_images=cfg.score.max_images, precision=cfg.precision)
+    scores = score_heads(model, batches, max_images=cfg.score.max_images, precision=cfg.precision,
+                         tokens=cfg.score.sigma_tokens)
     torch.save(scores.to_dict(), out / SCORES)
     local = local_share(scores, LOCAL_WINDOW)
     scores_table(scores, local).to_csv(out / SCORES_TABLE, index=False)
