@@ -18,7 +18,9 @@ Methods (variant, init):
         [--scores outputs/score/scores.pt] [--methods ...] [--out results/methods] \
         [key=value ...]   # configuration overrides, e.g. recover.epochs=3 or task=segmentation
 
-Writes <out>/methods.csv (one row per method, seed and stage) and <out>/summary.md.
+Writes <out>/methods.csv (one row per method, seed and stage; rewritten after each row) and
+<out>/summary.md, then the finished table as results/methods.csv (results/methods_segmentation.csv
+for segmentation) with its stamp (benchmarks/results.py), which the docs' methods page shows.
 """
 import argparse
 import sys
@@ -35,6 +37,8 @@ from pipeline.config import load_config
 from pipeline.finetune import fine_tune
 from pipeline.loaders import loader
 from pipeline.problems import problem
+
+from .results import RESULTS, write_results
 
 METHODS = {"gaussian": ("depthwise", "gaussian"), "attention_raw": ("depthwise", "attention"),
            "attention": ("depthwise", "attention"), "global": ("depthwise_global", "attention"),
@@ -85,7 +89,8 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--no-recover", action="store_true", help="step-0 accuracy only")
-    p.add_argument("--out", type=Path, default=Path("results/methods"))
+    p.add_argument("--out", type=Path, default=RESULTS / "methods", help="working folder (scores, recoveries)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the stamped table goes")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.params, overrides)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +131,14 @@ def main(argv: List[str] = None) -> None:
         tmp.write_text(f"selection: {selection}; recover: {cfg.recover.epochs} epochs; metric: {headline}\n\n"
                        + summary.to_markdown(index=False, floatfmt=".3f") + "\n")
     print(summary.to_string(index=False))
+    write_results("methods" if headline == "top1" else f"methods_{cfg.task}", table, page="methods",
+                  title=f"Replacement methods at an equal budget ({cfg.task}: {headline})",
+                  columns=[c for c in ("method", "seed", "stage", headline, "ci_low", "ci_high", "pixel_acc", "n")
+                           if c in table],
+                  notes=f"Selection: {selection}; recovery: {cfg.recover.epochs} epochs at lr {cfg.recover.lr:g}. "
+                        "`replaced` is right after replacement, `recovered` after fine-tuning; top-1 comes with its "
+                        "exact (Clopper-Pearson) binomial 95% interval over the n test images.",
+                  root=args.results)
 
 
 if __name__ == "__main__":
