@@ -29,7 +29,6 @@ from typing import List
 
 import pandas as pd
 import torch
-from scipy.stats import beta as beta_dist
 
 from convheads import ConvHeadsError, HeadScores, load_model, replace_heads, score_heads, select_heads
 from convheads.files import atomic_path
@@ -37,19 +36,13 @@ from pipeline.config import load_config
 from pipeline.finetune import fine_tune
 from pipeline.loaders import loader
 from pipeline.problems import problem
+from pipeline.summary import binomial_interval
 
 from .results import RESULTS, write_results
 
 METHODS = {"gaussian": ("depthwise", "gaussian"), "attention_raw": ("depthwise", "attention"),
            "attention": ("depthwise", "attention"), "global": ("depthwise_global", "attention"),
            "fixed": ("fixed", "attention")}
-
-
-def interval(correct: int, n: int) -> tuple:
-    """Clopper-Pearson 95% interval of a binomial proportion."""
-    lo = beta_dist.ppf(0.025, correct, n - correct + 1) if correct else 0.0
-    hi = beta_dist.ppf(0.975, correct + 1, n - correct) if correct < n else 1.0
-    return float(lo), float(hi)
 
 
 def quality(cfg, model) -> dict:
@@ -59,7 +52,7 @@ def quality(cfg, model) -> dict:
     row = {k: m[k] for k in task.metrics if k != "loss"}
     if "top1" in row:
         correct = round(m["top1"] * m["num_images"])
-        row.update(zip(("ci_low", "ci_high"), interval(correct, m["num_images"])), correct=correct)
+        row.update(zip(("ci_low", "ci_high"), binomial_interval(correct, m["num_images"])), correct=correct)
     return {**row, "n": m["num_images"]}
 
 

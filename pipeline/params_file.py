@@ -9,7 +9,7 @@ import difflib
 import inspect
 import textwrap
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 from pydantic import BaseModel
@@ -170,3 +170,22 @@ def check_reference(path: Path) -> None:
     if found != reference_markdown():
         raise ConvHeadsError(f"{path} is not what the schema (pipeline/config.py) generates; regenerate it with "
                              f"`python -m pipeline reference`")
+
+
+def overrides(cfg: PipelineConfig, cls: type = PipelineConfig, data: Optional[dict] = None,
+              defaults: Optional[dict] = None, path: Tuple[str, ...] = ()) -> List[str]:
+    """The `key=value` command-line overrides that turn the schema's defaults into `cfg`: a
+    configuration as one command (a mapping that is not a section, e.g. model.kwargs, goes whole)."""
+    if data is None:
+        # against the defaults of cfg's task: the task's own training defaults are no override
+        data = cfg.model_dump(mode="json")
+        defaults = PipelineConfig.model_validate({"task": cfg.task}).model_dump(mode="json")
+    out = []
+    for key, value in data.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        inner = section_type(cls, key)
+        if inner is not None and isinstance(value, dict):
+            out += overrides(cfg, inner, value, default, (*path, key))
+        elif value != default:
+            out.append(f"{'.'.join((*path, key))}={_value(value)}")
+    return out
