@@ -57,6 +57,7 @@ device-check:
 results: $(STAMP)
 	$(BIN)/python -m benchmarks.report
 	$(BIN)/python -m pipeline reference
+	$(BIN)/python -m benchmarks.figures
 
 docs: $(STAMP)
 	$(BIN)/python -m benchmarks.report --check
