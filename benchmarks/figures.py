@@ -5,7 +5,8 @@
 A tiny timm ViT (random weights, 8 x 8 patches) whose first block has two positional heads (their
 queries and keys read only the position embedding, so their attention falls off with distance)
 beside two heads with random weights, whose attention is spread nearly uniformly: input-independent
-too (a low Sigma_h), but not local, which is what the fit score and depthwise_global are for. The heads are scored on random
+too (a low Sigma_h), but not local, which is what the fit score and depthwise_global are for. The
+heads are scored on random
 images (convheads.score_heads); each row shows a head's mean attention from the centre patch over
 the grid, and the 3 x 3 kernel that the attention fit (convheads.fitting) gives its replacement.
 """
