@@ -105,9 +105,10 @@ def test_code_points_only_to_files_in_the_repo():
 
 
 def build(docs_dir: Path, site: Path) -> subprocess.CompletedProcess:
+    """mkdocs build --strict of a copy of the docs (not -q: quiet hides the warnings strict counts)."""
     config = (PROJECT / "mkdocs.yml").read_text().replace("docs_dir: docs", f"docs_dir: {docs_dir}")
     (docs_dir.parent / "mkdocs.yml").write_text(config)
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f",
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f",
                            str(docs_dir.parent / "mkdocs.yml"), "-d", str(site)], cwd=PROJECT,
                           capture_output=True, text=True)
 
