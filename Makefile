@@ -1,6 +1,8 @@
 # `make run`: set up (first time) and run the compression pipeline on the embedded default.
 # `make test`: set up (first time) and run the whole test suite; `make test-fast`: the edit-test loop (no servers,
 # flows, torchrun or DVC; under 3 minutes on 2 cores). `make lint`: ruff, and params.yaml against the schema.
+# `make docs`: the docs site (mkdocs, offline) after checking that the generated pages are up to date;
+# `make results`: the results pages from results/*.csv and the configuration reference from the schema.
 # `make bench`: the speed benchmark suite (tens of minutes on 2 cores); `make bench BENCH_ARGS=--quick` smoke-runs it.
 PYTHON ?= python3
 BENCH_ARGS ?=
@@ -9,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint params bench device-check repro serve clean
+.PHONY: setup run test test-fast lint params bench device-check repro serve clean docs results
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,3 +53,14 @@ clean:
 # the GPU check (benchmarks/device_check.py); DEVICE_ARGS=--quick runs its code paths on the CPU
 device-check:
 	$(BIN)/python -m benchmarks.device_check $(DEVICE_ARGS)
+
+results: $(STAMP)
+	$(BIN)/python -m benchmarks.report
+	$(BIN)/python -m pipeline reference
+	$(BIN)/python -m benchmarks.figures
+
+docs: $(STAMP)
+	$(BIN)/python -m benchmarks.report --check
+	$(BIN)/python -m pipeline reference --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+	! grep -rEl '<(link|script)[^>]*(href|src)="https?:' site

@@ -14,7 +14,8 @@ process's memory (RSS) and its workers' (USS: shared pages counted once) every 5
   training epoch       one epoch of a small ViT (64 px) through timm's transforms in DataLoader workers
 
 and reports what the stage wrote under data/ beside the images' own size. Results go to the
-terminal and to results/bench/data_scale.{csv,json}.
+terminal and to results/data_scale.csv with its stamp (benchmarks/results.py), which the docs'
+data page shows.
 """
 import argparse
 import json
@@ -30,6 +31,8 @@ import numpy as np
 import pandas as pd
 import psutil
 import yaml
+
+from .results import RESULTS, write_results
 
 CLASSES = 10
 VAL_SHARE = 0.1       # of each class, in val/ (ImageNet: 50 of 1,300)
@@ -169,13 +172,18 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, default=Path("/tmp/convheads-data-scale"), help="where the folders go")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers / hashing processes (default 1)")
     p.add_argument("--no-epoch", action="store_true", help="skip the training epoch")
-    p.add_argument("--out", type=Path, default=Path("results/bench"))
+    p.add_argument("--out", type=Path, default=RESULTS, help="where data_scale.csv and its stamp go")
     args = p.parse_args(argv)
     rows = [run_size(args.root, n, args.size, args.workers, not args.no_epoch) for n in args.images]
     table = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "data_scale.csv", index=False)
-    (args.out / "data_scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_results("data_scale", table, page="data", root=args.out,
+                  title=f"The data stage and a training epoch on generated folders of {args.size} px JPEGs",
+                  columns=[c for c in table if c != "data_incremental_log"],
+                  notes=f"{args.workers} hashing process(es) / DataLoader worker(s). Times in seconds as each stage "
+                        "reports them, peak memory in MiB (the process's RSS plus its workers' unique memory); "
+                        "`incremental` is the rerun after adding 1% new images and rewriting 1%. `load_before` "
+                        "and `load_after` are the machine's load average: times on a loaded machine are slower, "
+                        "memory is not."),
     shown = table.drop(columns=["data_incremental_log"]).set_index("images").T
     with pd.option_context("display.float_format", "{:,.1f}".format, "display.width", 160):
         print(shown.to_string())

@@ -10,9 +10,12 @@ L2 errors, averaged over blocks, and the
 mean fit score (fitting.fit_scores) per variant.
 
     python -m benchmarks.fit_check --model vit_small_patch14_reg4_dinov2 --img-size 224   # the DINOv2-reg4 shape
+
+Writes results/fit_check.csv and its stamp (benchmarks/results.py), shown on the docs' methods page.
 """
 import argparse
 import copy
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -20,6 +23,7 @@ import torch
 from convheads import Selection, create_model, fit_scores, replace_heads, score_heads, vit_info
 
 from .methods import METHODS, use_raw_beta
+from .results import RESULTS, write_results
 
 
 def block_inputs(model, images):
@@ -44,6 +48,7 @@ def main(argv=None):
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--kernel-size", type=int, default=3)
+    p.add_argument("--out", type=Path, default=RESULTS, help="where fit_check.csv and its stamp go")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model = create_model(args.model, img_size=args.img_size).eval()
@@ -75,7 +80,20 @@ def main(argv=None):
     print(f"{args.model} {args.img_size}px, random weights: {info.depth} blocks x {info.num_heads} heads, "
           f"{info.num_prefix_tokens} prefix tokens, {info.grid_size} grid; {args.images} images scored, "
           f"{args.images} others compared; mean fit score {fits}")
-    print(pd.DataFrame(rows).to_string(index=False, float_format="{:.4f}".format))
+    table = pd.DataFrame(rows)
+    for variant, fit in fits.items():
+        table.loc[table.variant == variant, "mean_fit_score"] = fit
+    print(table.to_string(index=False, float_format="{:.4f}".format))
+    write_results("fit_check", table, page="methods",
+                  title=f"Each replacement against the mean attention: {args.model} at {args.img_size} px, "
+                        f"random weights",
+                  notes=f"{info.depth} blocks x {info.num_heads} heads, {info.num_prefix_tokens} prefix tokens "
+                        f"(drawn from N(0, 1)), a {info.grid_size[0]} x {info.grid_size[1]} grid; {args.images} images "
+                        f"scored and {args.images} others compared. Relative L2 error of each block's replaced "
+                        f"attention against its mean-attention output E[A] V (all tokens, and the patch tokens "
+                        f"alone) and against the attention itself, averaged over blocks; the fit score "
+                        f"(convheads.fit_scores) of the variant, averaged over heads (`fixed` has none).",
+                  root=args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ Methods (variant, init):
         [--scores outputs/score/scores.pt] [--methods ...] [--out results/methods] \
         [key=value ...]   # configuration overrides, e.g. recover.epochs=3 or task=segmentation
 
-Writes <out>/methods.csv (one row per method, seed and stage) and <out>/summary.md.
+Writes <out>/methods.csv (one row per method, seed and stage; rewritten after each row) and
+<out>/summary.md, then the finished table as results/methods.csv (results/methods_segmentation.csv
+for segmentation) with its stamp (benchmarks/results.py), which the docs' methods page shows.
 """
 import argparse
 import sys
@@ -27,7 +29,6 @@ from typing import List
 
 import pandas as pd
 import torch
-from scipy.stats import beta as beta_dist
 
 from convheads import ConvHeadsError, HeadScores, load_model, replace_heads, score_heads, select_heads
 from convheads.files import atomic_path
@@ -35,17 +36,13 @@ from pipeline.config import load_config
 from pipeline.finetune import fine_tune
 from pipeline.loaders import loader
 from pipeline.problems import problem
+from pipeline.summary import binomial_interval
+
+from .results import RESULTS, write_results
 
 METHODS = {"gaussian": ("depthwise", "gaussian"), "attention_raw": ("depthwise", "attention"),
            "attention": ("depthwise", "attention"), "global": ("depthwise_global", "attention"),
            "fixed": ("fixed", "attention")}
-
-
-def interval(correct: int, n: int) -> tuple:
-    """Clopper-Pearson 95% interval of a binomial proportion."""
-    lo = beta_dist.ppf(0.025, correct, n - correct + 1) if correct else 0.0
-    hi = beta_dist.ppf(0.975, correct + 1, n - correct) if correct < n else 1.0
-    return float(lo), float(hi)
 
 
 def quality(cfg, model) -> dict:
@@ -55,7 +52,7 @@ def quality(cfg, model) -> dict:
     row = {k: m[k] for k in task.metrics if k != "loss"}
     if "top1" in row:
         correct = round(m["top1"] * m["num_images"])
-        row.update(zip(("ci_low", "ci_high"), interval(correct, m["num_images"])), correct=correct)
+        row.update(zip(("ci_low", "ci_high"), binomial_interval(correct, m["num_images"])), correct=correct)
     return {**row, "n": m["num_images"]}
 
 
@@ -85,7 +82,8 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--no-recover", action="store_true", help="step-0 accuracy only")
-    p.add_argument("--out", type=Path, default=Path("results/methods"))
+    p.add_argument("--out", type=Path, default=RESULTS / "methods", help="working folder (scores, recoveries)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the stamped table goes")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.params, overrides)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +124,14 @@ def main(argv: List[str] = None) -> None:
         tmp.write_text(f"selection: {selection}; recover: {cfg.recover.epochs} epochs; metric: {headline}\n\n"
                        + summary.to_markdown(index=False, floatfmt=".3f") + "\n")
     print(summary.to_string(index=False))
+    write_results("methods" if headline == "top1" else f"methods_{cfg.task}", table, page="methods",
+                  title=f"Replacement methods at an equal budget ({cfg.task}: {headline})",
+                  columns=[c for c in ("method", "seed", "stage", headline, "ci_low", "ci_high", "pixel_acc", "n")
+                           if c in table],
+                  notes=f"Selection: {selection}; recovery: {cfg.recover.epochs} epochs at lr {cfg.recover.lr:g}. "
+                        "`replaced` is right after replacement, `recovered` after fine-tuning; top-1 comes with its "
+                        "exact (Clopper-Pearson) binomial 95% interval over the n test images.",
+                  root=args.results)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,19 @@ straightforward V-projection + depthwise conv + W_O layer, timed interleaved in 
     python -m benchmarks.replaced_vs_original --model vit_small_patch16_224 --img-size 224 --blocks 6
 
 Default: timm vit_large_patch14_dinov2 (random weights), 336 x 336, first 12 of 24 blocks, batch 1.
+Writes results/replaced_vs_original.csv and its stamp (benchmarks/results.py), shown on the docs' speed page.
 """
 import argparse
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import convheads
 from convheads.engine.timing import latency_stats, time_models
+
+from .results import RESULTS, write_results
 
 
 class StraightforwardConvAttention(nn.Module):
@@ -47,6 +51,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", type=Path, default=RESULTS, help="where replaced_vs_original.csv and its stamp go")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -79,12 +84,26 @@ def main() -> None:
     times = time_models(models, x, warmup=args.warmup, repeats=args.repeats, progress=True)
     base = latency_stats(times["original"], args.batch_size)["infer_step_time"]
     print(f"{'model':<16}{'median ms':>11}{'p90 ms':>9}{'img/s':>8}{'speedup':>9}{'GMACs':>8}")
+    rows = []
     for name, t in times.items():
         s = latency_stats(t, args.batch_size)
         # The straightforward layer runs depthwise's matmuls and conv (checked equal above); count those.
         gmacs = convheads.model_cost(models["depthwise" if name == "straightforward" else name]).gmacs
         print(f"{name:<16}{s['infer_step_time']:>11.1f}{s['infer_step_time_p90']:>9.1f}"
               f"{s['infer_samples_per_sec']:>8.2f}{base / s['infer_step_time']:>8.3f}x{gmacs:>8.1f}")
+        rows.append({"variant": name, "median_ms": s["infer_step_time"], "p90_ms": s["infer_step_time_p90"],
+                     "images_per_s": s["infer_samples_per_sec"], "speedup": base / s["infer_step_time"],
+                     "gmacs": gmacs, "model": args.model, "img_size": args.img_size, "blocks": args.blocks,
+                     "batch_size": args.batch_size, "threads": torch.get_num_threads(), "rounds": args.repeats})
+    write_results("replaced_vs_original", rows, page="speed",
+                  title=f"The replacement layer against a straightforward one: {args.model} at {args.img_size} px, "
+                        f"{args.blocks} of {info.depth} blocks, batch {args.batch_size}",
+                  columns=["variant", "median_ms", "p90_ms", "images_per_s", "speedup", "gmacs"],
+                  notes="Latency over interleaved rounds after warm-up (median and 90th percentile); speedup over "
+                        "the original. `straightforward` is a plain V projection + depthwise conv + W_O layer, "
+                        "checked equal to `depthwise` before timing; `identity` (one C x C map per block) is the "
+                        "speed limit of removing attention.",
+                  root=args.out)
 
 
 if __name__ == "__main__":

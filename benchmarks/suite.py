@@ -17,13 +17,12 @@ Sections (the sweep, modes and onnx sections use the first setting):
 
 Models have random weights (speed does not depend on them). All models of a table are timed
 interleaved in one process after warm-up; the thread count is fixed and recorded in every row.
-Results: a table per section on the terminal, and <out>/<section>.csv and .json (+ sweep.png).
+Results: a table per section on the terminal, and results/suite_<section>.csv with its stamp
+(benchmarks/results.py; sweep.png and layers.png beside them), which the docs' speed page shows.
+A --quick run writes to results/quick/ instead, which is not tracked: it is a smoke run, not a measurement.
 """
 import argparse
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -44,6 +43,8 @@ from benchmarks.measure import (
 from convheads import ConvHeadsError
 from convheads.engine.timing import check_repeats
 from convheads.files import atomic_path
+
+from .results import RESULTS, write_results
 
 SECTIONS = ("layers", "latency", "sweep", "modes", "onnx", "scoring")
 PAPER_SETTINGS = ["vit_large_patch14_dinov2:336:12", "vit_base_patch14_dinov2:518:6", "vit_small_patch16_224:224:6"]
@@ -98,9 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer-variants", nargs="+", choices=layer_speed.LAYER_VARIANTS, help="layers: replacements")
     p.add_argument("--layer-depth", type=int, metavar="L", help="layers: distinct layers chained per timed call "
                    "(times are per layer; a chain evicts each layer's weights from the cache, as a model does)")
-    p.add_argument("--out", type=Path, default=Path("results/bench"))
+    p.add_argument("--out", type=Path, help="where the tables go (default results/, --quick: results/quick/)")
     p.epilog = "defaults: " + str(FULL)
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / "quick" if args.quick else RESULTS
     for key, value in (QUICK if args.quick else FULL).items():  # what the command line leaves unset
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -137,19 +140,27 @@ def show(rows: List[dict]) -> None:
     print(table.to_string(index=False, formatters={c: SHOWN[c].format for c in table}, na_rep="-"), flush=True)
 
 
-def write(out: Path, name: str, rows: List[dict]) -> pd.DataFrame:
-    """<out>/<name>.csv and .json, atomically."""
+TITLES = {
+    "layers": "One attention layer against its replacement (ratio = replaced / original latency)",
+    "latency": "Latency of each variant, per setting and batch size",
+    "sweep": "Speedup against the number of replaced blocks, beside the analytic MACs ratio",
+    "modes": "Eager, channels_last and torch.compile",
+    "onnx": "onnxruntime beside PyTorch, each timed in a process of its own",
+    "scoring": "The head-scoring pass: throughput and peak memory",
+}
+
+
+def write(out: Path, name: str, rows: List[dict], how: str = "") -> pd.DataFrame:
+    """results/suite_<name>.csv and its stamp (under `out`), atomically."""
     table = pd.DataFrame(rows)
-    with atomic_path(out / f"{name}.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    with atomic_path(out / f"{name}.json") as tmp:
-        tmp.write_text(json.dumps(rows, indent=1, default=str))
+    write_results(f"suite_{name}", table, title=TITLES[name], page="speed", root=out,
+                  columns=[c for c in SHOWN if c in table], notes=how)
     return table
 
 
-def section(out: Path, name: str, rows: List[dict]) -> pd.DataFrame:
+def section(out: Path, name: str, rows: List[dict], how: str = "") -> pd.DataFrame:
     show(rows)
-    return write(out, name, rows)
+    return write(out, name, rows, how)
 
 
 def plot_sweep(table: pd.DataFrame, path: Path) -> None:
@@ -176,20 +187,17 @@ def run(args: argparse.Namespace) -> Dict[str, pd.DataFrame]:
     settings = check_args(args)
     torch.set_num_threads(args.threads)
     device, dtype, first = args.device, args.dtype, settings[0]
-    meta = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv, threads=torch.get_num_threads(),
-                device=device, dtype=str(dtype), torch=torch.__version__,
-                cpu=platform.processor() or platform.machine(),
-                python=platform.python_version(), settings=[str(s) for s in settings])
-    with atomic_path(args.out / "run.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=1))
-    print(f"threads {meta['threads']}, {device}, {meta['dtype']}, torch {torch.__version__}; results in {args.out}")
+    how = (f"Timed on {device} in {str(dtype).replace('torch.', '')} with {torch.get_num_threads()} threads, torch "
+           f"{torch.__version__}. Times in ms (median and 90th percentile over the rounds) unless the column says us; "
+           f"a speedup is over the original model.")
+    print(f"{how} Results in {args.out}")
     tables = {}
     if "layers" in args.sections:
         print(f"\n== layers: {len(args.layer_points)} points x {args.layer_runtimes}, chains of {args.layer_depth} "
               f"layers (times per layer), ~{args.layer_budget:g} s of rounds per pair", flush=True)
         rows = layer_speed.layer_speed(args.layer_points, args.layer_runtimes, args.layer_budget, device=device,
                                        dtype=dtype, progress=PROGRESS)
-        tables["layers"] = section(args.out, "layers", rows)
+        tables["layers"] = section(args.out, "layers", rows, how)
         layer_speed.plot_layers(rows, args.out / "layers.png")
     if "latency" in args.sections:
         rows = []
@@ -199,26 +207,26 @@ def run(args: argparse.Namespace) -> Dict[str, pd.DataFrame]:
                                     progress=PROGRESS)
             show(new)
             rows += new
-            tables["latency"] = write(args.out, "latency", rows)  # after each setting: a crash keeps the rest
+            tables["latency"] = write(args.out, "latency", rows, how)  # after each setting: a crash keeps the rest
     if "sweep" in args.sections:
         print(f"\n== sweep: {first.model} {first.img_size}px, blocks 0..depth, batch 1", flush=True)
         tables["sweep"] = section(args.out, "sweep", sweep_blocks(
-            first.model, first.img_size, 1, "depthwise", args.sweep_repeats, 1, device, dtype, progress=PROGRESS))
+            first.model, first.img_size, 1, "depthwise", args.sweep_repeats, 1, device, dtype, progress=PROGRESS), how)
         plot_sweep(tables["sweep"], args.out / "sweep.png")
     if "modes" in args.sections:
         print(f"\n== modes: {first}, batch 1, {args.modes}", flush=True)
         tables["modes"] = section(args.out, "modes", compare_modes(
             first, 1, ("original", "depthwise"), args.modes, args.repeats, args.warmup, device, dtype,
-            progress=PROGRESS))
+            progress=PROGRESS), how)
     if "onnx" in args.sections:
         print(f"\n== onnx: {first}, batch 1, CPU float32", flush=True)
         tables["onnx"] = section(args.out, "onnx", compare_onnx(
-            first, 1, args.variants, args.repeats, args.warmup, progress=PROGRESS))
+            first, 1, args.variants, args.repeats, args.warmup, progress=PROGRESS), how)
     if "scoring" in args.sections:
         model, size = args.scoring_model.rsplit(":", 1)
         print(f"\n== scoring: {model} {size}px, {args.scoring_images} images, batch 8, fresh process each", flush=True)
         tables["scoring"] = section(args.out, "scoring", scoring_memory(model, int(size), args.scoring_images, 8,
-                                                                      args.threads))
+                                                                      args.threads), how)
     return tables
 
 

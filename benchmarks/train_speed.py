@@ -14,7 +14,8 @@ fresh process per (batch size, checkpointing); step_mb = the peak resident memor
 weights (gradients + activations kept for the backward pass); per image = step_mb(batch 4) -
 step_mb(batch 1), over 3, the activations of one more image. (Measured on the RSS: a process's allocator
 keeps freed memory, so one pass per process.)
-Results go to the terminal and results/train_speed/*.json.
+Results go to the terminal and to results/train_throughput.csv and results/train_memory.csv with
+their stamps (benchmarks/results.py), which the docs' training page shows.
 """
 import argparse
 import json
@@ -29,8 +30,8 @@ import yaml
 
 from convheads.data.loaders import cpu_cores
 
-PROJECT = Path(__file__).resolve().parent.parent
-OUT = PROJECT / "results" / "train_speed"
+from .results import PROJECT, RESULTS, write_results
+
 MODELS = {
     "digits ViT (default)": {},
     "ViT-S/16 @ 224": {"model": {"name": "vit_small_patch16_224", "kwargs": {"img_size": 224}},
@@ -117,6 +118,21 @@ def memory() -> pd.DataFrame:
     return table
 
 
+STAMPS = {
+    "throughput": dict(
+        title="Training throughput of a recovery epoch: precision x processes",
+        notes="train_images_per_sec of one recovery epoch (half the blocks replaced) as `python -m pipeline run "
+              "recover` runs it: the training loop of all processes together, validation excluded. `loadavg` is "
+              "the machine's load when the row was measured: compare rows measured at similar load."),
+    "memory": dict(
+        title="Memory of a ViT-L/14 training step at 336 px, with and without gradient checkpointing",
+        notes="Forward and backward of a randomly initialised vit_large_patch14_dinov2 in fp32 on the CPU, each in "
+              "a fresh process. step_mb: the peak resident memory above the weights (gradients and the "
+              "activations kept for the backward pass); per_image_mb: the difference between the two batch "
+              "sizes, per image. AdamW's state (twice the weights) comes on top in training."),
+}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,8 +145,7 @@ def main(argv=None) -> int:
         return 0
     table = throughput() if args.what == "throughput" else memory()
     print(table.to_string(index=False))
-    OUT.mkdir(parents=True, exist_ok=True)
-    table.to_json(OUT / f"{args.what}.json", orient="records", indent=2)
+    write_results(f"train_{args.what}", table, page="training", root=RESULTS, **STAMPS[args.what])
     return 0
 
 

@@ -5,6 +5,7 @@ the configuration file.
     python -m pipeline track [--params params.yaml] [key=value ...]   # every stage -> one MLflow run, registered
     python -m pipeline listing FILE [--params params.yaml] [key=value ...]   # the data source's listing -> FILE
     python -m pipeline params [--check]      # params.yaml as the schema's defaults say (--check: compare)
+    python -m pipeline reference [--check]   # docs/configuration.md, the configuration reference, from the schema
 
 Stages: data, baseline, score, select, replace, recover, evaluate, benchmark; and pretrain
 (flows.pretrain). The training stages (baseline, recover) launch themselves under torchrun when
@@ -24,11 +25,18 @@ from .config import load_config
 from .dag import ALL_STAGES
 from .launch import TRAINING_STAGES, launch, world_size
 from .lock import held_by_launcher, hold
-from .params_file import PARAMS_FILE, check_params_file, params_yaml
+from .params_file import (
+    PARAMS_FILE,
+    REFERENCE_FILE,
+    check_params_file,
+    check_reference,
+    params_yaml,
+    reference_markdown,
+)
 from .runner import execute
 from .sources import write_listing
 
-COMMANDS = ("run", "track", "listing", "params")
+COMMANDS = ("run", "track", "listing", "params", "reference")
 
 
 def main(argv=None) -> int:
@@ -37,11 +45,14 @@ def main(argv=None) -> int:
     p.add_argument("command", choices=COMMANDS)
     p.add_argument("--params", default=PARAMS_FILE, help=f"configuration file (default: {PARAMS_FILE})")
     p.add_argument("--force", action="store_true", help="run: rerun even if the stage's inputs did not change")
-    p.add_argument("--check", action="store_true", help="params: compare the file with the schema instead of printing")
+    p.add_argument("--check", action="store_true",
+                   help="params, reference: compare the file with the schema instead of writing it")
     args, rest = p.parse_known_args(argv)
     try:
         if args.command == "params":
             return _params(args.params, args.check)
+        if args.command == "reference":
+            return _reference(args.check)
         target = rest.pop(0) if args.command in ("run", "listing") and rest else None
         if args.command == "run" and target not in ALL_STAGES:
             p.error(f"run needs a stage name, one of: {', '.join(ALL_STAGES)}")
@@ -85,6 +96,17 @@ def _params(path: str, check: bool) -> int:
         return 0
     check_params_file(Path(path))
     print(f"{path} is what the schema (pipeline/config.py) says")
+    return 0
+
+
+def _reference(check: bool) -> int:
+    if check:
+        check_reference(REFERENCE_FILE)
+        print(f"{REFERENCE_FILE} is what the schema (pipeline/config.py) says")
+        return 0
+    REFERENCE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    REFERENCE_FILE.write_text(reference_markdown())
+    print(f"wrote {REFERENCE_FILE}")
     return 0
 
 

@@ -30,6 +30,7 @@ from convheads.selection import GRANULARITIES, METHODS
 from convheads.surgery import ReplaceSettings
 
 TASKS = ("classification", "segmentation")
+EMBEDDED = ("digits", "photos")   # data sources generated from what the installed packages ship, at data.image_size
 
 # The training settings that depend on the task, filled in where a configuration leaves them out
 # (or null). The default segmentation run has 4x the tokens of the digits (256) and fewer images,

@@ -9,7 +9,7 @@ import difflib
 import inspect
 import textwrap
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 from pydantic import BaseModel
@@ -111,3 +111,81 @@ def check_params_file(path: Path) -> None:
                                      n=0))
     raise ConvHeadsError(f"{path} is not what the schema (pipeline/config.py) generates; regenerate it with "
                          f"`python -m pipeline params > {path}`. First differences:\n" + "\n".join(diff[:12]))
+
+
+REFERENCE_FILE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+REFERENCE_HEADER = """\
+<!-- Generated from pipeline/config.py by `python -m pipeline reference`: change the schema, not this file. -->
+
+# Configuration reference
+
+Every setting of the pipeline, with its default and what it does, generated from the schema
+(`pipeline/config.py`) that validates `params.yaml`, the Prefect flow's parameters and every command
+line. Override any key with `key=value` (`python -m flows.compress recover.epochs=5`), or keep the
+keys you change in a file of your own (`--params mine.yaml`). Unknown keys, wrong types and
+impossible values fail before any work, naming the key.
+"""
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _rows(cls: type, data: dict, path: List[str]) -> List[str]:
+    """Table rows `| key | default | meaning |` of a section, nested sections flattened to dotted keys."""
+    docs, rows = attribute_docs(cls), []
+    for key, value in data.items():
+        doc = docs.get(key, "")
+        by_task = _task_default(path[0], key) if len(path) == 1 else None
+        if by_task:
+            value, doc = None, f"{doc} {by_task}".strip()
+        inner = section_type(cls, key)
+        if inner is None:
+            rows.append(f"| `{'.'.join([*path, key])}` | `{_cell(_value(value))}` | {_cell(doc)} |")
+        else:
+            rows += _rows(inner, value, [*path, key])
+    return rows
+
+
+def reference_markdown() -> str:
+    """The configuration reference page: a table per top-level section, with the section's docstring."""
+    defaults = PipelineConfig.model_validate({}).model_dump(mode="json")
+    docs = attribute_docs(PipelineConfig)
+    top = {k: v for k, v in defaults.items() if section_type(PipelineConfig, k) is None}
+    head = "| key | default | meaning |\n| --- | --- | --- |"
+    parts = [REFERENCE_HEADER, "## Top level\n", head, *_rows(PipelineConfig, top, []), ""]
+    for key, value in defaults.items():
+        inner = section_type(PipelineConfig, key)
+        if inner is None:
+            continue
+        about = docs.get(key) or (inspect.cleandoc(inner.__doc__) if inner.__doc__ else "")
+        parts += [f"## {key}\n", *([" ".join(p.split()) + "\n" for p in about.split("\n\n")] if about else []),
+                  head, *_rows(inner, value, [key]), ""]
+    return "\n".join(parts)
+
+
+def check_reference(path: Path) -> None:
+    """Raise unless `path` holds what `reference_markdown` generates."""
+    found = path.read_text() if path.is_file() else ""
+    if found != reference_markdown():
+        raise ConvHeadsError(f"{path} is not what the schema (pipeline/config.py) generates; regenerate it with "
+                             f"`python -m pipeline reference`")
+
+
+def overrides(cfg: PipelineConfig, cls: type = PipelineConfig, data: Optional[dict] = None,
+              defaults: Optional[dict] = None, path: Tuple[str, ...] = ()) -> List[str]:
+    """The `key=value` command-line overrides that turn the schema's defaults into `cfg`: a
+    configuration as one command (a mapping that is not a section, e.g. model.kwargs, goes whole)."""
+    if data is None:
+        # against the defaults of cfg's task: the task's own training defaults are no override
+        data = cfg.model_dump(mode="json")
+        defaults = PipelineConfig.model_validate({"task": cfg.task}).model_dump(mode="json")
+    out = []
+    for key, value in data.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        inner = section_type(cls, key)
+        if inner is not None and isinstance(value, dict):
+            out += overrides(cfg, inner, value, default, (*path, key))
+        elif value != default:
+            out.append(f"{'.'.join((*path, key))}={_value(value)}")
+    return out

@@ -19,8 +19,7 @@ from convheads.precision import resolve_device
 from convheads.segmentation import IGNORE_INDEX
 
 from .artifacts import MANIFEST, images_root, read_meta
-from .config import PipelineConfig
-from .sources import EMBEDDED
+from .config import EMBEDDED, PipelineConfig
 
 
 def data_config(cfg: PipelineConfig, model: nn.Module) -> Dict:

@@ -3,8 +3,11 @@
 Every registered version gets the alias `challenger`; `champion` moves to it only when the promotion
 gate passes (drop of the task's headline metric, test top-1 or mIoU; speedup; better than the
 current champion on the same test data, at full precision). The decision and its reasons go to the
-run and to the version's tags. Everything here uses the MlflowClient API, so it works against any
-tracking server.
+run and to the version's tags. Every version also gets a model card (`model_card`): what the model
+is, its headline metric with its interval, its speedup in the deployment runtime, the selection, the
+data version, the baseline run and the command that reproduces it, as the version's description
+(what the MLflow UI shows) and as the run's `model_card.md`. Everything here uses the MlflowClient
+API, so it works against any tracking server.
 
 Promotion is compare-and-set: reading the champion, measuring it and moving the alias happen under
 one lock, so of two runs registering at once the second compares with the first's result. For a
@@ -13,6 +16,7 @@ caller passes its own (the Prefect flow: a global concurrency limit on its serve
 """
 import contextlib
 import json
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ContextManager, Dict, List, Optional, Tuple
@@ -30,13 +34,25 @@ from .config import PipelineConfig
 from .hashing import short_hash
 from .loaders import loader
 from .lock import exclusive, lock_file
+from .params_file import overrides
 from .problems import data_config, problem
 from .runner import read_record
-from .summary import selection_summary
+from .summary import binomial_interval, selection_summary
 from .tracking import LOGGED_MODELS, client_for, git_commit, logged_model, tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SETTINGS_TAG = "registry_settings"  # on a registered run: the settings its registration was decided with
+MODEL_CARD = "model_card.md"
+# what a replaced head became, per replace.variant, in the model card's words
+REPLACED_BY = {
+    "depthwise": "replaced by depthwise {k} x {k} convolutions that keep the heads' W_V and W_O",
+    "depthwise_global": "replaced by depthwise {k} x {k} convolutions plus a global term, keeping the heads' W_V "
+                        "and W_O",
+    "identity": "replaced, a block at a time, by one linear map (W_O W_V)",
+    "ensemble": "merged, a block at a time, into one depthwise {k} x {k} convolution head",
+    "fixed": "replaced by their fixed mean attention matrices",
+    "drop": "removed",
+}
 PROMOTION_WAIT = 600  # seconds a registration waits for another one on the same store
 
 
@@ -221,11 +237,79 @@ def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManage
     result = {"model_name": name, "version": int(version.version), "promotion": outcome,
               "previous_champion": int(champion.version) if champion else None, f"champion_{metric}": champion_score,
               **asdict(decision)}
+    card = model_card(cfg, client, run_id, name, version.version, outcome, decision.reasons)
+    client.update_model_version(name, version.version, description=card)
+    client.log_text(run_id, card, MODEL_CARD)
     client.set_tag(run_id, "registry_version", f"{name}/{version.version}")
     client.set_tag(run_id, "promotion", outcome)
     client.set_tag(run_id, SETTINGS_TAG, settings_hash(cfg))
     client.log_text(run_id, json.dumps(result, indent=2), "promotion.json")
     return result
+
+
+def model_card(cfg: PipelineConfig, client: mlflow.MlflowClient, run_id: str, name: str, version,
+               promotion: str, reasons: List[str]) -> str:
+    """What a teammate reads about a registered version (markdown): what the model is, how good and
+    how fast it is, what was replaced, on which data, from which baseline, and how to make it again.
+    Every number is read from the run's stage records, so the card and the run agree."""
+    task = problem(cfg)
+    ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
+    data = read_record(cfg, "data")["summary"]
+    sel, metric, label = selection_summary(cfg), task.headline, task.label
+    score, n = ev["compressed"][metric], ev["num_images"]
+    if metric == "top1":
+        low, high = binomial_interval(round(score * n), n)
+        interval = f"95% interval {low:.2%} to {high:.2%} (exact binomial, {n:,} test images)"
+    else:  # mIoU is not a proportion of independent trials: no binomial interval exists
+        interval = f"{n:,} test images; mIoU has no binomial interval: compare runs over several seeds"
+    b = cfg.gate_batch_size
+    speed = [f"{bench[f'speedup_b{bs}']:.3f}x at batch {bs}" for bs in cfg.benchmark.batch_sizes]
+    blocks = sel["whole_blocks"]
+    chosen = f"whole blocks {', '.join(map(str, blocks))}" if blocks else "heads scattered over blocks"
+    run = client.get_run(run_id)
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' "
+                                                          f"AND tags.stage = 'baseline'", max_results=1)
+    baseline_run = f"nested run `{nested[0].info.run_id}` (stage baseline)" if nested else "its baseline stage"
+    commit = run.data.tags.get("git_commit") or git_commit()
+    command = " ".join(["python -m flows.compress", *(shlex.quote(o) for o in overrides(cfg))])
+    weights = ("timm's pretrained weights" if cfg.model.pretrained else
+               f"the checkpoint `{cfg.model.checkpoint}`" if cfg.model.checkpoint else "trained from scratch")
+    source = cfg.data.source + (f" (`{cfg.data.path}`)" if cfg.data.path else "")
+    r = cfg.replace
+    became = REPLACED_BY.get(r.variant, "replaced").format(k=r.kernel_size)
+    lines = [
+        f"# {name} version {version}",
+        "",
+        f"`{cfg.model.name}` ({weights}) for {cfg.task}, with {sel['heads_replaced']} of {sel['heads_total']} "
+        f"attention heads {became} (`replace.variant={r.variant}`, init `{r.init}`), then fine-tuned to recover "
+        f"({cfg.recover.epochs} epochs). "
+        f"Architecture: {architecture(cfg)}.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| test {label} | **{score:.2%}**; {interval} |",
+        f"| baseline {label} | {ev['baseline'][metric]:.2%} (drop {ev[f'{metric}_drop'] * 100:+.2f} pts; "
+        f"{ev['replaced'][metric]:.2%} right after replacement, before recovery) |",
+        f"| speedup | **{bench[f'speedup_b{b}']:.3f}x** at batch {b} in {bench['runtime']}, the deployment runtime "
+        f"({', '.join(speed)}; {bench['threads']} threads on {bench['device']}) |",
+        f"| size | {bench['compressed_params']:,} parameters ({bench['params_ratio'] - 1:+.1%}), "
+        f"{bench['compressed_gmacs']:.4g} GMACs per image ({bench['macs_ratio'] - 1:+.1%}) |",
+        f"| selection | {chosen}, chosen by `{sel.get('method')}` ({cfg.select.granularity} granularity) |",
+        f"| data | `{cfg.data.source}` data version `{data['data_version']}` ({source}) |",
+        f"| baseline run | {baseline_run} of MLflow run `{run_id}`, logged as `{LOGGED_MODELS['baseline']}` |",
+        f"| code | git commit `{commit}` |",
+        f"| promotion | {promotion}: {'; '.join(reasons)} |",
+        "",
+        "Reproduce it (the run's whole configuration is also its `params.yaml` artifact: "
+        "`python -m flows.compress --params params.yaml`):",
+        "",
+        "```bash",
+        f"git checkout {commit.removesuffix('-dirty')}",
+        command,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def registered_version(cfg: PipelineConfig, run: mlflow.entities.Run):

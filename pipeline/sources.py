@@ -11,7 +11,6 @@ from convheads.data.segmentation import CLASSES_FILE, scan_pairs
 from .config import DataConfig, PipelineConfig
 
 GENERATED = ("digits", "photos", "torchvision")   # sources the data stage writes as images into its own folder
-EMBEDDED = ("digits", "photos")   # generated from what the installed packages ship, at data.image_size
 
 
 def source(cfg: DataConfig, generated_in: Optional[Path] = None) -> Source:

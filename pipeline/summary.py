@@ -1,7 +1,8 @@
 """The summary a person reads at the end of a run: accuracy, size and speed, and where the run is."""
-from typing import Dict
+from typing import Dict, Tuple
 
 import pandas as pd
+from scipy.stats import beta
 
 from .config import PipelineConfig
 from .problems import PROBLEMS
@@ -64,3 +65,12 @@ def summary_table(s: Dict) -> str:
     ] + [(f"speedup in {r}", "", "", f"batch {b1}: {s[f'{r}_speedup_b{b1}']:.3f}x, "
                                       f"batch {bn}: {s[f'{r}_speedup_b{bn}']:.3f}x") for r in s["other_runtimes"]]
     return pd.DataFrame(rows, columns=["", "baseline", "compressed", "change"]).to_string(index=False)
+
+
+def binomial_interval(correct: int, n: int, level: float = 0.95) -> Tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of a proportion of `correct` in `n` independent trials:
+    how far top-1 on n test images can be from the model's accuracy on the whole distribution."""
+    tail = (1 - level) / 2
+    low = float(beta.ppf(tail, correct, n - correct + 1)) if correct else 0.0
+    high = float(beta.ppf(1 - tail, correct + 1, n - correct)) if correct < n else 1.0
+    return low, high

@@ -1,4 +1,5 @@
 """What the tests share: small models, a tiny pipeline configuration, a stage started in a process."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -97,3 +98,37 @@ def seg_params(root, **segmentation) -> dict:
     params["recover"].update(epochs=1, batch_size=16)
     params["score"]["max_images"] = 16
     return params
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(store_uri: str, cwd: Path):
+    """A real `mlflow server` on a free local port over `store_uri`; yields its URL once it answers."""
+    import requests
+
+    url = f"http://127.0.0.1:{free_port()}"
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", url.rsplit(":", 1)[1], "--workers", "1", "--backend-store-uri", store_uri],
+                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, "mlflow server exited"
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer within 180 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

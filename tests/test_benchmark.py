@@ -5,15 +5,16 @@ The compile test uses the aot_eager backend: dynamo and AOTAutograd trace the wh
 takes 13-20 s for a tiny model on a cold cache on 2 CPU cores. The suite's `modes` section checks
 inductor's outputs against eager at the real settings.
 """
-import json
 import os
 
+import pandas as pd
 import pytest
 import torch
 from helpers import replaced_tiny, tiny_vit
 
 from benchmarks import layer_speed, suite
 from benchmarks.measure import Setting, benchmark_setting, compare_modes, compare_onnx, sweep_blocks
+from benchmarks.results import read_stamp
 from convheads import ConvHeadsError, export_onnx
 from convheads.engine.timing import time_models
 from convheads.export import OnnxModel
@@ -106,8 +107,11 @@ def test_the_suite_writes_tables_and_the_sweep_plot(tmp_path):
                                          "latency", "sweep", "--out", str(tmp_path)]))
     assert set(tables) == {"latency", "sweep"}
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"run.json", "latency.csv", "latency.json", "sweep.csv", "sweep.json", "sweep.png"}
-    assert len(json.loads((tmp_path / "latency.json").read_text())) == 2 * 5  # quick: batch sizes 1, 2; 5 variants
+    assert names == {"suite_latency.csv", "suite_latency.json", "suite_sweep.csv", "suite_sweep.json", "sweep.png"}
+    assert len(pd.read_csv(tmp_path / "suite_latency.csv")) == 2 * 5  # quick: batch sizes 1, 2; 5 variants
+    stamp = read_stamp(tmp_path / "suite_latency.csv")  # what measured it, for the docs' speed page
+    assert stamp["page"] == "speed" and stamp["machine"]["cores"] >= 1 and "benchmarks" not in stamp["title"]
+    assert set(stamp["columns"]) <= set(pd.read_csv(tmp_path / "suite_latency.csv").columns)
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -167,7 +171,6 @@ def test_the_digits_setting_is_the_pipelines_default_vit():
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
 def test_the_methods_comparison_tabulates_each_method_and_seed_in_the_tasks_metric(task, tmp_path):
-    import pandas as pd
     import yaml
     from helpers import seg_params, tiny_params
 
@@ -186,7 +189,7 @@ def test_the_methods_comparison_tabulates_each_method_and_seed_in_the_tasks_metr
     baseline = str(output_dir(cfg, "baseline") / "model.pt")
     methods.main(["--params", str(tmp_path / "params.yaml"), "--baseline", baseline,
                   "--scores", str(output_dir(cfg, "score") / "scores.pt"), "--methods", "attention", "fixed",
-                  "--seeds", "0", "1", "--out", str(out)])
+                  "--seeds", "0", "1", "--out", str(out), "--results", str(tmp_path / "results")])
     table = pd.read_csv(out / "methods.csv")
     assert len(table) == 1 + 2 * 2 * 2  # the baseline, then (method, seed) x (replaced, recovered)
     metric = "miou" if task == "segmentation" else "top1"
@@ -194,3 +197,6 @@ def test_the_methods_comparison_tabulates_each_method_and_seed_in_the_tasks_metr
     if task == "classification":  # exact binomial intervals around top-1
         assert (table.ci_low <= table.top1).all() and (table.top1 <= table.ci_high).all()
     assert f"metric: {metric}" in (out / "summary.md").read_text() and not (out / "scores.pt").exists()
+    name = "methods" if task == "classification" else "methods_segmentation"
+    assert pd.read_csv(tmp_path / "results" / f"{name}.csv").equals(table)  # the stamped copy for the docs
+    assert read_stamp(tmp_path / "results" / f"{name}.csv")["page"] == "methods"

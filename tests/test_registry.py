@@ -2,6 +2,8 @@
 two registrations at once."""
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,16 +13,18 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import requests
 import torch
 import yaml
-from helpers import tiny_params
+from helpers import mlflow_server, tiny_params
 
 from convheads import ConvHeadsError, create_model, load_model, save_model
-from pipeline.config import validate
+from pipeline.config import load_config, validate
 from pipeline.dag import STAGES
-from pipeline.registry import CHALLENGER, CHAMPION, gate, register, set_champion
-from pipeline.runner import execute, output_dir
-from pipeline.tracking import LOGGED_MODELS, client_for, log_model, pipeline_run
+from pipeline.registry import CHALLENGER, CHAMPION, MODEL_CARD, gate, register, set_champion
+from pipeline.runner import execute, output_dir, read_record
+from pipeline.summary import binomial_interval
+from pipeline.tracking import LOGGED_MODELS, client_for, log_model, log_stage, pipeline_run
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -129,6 +133,46 @@ def test_champion_challenger_promotion_and_rollback(pipeline):
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     torch.testing.assert_close(champion_outputs(cfg, x), v1_outputs, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(v1_outputs, v3_outputs)
+
+
+@pytest.mark.slow
+def test_every_version_carries_a_model_card_the_mlflow_ui_reads(pipeline, tmp_path):
+    cfg, client, name = pipeline, client_for(pipeline), pipeline.registered_model_name
+    candidate(cfg, 0.6, register_it=False)  # the evaluated top-1 set to 0.6
+    with pipeline_run(cfg) as run_id:  # a run as the flow logs it: the baseline stage in a nested run
+        log_stage(cfg, "baseline", run_id)
+        log_model(cfg, "recover", LOGGED_MODELS["recover"])
+    result = register(cfg, run_id)
+    card = client.get_model_version(name, str(result["version"])).description
+    artifact = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_CARD, dst_path=str(tmp_path),
+                                                   tracking_uri=cfg.tracking.tracking_uri)
+    assert Path(artifact).read_text() == card
+    ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
+    n = ev["num_images"]
+    low, high = binomial_interval(round(0.6 * n), n)
+    assert low < 0.6 < high
+    assert f"# {name} version 1\n" in card
+    assert f"| test top-1 | **60.00%**; 95% interval {low:.2%} to {high:.2%} (exact binomial, {n:,} test images) |" \
+           in card
+    assert f"| speedup | **{bench['speedup_b4']:.3f}x** at batch 4 in onnxruntime, the deployment runtime" in card
+    data_version = read_record(cfg, "data")["summary"]["data_version"]
+    assert f"data version `{data_version}`" in card and "| selection | " in card and "4 of 8 attention heads" in card
+    baseline = re.search(r"nested run `(\w+)` \(stage baseline\) of MLflow run `(\w+)`", card)
+    assert baseline.group(2) == run_id and client.get_run(baseline.group(1)).data.tags["stage"] == "baseline"
+    assert "| promotion | champion: " in card and "no current champion" in card
+    # the command reproduces this run's configuration exactly, at the commit it ran
+    commit = client.get_run(run_id).data.tags["git_commit"]
+    reproduce = card.split("```bash\n")[1].split("```")[0].splitlines()
+    assert reproduce[0] == f"git checkout {commit.removesuffix('-dirty')}"
+    argv = shlex.split(reproduce[1])
+    assert argv[:3] == ["python", "-m", "flows.compress"] and load_config(None, argv[3:]) == cfg
+    # what the MLflow UI shows: its model-version page reads the description through this endpoint
+    with mlflow_server(cfg.tracking.tracking_uri, tmp_path) as url:
+        for api in ("ajax-api", "api"):
+            answer = requests.get(f"{url}/{api}/2.0/mlflow/model-versions/get", timeout=30,
+                                  params={"name": name, "version": "1"})
+            assert answer.ok and answer.json()["model_version"]["description"] == card
+        assert "<html" in requests.get(url, timeout=30).text.lower()  # the UI itself is served
 
 
 @pytest.mark.slow

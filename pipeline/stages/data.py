@@ -23,9 +23,9 @@ from convheads.data.scenes import CLASSES, digit_scenes
 from convheads.data.segmentation import CLASSES_FILE, FOLDERS, build_pair_manifest, scan_pairs
 
 from ..artifacts import MANIFEST, META
-from ..config import DataConfig, PipelineConfig, photo_settings
+from ..config import EMBEDDED, DataConfig, PipelineConfig, photo_settings
 from ..runner import Stage
-from ..sources import EMBEDDED, source, source_listing
+from ..sources import source, source_listing
 
 HASH_CACHE = ".cache/hashes.sqlite"  # beside the dataset folder: it outlives reruns (DVC deletes outputs)
 

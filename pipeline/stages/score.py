@@ -13,9 +13,11 @@ from convheads.precision import resolve_device
 from ..artifacts import SCORES, SCORES_TABLE, stage_model
 from ..config import PipelineConfig
 from ..loaders import loader
+from ..plots import plot_locality
 from ..runner import Stage
 
 LOCAL_WINDOW = 3   # the method's default kernel size: how local a head must be for it
+LOCALITY_PLOT = "locality.png"
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
@@ -26,11 +28,14 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     torch.save(scores.to_dict(), out / SCORES)
     local = local_share(scores, LOCAL_WINDOW)
     scores_table(scores, local).to_csv(out / SCORES_TABLE, index=False)
+    uniform = uniform_share(scores.grid_size, scores.num_prefix_tokens, LOCAL_WINDOW)
+    plot_locality(local, scores.sigma_h, uniform, out / LOCALITY_PLOT, f"fine-tuned baseline, {scores.num_images} "
+                  f"training images")
     return {"num_images": scores.num_images, "sigma_h_min": scores.sigma_h.min().item(),
             "sigma_h_max": scores.sigma_h.max().item(),
             # heads with at least half their attention on the 3 x 3 neighbourhood: what a convolution can be
             "local_heads": int((local >= 0.5).sum()), "local_share_max": local.max().item(),
-            "uniform_share": uniform_share(scores.grid_size, scores.num_prefix_tokens, LOCAL_WINDOW)}
+            "uniform_share": uniform}
 
 
 def scores_table(scores: HeadScores, local: torch.Tensor) -> pd.DataFrame:
