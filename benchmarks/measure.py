@@ -21,7 +21,7 @@ from convheads import (
     ConvHeadsError,
     Selection,
     create_model,
-    fold_ensembles,
+    fold_layers,
     model_cost,
     replace_heads,
     score_heads,
@@ -39,7 +39,7 @@ from convheads.engine.timing import (
 from convheads.export import check_onnx, export_onnx
 from pipeline.config import DIGITS_VIT
 
-VARIANTS = ("original", "depthwise", "depthwise_global", "identity", "ensemble")
+VARIANTS = ("original", "depthwise", "depthwise_global", "identity", "ensemble", "folded")
 DIGITS = "digits"  # a setting's model name for the pipeline's default ViT (pipeline.config.DIGITS_VIT, 10 classes)
 
 
@@ -83,7 +83,7 @@ class Setting:
 
     def build(self, variants: Sequence[str] = VARIANTS, device: str = "cpu",
               dtype: torch.dtype = torch.float32) -> Dict[str, nn.Module]:
-        """The original model and its replaced variants, in eval mode, ensembles folded for inference."""
+        """The original model and its replaced variants, in eval mode, in their deployment form (folded)."""
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise ConvHeadsError(f"unknown variants {unknown}; choose from {VARIANTS}")
@@ -95,7 +95,7 @@ class Setting:
         models = {}
         for v in variants:
             m = original if v == "original" else replace_heads(copy.deepcopy(original), selection, variant=v)
-            models[v] = fold_ensembles(m).to(device, dtype)
+            models[v] = fold_layers(m).to(device, dtype)
         return models
 
     def row(self, **fields) -> dict:
@@ -147,7 +147,7 @@ def sweep_blocks(model: str, img_size: int, batch_size: int = 1, variant: str = 
     rows = []
     for k in tqdm(range(info.depth + 1), desc="sweep", unit="step", disable=not progress):
         if k:  # one more block replaced, in place
-            fold_ensembles(replace_heads(replaced, Selection.from_blocks([k - 1], info.num_heads), variant=variant))
+            fold_layers(replace_heads(replaced, Selection.from_blocks([k - 1], info.num_heads), variant=variant))
         times = time_models({"original": original, "replaced": replaced}, x, warmup, repeats)
         t0, t1 = statistics.median(times["original"]), statistics.median(times["replaced"])
         rows.append(Setting(model, img_size, k).row(

@@ -23,7 +23,7 @@ from convheads.engine.training import TrainSettings
 from convheads.layers import CONV_VARIANTS
 from convheads.precision import DEVICES, PRECISIONS, resolve_device
 from convheads.selection import GRANULARITIES, METHODS
-from convheads.surgery import ReplaceSettings
+from convheads.surgery import BLOCK_VARIANTS, ReplaceSettings
 
 TASKS = ("classification", "segmentation")
 
@@ -385,9 +385,9 @@ class PipelineConfig(Section):
     def _consistent(self):
         if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N)")
-        if self.replace.variant == "ensemble" and self.select.blocks is None and self.select.granularity != "block":
-            raise ValueError("replace.variant=ensemble merges whole blocks; set select.granularity=block "
-                             "(or select.blocks)")
+        if self.replace.variant in BLOCK_VARIANTS and self.select.blocks is None and self.select.granularity != "block":
+            raise ValueError(f"replace.variant={self.replace.variant} merges whole blocks; set "
+                             f"select.granularity=block (or select.blocks)")
         if self.select.method == DSP and self.replace.variant not in CONV_VARIANTS:
             raise ValueError(f"select.method=dsp gates a convolution branch: replace.variant must be one of "
                              f"{CONV_VARIANTS}")
