@@ -1,8 +1,9 @@
 """The measurements of the benchmark suite (benchmarks/suite.py), one function each, returning a
 list of flat dicts (one per row): `benchmark_setting` (the variants of one model), `sweep_blocks`
 (speedup against the number of replaced blocks), `compare_modes` (eager, channels_last,
-torch.compile), `compare_onnx` (onnxruntime and PyTorch, each timed on its own) and `scoring_memory` (the
-head-scoring pass). Models have random weights: speed does not depend on their values.
+torch.compile), `compare_onnx` (onnxruntime and PyTorch, each timed on its own), `compare_int8`
+(float32 and INT8 exports in onnxruntime) and `scoring_memory` (the head-scoring pass). Models have
+random weights: speed does not depend on their values.
 """
 import copy
 import os
@@ -36,7 +37,8 @@ from convheads.engine.timing import (
     time_onnx,
     time_pairs,
 )
-from convheads.export import check_onnx, export_onnx
+from convheads.export import OnnxModel, check_onnx, export_onnx
+from convheads.quantize import quantize_onnx
 from pipeline.config import DIGITS_VIT
 
 VARIANTS = ("original", "depthwise", "depthwise_global", "identity", "ensemble", "folded")
@@ -220,6 +222,54 @@ def compare_onnx(setting: Setting, batch_size: int = 1, variants: Sequence[str] 
                         speedup_vs_original=med["original", r] / med[v, r] if ("original", r) in med else None,
                         speedup_vs_pytorch=med[v, "pytorch"] / med[v, r], **how[r], **extra[v])
             for v in models for r in how]
+
+
+def compare_int8(setting: Setting, batch_size: int = 1, variants: Sequence[str] = ("original", "depthwise"),
+                 repeats: int = 7, warmup: int = 2, calibration_images: int = 8, method: str = "static",
+                 workdir: Optional[Path] = None, progress: bool = False) -> List[dict]:
+    """Each variant exported (float32) and quantized to INT8 (convheads.quantize; static QDQ calibrated on
+    `calibration_images` random images: the weights are random too), then all float32 and INT8 sessions
+    timed interleaved in a process of their own (as compare_onnx). A row per (variant, precision): latency,
+    speedup over the original at the same precision and over the same variant's float32, the
+    quantization method used, and how far the INT8 output is from the float32 export's (relative to its
+    largest magnitude) on one input."""
+    check_repeats(repeats, warmup)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConvHeadsError(f"unknown variants {unknown}; choose from {VARIANTS}")
+    x = _inputs(batch_size, setting.img_size)
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(1, 3, setting.img_size, setting.img_size, generator=g)
+                   for _ in range(max(calibration_images, batch_size))]
+    paths, extra = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(workdir or tmp)
+        for v in variants:  # one model in memory at a time: the paper setting's are large
+            model = setting.build([v])[v]
+            cost = model_cost(model)
+            name = f"{setting.model}_{setting.img_size}_{setting.blocks}_{v}_b{batch_size}"
+            fp32 = export_onnx(model, folder / f"{name}.onnx", batch_size=batch_size)
+            del model
+            start = time.perf_counter()
+            q = quantize_onnx(fp32, folder / f"{name}_int8.onnx", calibration, method)
+            quantize_s = time.perf_counter() - start
+            ref, got = OnnxModel(fp32)(x), OnnxModel(q.path)(x)
+            diff = float((got - ref).abs().max() / ref.abs().max())
+            paths[v, "fp32"], paths[v, "int8"] = fp32, q.path
+            common = dict(params=cost.params, gmacs=cost.gmacs)
+            extra[v, "fp32"] = dict(method="-", **common)
+            extra[v, "int8"] = dict(method=q.method, fallback=q.fallback, quantize_s=quantize_s,
+                                    int8_rel_diff=diff, **common)
+        times, ort = time_onnx({f"{v}/{p}": path for (v, p), path in paths.items()}, x.shape,
+                               torch.get_num_threads(), warmup, repeats)
+    med = {key: statistics.median(times[f"{key[0]}/{key[1]}"]) for key in paths}
+    return [setting.row(variant=v, precision=p, runtime="onnxruntime",
+                        **latency_stats(times[f"{v}/{p}"], batch_size),
+                        speedup_vs_original=med["original", p] / med[v, p] if ("original", p) in med else None,
+                        speedup_vs_fp32=med[v, "fp32"] / med[v, p], repeats=repeats, warmup=warmup,
+                        calibration_images=len(calibration) if p == "int8" and extra[v, p]["method"] == "static"
+                        else None, pid=ort["pid"], intra_op_threads=ort["threads"], **extra[v, p])
+            for (v, p) in paths]
 
 
 def measure_scoring(model: str, img_size: int, num_images: int, batch_size: int = 8,

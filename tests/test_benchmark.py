@@ -44,8 +44,8 @@ def test_channels_last_weights_and_inputs_give_the_same_outputs():
 def test_a_setting_gives_one_row_per_batch_size_and_variant_with_exact_cost_ratios():
     rows = benchmark_setting(Setting("vit_tiny_patch16_224", 64, 6), batch_sizes=(1, 2), repeats=1, warmup=0)
     assert [(r["batch_size"], r["variant"]) for r in rows] == [(b, v) for b in (1, 2) for v in (
-        "original", "depthwise", "depthwise_global", "identity", "ensemble")]
-    by = {r["variant"]: r for r in rows[:5]}
+        "original", "depthwise", "depthwise_global", "identity", "ensemble", "folded")]
+    by = {r["variant"]: r for r in rows[:6]}
     assert by["original"]["speedup"] == 1.0 and by["original"]["macs_ratio"] == 1.0
     # every variant removes more work than the one before it
     assert 1 < by["depthwise"]["macs_ratio"] < by["identity"]["macs_ratio"] < by["ensemble"]["macs_ratio"]
@@ -53,6 +53,10 @@ def test_a_setting_gives_one_row_per_batch_size_and_variant_with_exact_cost_rati
     # the global term: the same MACs, gamma and phi (1 + 1 prefix token^2) per head of the 6 blocks' 3 heads
     assert by["depthwise_global"]["macs_ratio"] == by["depthwise"]["macs_ratio"]
     assert by["depthwise_global"]["params"] - by["depthwise"]["params"] == 6 * 3 * 2
+    # folded: identity's one C x C matmul, plus the shared 3 x 3 kernel on the 4 x 4 patches' 192 channels
+    assert by["folded"]["gmacs"] - by["identity"]["gmacs"] == pytest.approx(6 * 16 * 9 * 192 / 1e9)
+    # ... and per block the kernel, alpha, beta and the value bias
+    assert by["folded"]["params"] - by["identity"]["params"] == 6 * (9 + 2 + 192)
     assert all(r["threads"] == torch.get_num_threads() and r["infer_step_time_p90"] >= r["infer_step_time"]
                for r in rows)
 
@@ -107,7 +111,10 @@ def test_the_suite_writes_tables_and_the_sweep_plot(tmp_path):
     assert set(tables) == {"latency", "sweep"}
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"run.json", "latency.csv", "latency.json", "sweep.csv", "sweep.json", "sweep.png"}
-    assert len(json.loads((tmp_path / "latency.json").read_text())) == 2 * 5  # quick: batch sizes 1, 2; 5 variants
+    rows = json.loads((tmp_path / "latency.json").read_text())
+    assert len(rows) == 2 * 6  # quick: batch sizes 1, 2; 6 variants
+    assert all(r["commit"] and r["cores"] == os.cpu_count() and "--sections latency sweep" in r["command"]
+               for r in rows)
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
