@@ -10,7 +10,8 @@ from .ensemble import EnsembleHeadAttention, fold_ensembles
 from .errors import ConvHeadsError
 from .export import check_onnx, export_onnx
 from .fitting import fit_scores
-from .layers import ConvHeadAttention, ReplacedAttention
+from .folding import FoldedHeadAttention
+from .layers import ConvHeadAttention, ReplacedAttention, fold_layers
 from .mixers import gaussian_kernel
 from .models import (
     at_resolution,
@@ -27,9 +28,9 @@ from .surgery import replace_heads, replaced_selection, replacement_config
 from .vit import VitInfo, as_vit, vit_info
 
 __all__ = [
-    "ConvHeadAttention", "ConvHeadsError", "EnsembleHeadAttention", "HeadScores", "ModelCost", "ReplacedAttention",
-    "SegmentationModel", "Selection", "VitInfo", "as_vit", "at_resolution", "check_onnx", "count_params",
-    "create_model", "create_segmentation_model", "export_onnx",
-    "fit_scores", "fold_ensembles", "gaussian_kernel", "load_checkpoint", "load_model", "model_cost", "replace_heads",
+    "ConvHeadAttention", "ConvHeadsError", "EnsembleHeadAttention", "FoldedHeadAttention", "HeadScores", "ModelCost",
+    "ReplacedAttention", "SegmentationModel", "Selection", "VitInfo", "as_vit", "at_resolution", "check_onnx",
+    "count_params", "create_model", "create_segmentation_model", "export_onnx", "fit_scores", "fold_ensembles",
+    "fold_layers", "gaussian_kernel", "load_checkpoint", "load_model", "model_cost", "replace_heads",
     "replaced_selection", "replacement_config", "save_model", "score_heads", "select_heads", "vit_info",
 ]

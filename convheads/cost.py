@@ -3,10 +3,11 @@
 Fused attention (scaled_dot_product_attention) is invisible to most FLOP counters, so the two
 token-by-token matmuls (Q K^T and A V: 2 N^2 d MACs per head) are counted explicitly, and so are
 a replaced layer's depthwise convolution (k^2 MACs per patch and channel, whichever
-implementation runs it, see mixing.py) and a "fixed" head's matrix product (N^2 d MACs, the A V
-half of attention). Counted: Linear and Conv2d layers and those. Not counted: elementwise work
-(norms, softmax, activations, the prefix-token scalars, the global term's mean and add: about
-2 N per channel), which is small next to them.
+implementation runs it, see mixing.py; the folded variant's shared kernel alike) and a "fixed"
+head's matrix product (N^2 d MACs, the A V half of attention). Counted: Linear and Conv2d layers
+and those. Not counted: elementwise work (norms, softmax, activations, the prefix-token scalars,
+the global term's mean and add: about 2 N per channel; the folded variant's rank-1 bias: N per
+channel), which is small next to them.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -17,7 +18,7 @@ from torch import nn
 
 from .ensemble import EnsembleHeadAttention
 from .layers import ReplacedAttention
-from .mixers import DepthwiseMixer, FixedMixer
+from .mixers import DepthwiseMixer, FixedMixer, SharedKernelMixer
 from .modes import eval_mode
 from .vit import as_vit, vit_info
 
@@ -59,6 +60,9 @@ def model_cost(model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> 
             if isinstance(mixer, DepthwiseMixer):
                 h, w = module.grid_size
                 totals["macs"] += B * h * w * mixer.conv.weight[0].numel() * mixer.conv.out_channels
+            if isinstance(mixer, SharedKernelMixer):  # one kernel, on every channel
+                h, w = module.grid_size
+                totals["macs"] += B * h * w * mixer.kernel.numel() * mixer.channels
             if isinstance(mixer, FixedMixer):
                 totals["attention"] += B * len(module.conv_heads) * N * N * module.head_dim
             if isinstance(module, EnsembleHeadAttention) and not module.folded:

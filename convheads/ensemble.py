@@ -46,6 +46,10 @@ class EnsembleHeadAttention(ReplacedAttention):
         self.logits = nn.Parameter(torch.zeros(H, **dd))
         self.mixer = DepthwiseMixer(1, d, num_prefix_tokens, kernel_size, **dd)
 
+    @property
+    def needs_folding(self) -> bool:
+        return not self.folded
+
     def head_weights(self) -> torch.Tensor:
         """p [H]: how much each original head contributes to the merged one."""
         if self.folded:

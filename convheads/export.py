@@ -14,9 +14,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .ensemble import EnsembleHeadAttention, fold_ensembles
 from .errors import ConvHeadsError
 from .files import atomic_path
+from .layers import ReplacedAttention, fold_layers
 from .modes import eval_mode
 from .vit import as_vit, vit_info
 
@@ -27,7 +27,7 @@ def export_onnx(model: nn.Module, path: Union[str, Path], img_size: Optional[tup
                 batch_size: int = 1) -> Path:
     """Write `model` as ONNX for float inputs [batch_size, 3, H, W] at the resolution it was built for.
 
-    Ensemble layers are exported folded (the model itself is left as it is). To export at another
+    Layers trained unfolded (ensemble, folded) are exported folded (the model is left as it is). To export at another
     resolution, or a model built with dynamic_img_size=True, export convheads.at_resolution(model, size):
     it freezes the position embedding at that size.
     """
@@ -42,8 +42,8 @@ def export_onnx(model: nn.Module, path: Union[str, Path], img_size: Optional[tup
                              f"{size[0]} x {size[1]}; {fix}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConvHeadsError(f"batch_size must be a positive integer; got {batch_size!r}")
-    if any(isinstance(m, EnsembleHeadAttention) and not m.folded for m in model.modules()):
-        model = fold_ensembles(copy.deepcopy(model))
+    if any(isinstance(m, ReplacedAttention) and m.needs_folding for m in model.modules()):
+        model = fold_layers(copy.deepcopy(model))
     p = next(model.parameters())
     x = torch.zeros(batch_size, as_vit(model).patch_embed.proj.in_channels, *size, device=p.device, dtype=p.dtype)
     return export_module(model, x, path, input_name="images")

@@ -5,7 +5,8 @@ depthwise convolution of V laid out on the patch grid. `ConvHeadAttention` keeps
 value rows of W_V and the columns of W_O for the replaced heads, drops their W_Q / W_K rows, and
 mixes their values with its variant's mixer (mixers.py: depthwise, depthwise_global, fixed,
 identity, drop). `EnsembleHeadAttention` (ensemble.py) merges all heads of a block into one and
-mixes it like "depthwise"; `ReplacedAttention` holds what the layers share.
+mixes it like "depthwise"; `FoldedHeadAttention` (folding.py) mixes a whole block with one kernel
+so that W_V and W_O fold; `ReplacedAttention` holds what the layers share.
 """
 import copy
 from typing import List, Optional, Sequence, Tuple
@@ -77,6 +78,15 @@ class ReplacedAttention(nn.Module):
     def init_from_fit(self, fit) -> None:
         """Start the mixing from parameters fitted to the mixed heads' mean attention (fitting.for_heads)."""
         self.mixer.init_from_fit(fit)
+
+    @property
+    def needs_folding(self) -> bool:
+        """Whether the layer is in a training form that `fold()` turns into a cheaper deployment form."""
+        return False
+
+    def fold(self) -> "ReplacedAttention":
+        """The deployment form, in place (the variants trained unfolded override this)."""
+        return self
 
     def forward(
             self,
@@ -182,3 +192,12 @@ class ConvHeadAttention(ReplacedAttention):
             kept = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
             out = torch.cat([kept.transpose(1, 2).reshape(B, N, -1), out], dim=-1)
         return self.proj(out if isinstance(self.norm, nn.Identity) else self.norm(out))
+
+
+def fold_layers(model: nn.Module) -> nn.Module:
+    """Fold every replaced layer trained unfolded (ensemble, folded) into its deployment form, in
+    place; return the model."""
+    for m in model.modules():
+        if isinstance(m, ReplacedAttention) and m.needs_folding:
+            m.fold()
+    return model

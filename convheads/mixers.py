@@ -11,6 +11,8 @@ W_V and W_O. `MIXERS` names the mixer of each variant:
   fixed             FixedMixer: each head's stored [N, N] mean attention matrix (learnable), applied
                     to its values; quadratic like attention (a reference, not for deployment)
   identity          IdentityMixer: values pass through unchanged (the speed limit of removing attention)
+  folded            SharedKernelMixer: one k x k kernel and one pair of prefix scalars for every
+                    channel, so the map of the tokens is the same on all of them (folding.py)
   drop              DropMixer: nothing; the heads are gone, their W_V rows and W_O columns too
 """
 import functools
@@ -173,6 +175,66 @@ class FixedMixer(Mixer):
                                  f"built for")
         heads = v.view(B, N, -1, self.head_dim).transpose(1, 2)              # [B, heads, N, d]
         return (self.attention @ heads).transpose(1, 2).reshape(B, N, Cr)
+
+
+class SharedKernelMixer(Mixer):
+    """DepthwiseMixer's mixing with one kernel `kernel` [k, k] and one pair of prefix scalars
+    (alpha, beta [P, 1]) for all channels: the same linear map T of the tokens on every channel.
+    That map commutes with any matrix on the channels (T(x W^T) = T(x) W^T), which is what lets
+    a block's W_V and W_O fold into one matrix (folding.py). "banded" computes T as one [N, N]
+    matrix product."""
+
+    def __init__(self, channels: int, num_prefix_tokens: int, kernel_size: int, **dd):
+        super().__init__()
+        self.channels, self.num_prefix_tokens = channels, num_prefix_tokens
+        self.kernel = nn.Parameter(gaussian_kernel(kernel_size).to(**dd))
+        if num_prefix_tokens:  # the reference's init: uniform in [0, 1)
+            self.alpha = nn.Parameter(torch.rand(num_prefix_tokens, 1, **dd))
+            self.beta = nn.Parameter(torch.rand(num_prefix_tokens, 1, **dd))
+        self.implementation = AUTO
+
+    @property
+    def implementation(self) -> str:
+        """As DepthwiseMixer's."""
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, name: str) -> None:
+        self._implementation = check_implementation(name)
+        self._banded, self._ones = ParameterCache(), ParameterCache()
+
+    def scalars(self) -> Dict[str, nn.Parameter]:
+        return {n: self._parameters[n] for n in ("alpha", "beta") if n in self._parameters}
+
+    def _mix(self, v: torch.Tensor, grid_size: Tuple[int, int], how: str = "conv") -> torch.Tensor:
+        k = self.kernel.shape[-1]
+        return depthwise_mix(v, self.kernel.expand(v.shape[-1], 1, k, k), self._parameters.get("alpha"),
+                             self._parameters.get("beta"), grid_size, head_dim=v.shape[-1], how=how)
+
+    def token_map(self, grid_size: Tuple[int, int]) -> torch.Tensor:
+        """T [N, N] (rows: the token written, columns: the token read) for an h x w grid."""
+        h, w = grid_size
+        N = self.num_prefix_tokens + h * w
+        return banded_matrix(functools.partial(self._mix, grid_size=grid_size), N, 1, self.kernel)[..., 0].T
+
+    def of_ones(self, grid_size: Tuple[int, int]) -> torch.Tensor:
+        """T applied to a constant 1 on every token, [N, 1]: on a patch p, S(p) (the sum of the taps
+        that fall on the grid) x (1 + sum of beta); on prefix token j, 1 + alpha[j]. What a bias
+        added before the mixing becomes after it; cached while the parameters keep their values."""
+        h, w = grid_size
+        ones = self.kernel.new_ones(1, self.num_prefix_tokens + h * w, 1)
+        return self._ones.get(grid_size, list(self.parameters()), lambda: self._mix(ones, grid_size)[0])
+
+    def forward(self, v: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = v.shape
+        check_tokens(N, self.num_prefix_tokens, grid_size)
+        how = self._implementation
+        if how == AUTO:
+            how = choose(B, N, C, self.num_prefix_tokens, v.device)
+        if how == "banded":
+            params = list(self.parameters())
+            return self._banded.get(grid_size, params, lambda: self.token_map(grid_size)) @ v
+        return self._mix(v, grid_size, how)
 
 
 def make_mixer(variant: str, heads: int, head_dim: int, num_prefix_tokens: int, kernel_size: int,

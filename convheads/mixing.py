@@ -77,7 +77,7 @@ def choose(batch: int, tokens: int, channels: int, prefix: int, device: torch.de
     return "conv"
 
 
-def _addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def addcmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """a + b * c: one fused op in PyTorch; plain ops in an ONNX export, where addcmul's float32
     constant would turn a float16 graph float32 (onnxruntime then refuses the mixed LayerNorm)."""
     return a + b * c if _exporting() else torch.addcmul(a, b, c)
@@ -113,20 +113,20 @@ def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.T
     # Few, fused ops: at the digits' 65 tokens every op costs more than its arithmetic.
     prefix, patches = heads[:, :P], heads[:, P:]
     if P == 1:
-        patches = _addcmul(patches, prefix, beta[..., None])
+        patches = addcmul(patches, prefix, beta[..., None])
     elif P:
         patches = patches + (prefix * beta[..., None]).sum(dim=1, keepdim=True)
     y = _spatial(patches.reshape(B, h, w, C), weight, how).reshape(B, h * w, C)
     if gamma is not None:  # + gamma_i x the mean of head i's values over all N tokens, on every patch
-        y = _addcmul(y.unflatten(-1, (-1, head_dim)), heads.mean(dim=1, keepdim=True), gamma[:, None]).flatten(2)
+        y = addcmul(y.unflatten(-1, (-1, head_dim)), heads.mean(dim=1, keepdim=True), gamma[:, None]).flatten(2)
     if not P:
         return y
     patch_mean = heads[:, P:].mean(dim=1, keepdim=True)                 # [B, 1, heads, d]
     if gamma is None:
-        prefix_out = _addcmul(prefix, alpha[..., None], patch_mean)
+        prefix_out = addcmul(prefix, alpha[..., None], patch_mean)
     else:
         mixed = prefix * phi[0, 0, :, None] if P == 1 else (prefix[:, None] * phi[..., None]).sum(dim=2)
-        prefix_out = _addcmul(mixed, alpha[..., None], patch_mean)
+        prefix_out = addcmul(mixed, alpha[..., None], patch_mean)
     return torch.cat([prefix_out.flatten(2), y], dim=1)
 
 

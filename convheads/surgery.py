@@ -8,6 +8,7 @@ from torch import nn
 from .ensemble import EnsembleHeadAttention
 from .errors import ConvHeadsError
 from .fitting import fit_mixing, for_heads
+from .folding import FoldedHeadAttention
 from .layers import ConvHeadAttention, ReplacedAttention
 from .mixers import check_kernel_size
 from .scoring import HeadScores
@@ -15,7 +16,9 @@ from .selection import Selection
 from .vit import as_vit, vit_info
 
 INITS = ("gaussian", "attention")
-VARIANTS = ("depthwise", "depthwise_global", "identity", "ensemble", "fixed", "drop")
+VARIANTS = ("depthwise", "depthwise_global", "identity", "ensemble", "folded", "fixed", "drop")
+# Variants whose layer takes a whole block: all its heads become one mixing.
+BLOCK_VARIANTS = ("ensemble", "folded")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,9 +29,9 @@ class ReplaceSettings:
     init: str = "gaussian"
     """gaussian | attention (fitted to each head's mean attention in the scores)."""
     variant: str = "depthwise"
-    """depthwise | depthwise_global (+ a global term per head) | identity | ensemble (whole blocks) | fixed
-    (each head's mean attention matrix: quadratic, a reference, not deployment) | drop (the heads removed: a
-    control)."""
+    """depthwise | depthwise_global (+ a global term per head) | identity | ensemble (whole blocks) | folded (whole
+    blocks: one kernel per block, scaled per channel; W_V and W_O fold into one matrix) | fixed (each head's mean
+    attention matrix: quadratic, a reference, not deployment) | drop (the heads removed: a control)."""
 
     def __post_init__(self):
         check_options(self.kernel_size, self.init, self.variant)
@@ -50,10 +53,13 @@ def replace_heads(
     `scores`, see fitting.py: the kernel from the mean weight per neighbour offset, beta so that a
     prefix token's weight through the kernel matches, alpha from the prefix tokens' weight on the
     patches; "depthwise_global" splits off the uniform level first; "fixed" takes E[A] itself;
-    the ensemble variant starts from the block's mean fit).
+    the ensemble variant starts from the block's mean fit; "folded" from the rank-1 projection of the
+    block's fitted kernels, see folding.py).
     variant: "depthwise" (k x k depthwise convolution), "depthwise_global" (the same plus a global
     term per head), "identity" (no spatial mixing), "ensemble" (all heads of a block merged into one
-    depthwise-convolution head; whole blocks only, see ensemble.py), "fixed" (each head's mean
+    depthwise-convolution head; whole blocks only, see ensemble.py), "folded" (one kernel per block,
+    scaled per channel, so that W_V and W_O fold into one matrix for deployment; whole blocks only,
+    see folding.py), "fixed" (each head's mean
     attention matrix; quadratic, a reference, not for deployment) or "drop" (the heads removed
     outright, their W_V rows and W_O columns too: the control that says whether the convolution
     earns its keep); see layers.py.
@@ -63,12 +69,14 @@ def replace_heads(
     check_replacement(model, selection, kernel_size, init, variant, scores)
     fit = None
     if init == "attention" and variant not in ("identity", "drop"):
-        fit = fit_mixing(scores, kernel_size, "depthwise" if variant == "ensemble" else variant)
+        fit = fit_mixing(scores, kernel_size, "depthwise" if variant in BLOCK_VARIANTS else variant)
     layers = {}
     for b, heads in selection.heads.items():  # build every layer first: a bad block leaves the model as it was
         attn = vit.blocks[b].attn
         if variant == "ensemble":
             layers[b] = EnsembleHeadAttention(attn, info.grid_size, info.num_prefix_tokens, kernel_size=kernel_size)
+        elif variant == "folded":
+            layers[b] = FoldedHeadAttention(attn, info.grid_size, info.num_prefix_tokens, kernel_size=kernel_size)
         else:
             layers[b] = ConvHeadAttention(attn, heads, info.grid_size, info.num_prefix_tokens,
                                           kernel_size=kernel_size, variant=variant)
@@ -100,11 +108,11 @@ def check_replacement(model: nn.Module, selection: Selection, kernel_size: int, 
     check_options(kernel_size, init, variant)
     if init == "attention":
         _check_scores(scores, info, variant)
-    if variant == "ensemble":
+    if variant in BLOCK_VARIANTS:
         partial = {b: hs for b, hs in selection.heads.items() if len(hs) != info.num_heads}
         if partial:
             raise ConvHeadsError(
-                f"variant='ensemble' merges all heads of a block, but the selection names only some heads of "
+                f"variant={variant!r} mixes all heads of a block as one, but the selection names only some heads of "
                 f"blocks {sorted(partial)}; select whole blocks (select_heads(..., granularity='block') or "
                 f"Selection.from_blocks)")
     if not isinstance(getattr(vit, "patch_drop", nn.Identity()), nn.Identity):
@@ -153,7 +161,7 @@ def replaced_selection(model: nn.Module) -> Selection:
 
 
 def replacement_config(model: nn.Module) -> List[dict]:
-    """Per replaced block: what replace_heads (and, for a folded ensemble, fold) needs to rebuild the
+    """Per replaced block: what replace_heads (and, for a folded layer, fold) needs to rebuild the
     same structure, and the layer's mixing implementation."""
     return [dict(block=i, heads=list(b.attn.conv_heads), kernel_size=b.attn.kernel_size, variant=b.attn.variant,
                  folded=getattr(b.attn, "folded", False), mixing=b.attn.mixing)

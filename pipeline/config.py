@@ -27,7 +27,7 @@ from convheads.mim import PretrainSettings
 from convheads.precision import DEVICES, PRECISIONS, resolve_device
 from convheads.scoring import SIGMA_TOKENS
 from convheads.selection import GRANULARITIES, METHODS
-from convheads.surgery import ReplaceSettings
+from convheads.surgery import BLOCK_VARIANTS, ReplaceSettings
 
 TASKS = ("classification", "segmentation")
 EMBEDDED = ("digits", "photos")   # data sources generated from what the installed packages ship, at data.image_size
@@ -451,9 +451,9 @@ class PipelineConfig(Section):
     def _consistent(self):
         if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N)")
-        if self.replace.variant == "ensemble" and self.select.blocks is None and self.select.granularity != "block":
-            raise ValueError("replace.variant=ensemble merges whole blocks; set select.granularity=block "
-                             "(or select.blocks)")
+        if self.replace.variant in BLOCK_VARIANTS and self.select.blocks is None and self.select.granularity != "block":
+            raise ValueError(f"replace.variant={self.replace.variant} merges whole blocks; set "
+                             f"select.granularity=block (or select.blocks)")
         if self.select.method in ("fit", "sigma_fit") and self.replace.variant not in FITTED:
             raise ValueError(f"select.method={self.select.method} ranks heads by the fit of replace.variant, and "
                              f"{self.replace.variant} has none (variants with one: {', '.join(FITTED)}); use "

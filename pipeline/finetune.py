@@ -7,7 +7,7 @@ from typing import Callable, Dict, Optional
 import pandas as pd
 from torch import nn
 
-from convheads import count_params, fold_ensembles, save_model
+from convheads import count_params, fold_layers, save_model
 from convheads.engine import distributed
 from convheads.engine.training import train
 from convheads.precision import resolve_device
@@ -26,7 +26,7 @@ def fine_tune(cfg: PipelineConfig, stage: str, model: nn.Module, out: Path, fold
     """Train `model` with the settings of `stage` (baseline or recover); write model.pt and history.csv
     into `out`. prepare(train_loader) runs before training, on_epoch(row) after each epoch (rank 0),
     finish(model) after training, before the model is saved (rank 0); its dict joins the summary.
-    fold: save ensembles folded into thin linear maps (the inference form)."""
+    fold: save the layers trained unfolded (ensemble, folded) in their deployment form."""
     settings, task = getattr(cfg, stage), problem(cfg)
     train_loader = loader(cfg, model, "train", settings.batch_size, train=True, augment=settings.augment,
                           accumulation=settings.accumulation)
@@ -39,7 +39,7 @@ def fine_tune(cfg: PipelineConfig, stage: str, model: nn.Module, out: Path, fold
         return {}
     finished = finish(model) if finish is not None else {}
     if fold:
-        fold_ensembles(model)
+        fold_layers(model)
     save_model(model.cpu(), out / MODEL_FILE)
     table = pd.DataFrame(history)
     if f"val_{task.headline}" in table:
