@@ -64,6 +64,14 @@ class Mixer(nn.Module):
     def init_from_fit(self, fit: Dict[str, torch.Tensor]) -> None:
         """Start from parameters fitted to the heads' mean attention (fitting.for_heads)."""
 
+    def _how(self, v: torch.Tensor, grid_size: Tuple[int, int]) -> str:
+        """The mixing implementation for values v [B, N, C] on `grid_size` (checked): the set one, or
+        AUTO's choice for this shape and device."""
+        B, N, C = v.shape
+        check_tokens(N, self.num_prefix_tokens, grid_size)
+        how = self._implementation
+        return choose(B, N, C, self.num_prefix_tokens, v.device) if how == AUTO else how
+
 
 class IdentityMixer(Mixer):
     def forward(self, v: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
@@ -133,10 +141,7 @@ class DepthwiseMixer(Mixer):
 
     def forward(self, v: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
         B, N, Cr = v.shape
-        check_tokens(N, self.num_prefix_tokens, grid_size)
-        how = self._implementation
-        if how == AUTO:
-            how = choose(B, N, Cr, self.num_prefix_tokens, v.device)
+        how = self._how(v, grid_size)
         alpha, beta, gamma, phi = (self._parameters.get(n) for n in SCALARS)
         mix = functools.partial(depthwise_mix, weight=self.conv.weight, alpha=alpha, beta=beta,
                                 grid_size=grid_size, head_dim=self.head_dim, gamma=gamma, phi=phi)
@@ -226,11 +231,7 @@ class SharedKernelMixer(Mixer):
         return self._ones.get(grid_size, list(self.parameters()), lambda: self._mix(ones, grid_size)[0])
 
     def forward(self, v: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
-        B, N, C = v.shape
-        check_tokens(N, self.num_prefix_tokens, grid_size)
-        how = self._implementation
-        if how == AUTO:
-            how = choose(B, N, C, self.num_prefix_tokens, v.device)
+        how = self._how(v, grid_size)
         if how == "banded":
             params = list(self.parameters())
             return self._banded.get(grid_size, params, lambda: self.token_map(grid_size)) @ v
