@@ -21,8 +21,10 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import ConvHeadsError
+from .export import export_onnx
 from .files import atomic_path
 
 METHODS = ("static", "dynamic")
@@ -84,6 +86,15 @@ def quantize_onnx(model: Union[str, Path], out: Union[str, Path], calibration: O
                                      + (f" ({fallback})" if fallback else "")) from None
         _check_runs(target, model, graph)
     return Quantized(Path(out), method, fallback)
+
+
+def export_int8(model: nn.Module, out: Union[str, Path], calibration: Iterable[torch.Tensor],
+                batch_size: int = 1) -> Quantized:
+    """`model` as deployed in INT8: exported in float32 for [batch_size, 3, H, W] (export_onnx: static
+    shapes) and quantized statically, calibrated on `calibration` (quantize_onnx: dynamic where static fails)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export_onnx(model, Path(tmp) / "float32.onnx", batch_size=batch_size)
+        return quantize_onnx(exported, out, calibration)
 
 
 class _Reader:

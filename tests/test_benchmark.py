@@ -15,8 +15,8 @@ from helpers import replaced_tiny, tiny_vit
 from benchmarks import layer_speed, suite
 from benchmarks.measure import Setting, benchmark_setting, compare_modes, compare_onnx, sweep_blocks
 from benchmarks.results import read_stamp
-from convheads import ConvHeadsError, export_onnx
-from convheads.engine.timing import time_models
+from convheads import ConvHeadsError, Selection, export_onnx, replace_heads
+from convheads.engine.timing import OnnxTimer, time_in_runtime, time_models
 from convheads.export import OnnxModel
 
 
@@ -135,6 +135,22 @@ def test_onnx_runner_spins_only_when_asked(tmp_path):
         options = OnnxModel(path, threads=1, spinning=spinning).session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
         assert options.intra_op_num_threads == 1
+
+
+def test_int8_timing_quantizes_each_model_on_the_calibration_images_and_says_how(tmp_path):
+    replaced = tiny_vit(depth=2)
+    replace_heads(replaced, Selection.from_blocks([0], 4))
+    models, x = {"original": tiny_vit(depth=2), "replaced": replaced}, torch.randn(2, 3, 32, 32)
+    with pytest.raises(ConvHeadsError, match="calibration=<a few batches of training images>"):
+        time_in_runtime(models, "onnxruntime-int8", x, tmp_path, onnx=None)
+    quantized = {}
+    with OnnxTimer() as onnx:
+        times = time_in_runtime(models, "onnxruntime-int8", x, tmp_path, onnx, warmup=0, repeats=2,
+                                calibration=[torch.randn(3, 3, 32, 32) for _ in range(2)], quantized=quantized)
+    assert {name: len(t) for name, t in times.items()} == {"original": 2, "replaced": 2}
+    assert {name: (q.method, q.fallback) for name, q in quantized.items()} == {"original": ("static", None),
+                                                                             "replaced": ("static", None)}
+    assert all(q.path == tmp_path / f"{name}_b2_int8.onnx" for name, q in quantized.items())
 
 
 def test_the_layer_benchmark_times_each_runtime_and_draws_the_ratios(tmp_path):

@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -24,9 +24,12 @@ from tqdm.auto import tqdm
 from ..errors import ConvHeadsError
 from ..export import OnnxModel, export_onnx
 from ..precision import autocast
+from ..quantize import Quantized, export_int8
 
-# Where a model can be timed: the ONNX export in onnxruntime (CPU, as deployed), PyTorch eager, torch.compile.
-RUNTIMES = ("onnxruntime", "eager", "compile")
+# Where a model can be timed: the ONNX export in onnxruntime (CPU, as deployed), the same in INT8
+# (convheads.quantize: static, calibrated), PyTorch eager, torch.compile.
+RUNTIMES = ("onnxruntime", "onnxruntime-int8", "eager", "compile")
+ONNX_RUNTIMES = ("onnxruntime", "onnxruntime-int8")  # CPU only
 
 
 def synchronize(device: torch.device) -> None:
@@ -137,12 +140,27 @@ def time_onnx(paths: Mapping[str, Union[str, Path]], shape: Sequence[int], threa
 
 
 def time_in_runtime(models: Dict[str, nn.Module], runtime: str, x: torch.Tensor, workdir: Path, onnx: OnnxTimer,
-                    warmup: int = 3, repeats: int = 7, precision: str = "fp32") -> Dict[str, List[float]]:
+                    warmup: int = 3, repeats: int = 7, precision: str = "fp32",
+                    calibration: Optional[Iterable[torch.Tensor]] = None,
+                    quantized: Optional[Dict[str, Quantized]] = None) -> Dict[str, List[float]]:
     """Seconds per call of each model as `runtime` (RUNTIMES) runs it on `x`, the models interleaved.
     onnxruntime: each model exported at x's batch size (static shapes) into `workdir` and timed in
-    `onnx`'s process, with PyTorch's thread count; compile: torch.compile'd; eager: as they are."""
+    `onnx`'s process, with PyTorch's thread count; onnxruntime-int8: the same, each export quantized
+    (convheads.quantize.export_int8) on the `calibration` image batches, and each model's Quantized
+    (how it was quantized) put into `quantized` if given; compile: torch.compile'd; eager: as they are."""
     if runtime not in RUNTIMES:
         raise ConvHeadsError(f"runtime must be one of {RUNTIMES}; got {runtime!r}")
+    if runtime == "onnxruntime-int8":
+        if calibration is None:
+            raise ConvHeadsError("onnxruntime-int8 calibrates the INT8 models on images: pass calibration=<a few "
+                                 "batches of training images>")
+        calibration = list(calibration)  # read once per model
+        done = {name: export_int8(m, Path(workdir) / f"{name}_b{len(x)}_int8.onnx", calibration, len(x))
+                for name, m in models.items()}
+        if quantized is not None:
+            quantized.update(done)
+        return onnx.time({name: q.path for name, q in done.items()}, x.shape, torch.get_num_threads(), warmup,
+                         repeats)[0]
     if runtime == "onnxruntime":
         paths = {name: export_onnx(m, Path(workdir) / f"{name}_b{len(x)}.onnx", batch_size=len(x))
                  for name, m in models.items()}
