@@ -19,7 +19,7 @@ from convheads import ConvHeadsError
 from convheads.data.images import AUGMENTATIONS
 from convheads.data.photos import PhotoSettings
 from convheads.dsp import DSPSettings
-from convheads.engine.timing import RUNTIMES
+from convheads.engine.timing import ONNX_RUNTIMES, RUNTIMES
 from convheads.engine.training import TrainSettings
 from convheads.fitting import FITTED
 from convheads.layers import CONV_VARIANTS
@@ -286,7 +286,9 @@ class BenchmarkConfig(Section):
     batch_sizes: List[PositiveInt] = [1, 64]
     runtimes: List[Literal[RUNTIMES]] = Field(["onnxruntime", "eager"], min_length=1)
     """Where the models are timed; the first gives the headline speedup (summary, registry gate): onnxruntime
-    (the ONNX export, as deployed; CPU only, left out on a GPU) | eager | compile (PyTorch)."""
+    (the ONNX export, as deployed; CPU only, left out on a GPU) | onnxruntime-int8 (the same quantized to INT8,
+    calibrated on training images; the evaluate stage then also measures the INT8 model's accuracy, and
+    first, the registry gates on it) | eager | compile (PyTorch)."""
     repeats: PositiveInt = 20
     warmup: int = Field(3, ge=0)
     threads: Optional[PositiveInt] = None
@@ -499,10 +501,16 @@ class PipelineConfig(Section):
 
     @property
     def benchmark_runtimes(self) -> List[str]:
-        """benchmark.runtimes that time the device the models run on: onnxruntime times the CPU, so
-        it is left out on a GPU (eager then, if nothing else is left)."""
+        """benchmark.runtimes that time the device the models run on: onnxruntime (and its INT8) times
+        the CPU, so it is left out on a GPU (eager then, if nothing else is left)."""
         cpu = resolve_device(self.device) == "cpu"
-        return [r for r in self.benchmark.runtimes if r != "onnxruntime" or cpu] or ["eager"]
+        return [r for r in self.benchmark.runtimes if r not in ONNX_RUNTIMES or cpu] or ["eager"]
+
+    @property
+    def int8(self) -> bool:
+        """Whether the compressed model is deployed in INT8 too (onnxruntime-int8 among the runtimes
+        benchmarked): the evaluate stage then measures its accuracy."""
+        return "onnxruntime-int8" in self.benchmark_runtimes
 
     def section(self, *names: str) -> dict:
         """The named sections as plain data (what a stage's fingerprint depends on, what MLflow

@@ -14,6 +14,7 @@ from convheads.precision import resolve_device
 
 from .artifacts import stage_model
 from .config import PipelineConfig, validate
+from .loaders import CALIBRATION_IMAGES, calibration_batches
 from .problems import problem
 from .runner import output_dir, read_record
 from .summary import selection_summary
@@ -76,11 +77,13 @@ def benchmark_all(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], workdir: 
         models[name] = stage_model(point, "recover").to(device)
     size = vit_info(models["baseline"]).img_size  # segmentation: segmentation.image_size
     rows = []
+    calibration = (calibration_batches(cfg, models["baseline"], max(CALIBRATION_IMAGES, *b.batch_sizes))
+                   if runtime == "onnxruntime-int8" else None)
     with OnnxTimer() as onnx:
         for batch_size in b.batch_sizes:
             x = torch.randn(batch_size, 3, *size, device=device)
             for name, t in time_in_runtime(models, runtime, x, workdir, onnx, b.warmup, b.repeats,
-                                           cfg.precision).items():
+                                           cfg.precision, calibration).items():
                 rows.append({"model": name, "runtime": runtime, **latency_stats(t, batch_size)})
     table = pd.DataFrame(rows)
     costs = {name: model_cost(m) for name, m in models.items()}

@@ -1,7 +1,9 @@
 """The dataset's loaders as the stages read them: the task's dataset at the model's input size,
 normalised for it, shuffled and augmented for training, sharded over torchrun's processes."""
-from typing import Optional
+from itertools import islice
+from typing import List, Optional
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -29,3 +31,16 @@ def loader(cfg: PipelineConfig, model: nn.Module, split: str, batch_size: int, t
                        else lc.pin_memory, persistent_workers=lc.persistent_workers,
                        drop_last=accumulation is not None, accumulation=accumulation or 1,
                        rank=distributed.rank(), world=distributed.world_size())
+
+
+# Static INT8's activation ranges (min / max) settle on a few batches; onnxruntime's calibrator keeps
+# every calibrated tensor of every image until the end, so more images cost memory, not accuracy.
+CALIBRATION_IMAGES = 64
+
+
+def calibration_batches(cfg: PipelineConfig, model: nn.Module, images: int = CALIBRATION_IMAGES) -> List[torch.Tensor]:
+    """At least `images` training images (never the test split), shuffled with the stage's seed and
+    not augmented, in batches: what static INT8 quantization calibrates on."""
+    batch_size = min(images, 64)
+    batches = loader(cfg, model, "train", batch_size, train=True)
+    return [x for x, _ in islice(batches, -(-images // batch_size))]
