@@ -32,6 +32,8 @@ def summary(cfg: PipelineConfig) -> Dict:
         "largest_batch_size": bn, "threads": bench["threads"], "img_size": bench["img_size"],
         "runtime": bench["runtime"], "other_runtimes": bench["runtimes"][1:],
         **{f"{r}_speedup_b{b}": bench[f"{r}_speedup_b{b}"] for r in bench["runtimes"][1:] for b in (b1, bn)},
+        # onnxruntime-int8 benchmarked: the compressed model's accuracy as deployed in INT8
+        **({f"compressed_int8_{headline}": ev["compressed_int8"][headline]} if "compressed_int8" in ev else {}),
     }
 
 
@@ -50,6 +52,10 @@ def summary_table(s: Dict) -> str:
          + ("Sigma's choice " if s.get("selected_by") == "dsp" else "")
          + f"before recovery: {s[f'replaced_{m}']:.2%})")
         for m, label in QUALITY[s.get("task", "classification")]
+    ] + [
+        (f"test {label}, INT8", "", f"{s[f'compressed_int8_{m}']:.2%}",
+         f"{(s[f'compressed_int8_{m}'] - s[f'compressed_{m}']) * 100:+.2f} pts vs float32")
+        for m, label in QUALITY[s.get("task", "classification")][:1] if f"compressed_int8_{m}" in s
     ] + [
         ("heads replaced", "-", f"{s['heads_replaced']} of {s['heads_total']}",
          f"whole blocks {', '.join(map(str, s['whole_blocks']))}" if s["whole_blocks"] else "scattered"),

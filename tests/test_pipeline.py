@@ -271,6 +271,36 @@ def test_the_closing_summary_reports_what_the_stages_measured(finished_pipeline)
     assert f"{s['local_heads']} of 8" in text and f"most local {s['local_share_max']:.0%}" in text
 
 
+def test_int8_deployment_is_benchmarked_and_evaluated_only_when_configured(finished_pipeline):
+    cfg = validate(tiny_params(finished_pipeline))
+    out = cfg.paths.outputs
+    assert "compressed_int8" not in read_record(cfg, "evaluate")["summary"]   # default runtimes: no INT8
+    assert pd.read_csv(f"{out}/benchmark/benchmark.csv").quantization.isna().all()
+    int8 = with_changes(cfg, benchmark={"runtimes": ["onnxruntime-int8", "onnxruntime"]})
+    ran = [n for n, o in run_all(int8).items() if not o.skipped]
+    assert ran == ["evaluate", "benchmark"]   # of the benchmark section, only the runtimes reach evaluate
+
+    bench = pd.read_csv(f"{out}/benchmark/benchmark.csv")
+    quantized = bench[bench.runtime == "onnxruntime-int8"]
+    assert len(quantized) == 4 and (quantized.infer_step_time > 0).all()   # 2 models x batch 1, 4
+    assert set(quantized.quantization) == {"static"} and bench[bench.runtime == "onnxruntime"].quantization.isna().all()
+    summary = read_record(int8, "benchmark")["summary"]
+    assert summary["runtime"] == "onnxruntime-int8" and summary["speedup_b4"] == summary["onnxruntime-int8_speedup_b4"]
+    assert summary["int8_quantization"] == {f"{m}_b{b}": "static" for b in (1, 4) for m in ("baseline", "compressed")}
+
+    metrics = read_record(int8, "evaluate")["summary"]
+    fp32, q = metrics["compressed"]["top1"], metrics["compressed_int8"]["top1"]
+    assert metrics["int8_quantization"] == "static" and metrics["top1_int8_drop"] == pytest.approx(fp32 - q)
+    # The tiny model's logits are close together, so INT8 rounding could flip its choice on any image:
+    # it must still agree with float32 on nearly every test image (measured: 269 of 270), and top-1 stays
+    # within 3 points (8 of 270 images).
+    predictions = pd.read_csv(f"{out}/evaluate/predictions.csv")
+    assert (predictions.compressed_int8 == predictions.compressed).mean() >= 0.95
+    assert abs(q - fp32) <= 0.03
+    assert list(pd.read_csv(f"{out}/evaluate/metrics.csv").model) == ["baseline", "replaced", "compressed",
+                                                                      "compressed_int8"]
+
+
 def test_selection_by_fit_and_the_global_variant_run_as_stages(finished_pipeline):
     cfg = with_changes(validate(tiny_params(finished_pipeline)), select={"method": "sigma_fit", "granularity": "head"},
                        replace={"variant": "depthwise_global"})

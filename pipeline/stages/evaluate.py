@@ -1,8 +1,13 @@
 """Stage evaluate: the task's metrics for the baseline, replaced and recovered models on the test split
 (classification: top-1/top-5/loss, and every test image's prediction by each model for paired
-comparisons; segmentation: mIoU, pixel accuracy, loss, per-class IoU and a panel of predictions)."""
+comparisons; segmentation: mIoU, pixel accuracy, loss, per-class IoU and a panel of predictions).
+
+With onnxruntime-int8 among benchmark.runtimes, also the recovered model as deployed in INT8
+(`compressed_int8`: its ONNX export quantized as the benchmark stage quantizes it, calibrated on
+training images, run in onnxruntime), and its drop vs the float32 model."""
+import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 import numpy as np
 import pandas as pd
@@ -11,17 +16,21 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure  # no pyplot: no GUI backend on servers and workers
 from matplotlib.patches import Patch
 
+from convheads.export import OnnxModel
+from convheads.quantize import export_int8
 from convheads.segmentation import IGNORE_INDEX
 
 from ..artifacts import MODELS, read_meta, stage_model
 from ..config import PipelineConfig
-from ..loaders import loader
+from ..loaders import calibration_batches, loader
 from ..problems import data_config, problem
 from ..runner import Stage, write_json
 
 METRICS, TABLE, PREDICTIONS = "metrics.json", "metrics.csv", "predictions.csv"
 PER_CLASS, PANEL = "per_class_iou.csv", "predictions.png"
 PANEL_IMAGES = 6
+INT8 = "compressed_int8"
+INT8_BATCH = 64  # the INT8 export's batch size (its shapes are static): test batches run in chunks of it
 
 
 def run(cfg: PipelineConfig, out: Path) -> Dict:
@@ -37,17 +46,49 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
         if per_image:
             predicted["label"], predicted[name] = metrics["labels"].numpy(), metrics["predicted"].numpy()
     results[f"{task.headline}_drop"] = results["baseline"][task.headline] - results["compressed"][task.headline]
+    names = list(MODELS)
+    if cfg.int8:
+        with tempfile.TemporaryDirectory() as tmp:
+            quantized = export_int8(models["compressed"], Path(tmp) / "int8.onnx",
+                                    calibration_batches(cfg, models["compressed"], INT8_BATCH), INT8_BATCH)
+            metrics = task.evaluate(in_chunks(OnnxModel(quantized.path)),
+                                    loader(cfg, models["compressed"], "test", cfg.evaluate.batch_size),
+                                    device="cpu", precision="fp32", per_image=per_image)
+        names.append(INT8)
+        results[INT8] = {k: metrics[k] for k in task.metrics}
+        per_class[INT8] = metrics.get("iou")
+        if per_image:
+            predicted[INT8] = metrics["predicted"].numpy()
+        results[f"{task.headline}_int8_drop"] = results["compressed"][task.headline] - results[INT8][task.headline]
+        results["int8_quantization"] = quantized.method
+        if quantized.fallback:
+            results["int8_fallback"] = quantized.fallback
     results["num_images"] = metrics["num_images"]
     write_json(out / METRICS, results)
-    pd.DataFrame([{"model": n, **results[n]} for n in MODELS]).to_csv(out / TABLE, index=False)
+    pd.DataFrame([{"model": n, **results[n]} for n in names]).to_csv(out / TABLE, index=False)
     if per_image:  # test images in the manifest's order: the same rows in every run on this data version
         pd.DataFrame(predicted).to_csv(out / PREDICTIONS, index_label="image")
     if cfg.task == "segmentation":
         classes = read_meta(cfg)["classes"]
-        pd.DataFrame({"class": classes, **{f"{n}_iou": per_class[n] for n in MODELS}}).to_csv(
+        pd.DataFrame({"class": classes, **{f"{n}_iou": per_class[n] for n in names}}).to_csv(
             out / PER_CLASS, index=False, float_format="%.6f")
         plot_predictions(cfg, models["baseline"], models["compressed"], classes, out / PANEL)
     return results
+
+
+def in_chunks(run: OnnxModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An export with a static batch size, on batches of any size: run in chunks of its size, the
+    last one padded with zeros (and their outputs dropped)."""
+    size = run.input.shape[0]
+
+    def call(images: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for chunk in images.split(size):
+            padded = torch.cat([chunk, chunk.new_zeros(size - len(chunk), *chunk.shape[1:])])
+            outputs.append(run(padded)[:len(chunk)])
+        return torch.cat(outputs)
+
+    return call
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -92,5 +133,6 @@ def plot_predictions(cfg: PipelineConfig, baseline, compressed, classes, path: P
     fig.savefig(path, dpi=80)
 
 
+# benchmark.runtimes says whether the INT8 model is evaluated: that alone of the benchmark section reruns this stage
 STAGE = Stage("evaluate", run, ("segmentation", "evaluate", "device", "precision"),
-              needs=("baseline", "replace", "recover"))
+              needs=("baseline", "replace", "recover"), watch=lambda cfg: {"int8": cfg.int8})
