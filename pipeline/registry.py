@@ -2,7 +2,9 @@
 
 Every registered version gets the alias `challenger`; `champion` moves to it only when the promotion
 gate passes (drop of the task's headline metric, test top-1 or mIoU; speedup; better than the
-current champion on the same test data, at full precision). The decision and its reasons go to the
+current champion on the same test data, at full precision). The drop and the speedup are the
+deployed model's: in the deployment runtime, the first benchmarked; where that is onnxruntime-int8,
+the INT8 model's drop (the evaluate stage's `compressed_int8`) and speedup. The decision and its reasons go to the
 run and to the version's tags. Every version also gets a model card (`model_card`): what the model
 is, its headline metric with its interval, its speedup in the deployment runtime, the selection, the
 data version, the baseline run and the command that reproduces it, as the version's description
@@ -54,6 +56,7 @@ REPLACED_BY = {
     "drop": "removed",
 }
 PROMOTION_WAIT = 600  # seconds a registration waits for another one on the same store
+INT8_RUNTIME, INT8_MODEL = "onnxruntime-int8", "compressed_int8"  # the runtime, and its model in the evaluate stage
 
 
 @dataclass(frozen=True)
@@ -63,16 +66,18 @@ class Decision:
 
 
 def gate(score: float, drop: float, speedup: float, champion_score: Optional[float],
-         cfg: PipelineConfig, incomparable: Optional[str] = None) -> Decision:
+         cfg: PipelineConfig, incomparable: Optional[str] = None, int8: bool = False) -> Decision:
     """Whether a candidate may become champion, with a reason for every check. `score` is the task's
-    headline metric (top-1, or mIoU for segmentation) and `drop` its drop vs the run's baseline.
+    headline metric (top-1, or mIoU for segmentation) at full precision, compared with the champion's;
+    `drop` the deployed model's drop vs the run's baseline (`int8`: the INT8 model's).
     `incomparable` says why the current champion cannot be compared with the candidate (then it does
     not pass)."""
     r = cfg.registry
     label, max_drop = problem(cfg).label, r.max_drop
     checks = [
         (drop <= max_drop,
-         f"{label} drop {drop * 100:.2f} pts {'<=' if drop <= max_drop else '>'} max {max_drop * 100:.2f} pts"),
+         f"{'INT8 ' if int8 else ''}{label} drop {drop * 100:.2f} pts {'<=' if drop <= max_drop else '>'} "
+         f"max {max_drop * 100:.2f} pts"),
         (speedup >= r.min_speedup,
          f"speedup {speedup:.3f}x (batch {cfg.gate_batch_size}) {'>=' if speedup >= r.min_speedup else '<'} "
          f"min {r.min_speedup:.3f}x"),
@@ -104,6 +109,17 @@ def _distinct(a: float, b: float) -> Tuple[str, str]:
         if x != y or a == b:
             return x, y
     return repr(a), repr(b)
+
+
+def deployed(ev: Dict, bench: Dict, metric: str) -> Tuple[str, float, float]:
+    """The model the gate and the card judge, as the evaluate stage names it (the INT8 one where the
+    benchmark's deployment runtime is onnxruntime-int8), its `metric` and that metric's drop vs the baseline."""
+    if bench["runtime"] != INT8_RUNTIME:
+        return "compressed", ev["compressed"][metric], ev[f"{metric}_drop"]
+    if INT8_MODEL not in ev:
+        raise ConvHeadsError("the benchmark deploys in onnxruntime-int8 but the evaluate stage has no INT8 metrics "
+                             "(it ran without onnxruntime-int8 in benchmark.runtimes); rerun the pipeline")
+    return INT8_MODEL, ev[INT8_MODEL][metric], ev["baseline"][metric] - ev[INT8_MODEL][metric]
 
 
 def version_by_alias(client: mlflow.MlflowClient, name: str, alias: str):
@@ -198,7 +214,10 @@ def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManage
     ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
     data_version = read_record(cfg, "data")["summary"]["data_version"]
     metric = problem(cfg).headline
-    score, drop = ev["compressed"][metric], ev[f"{metric}_drop"]
+    # the champion is compared at full precision; the drop and speedup are the deployed model's
+    score = ev["compressed"][metric]
+    model, deployed_score, drop = deployed(ev, bench, metric)
+    int8 = model == INT8_MODEL
     speedup = bench[f"speedup_b{cfg.gate_batch_size}"]
     ours = architecture(cfg)
     with serialise or promotion_lock(cfg, f"run {run_id}"):
@@ -215,7 +234,8 @@ def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManage
             tags={"base_model": cfg.model.name,
                   "heads_replaced": str(selection_summary(cfg)["heads_replaced"]),
                   "data_version": data_version, metric: repr(score), f"{metric}_drop": f"{drop:.6f}",
-                  "speedup": f"{speedup:.4f}", "architecture": ours, "git_commit": git_commit()})
+                  "speedup": f"{speedup:.4f}", "runtime": bench["runtime"], "architecture": ours,
+                  "git_commit": git_commit(), **({f"{metric}_int8": repr(deployed_score)} if int8 else {})})
         # Read the champion only now, inside the lock: it may have moved while this run trained.
         champion = version_by_alias(client, name, CHAMPION)
         champion_score = incomparable = None
@@ -227,7 +247,7 @@ def register(cfg: PipelineConfig, run_id: str, serialise: Optional[ContextManage
                                 f"own registry.model_name, or promote by hand")
             else:
                 champion_score = _champion_score(client, name, champion, data_version, cfg)
-        decision = gate(score, drop, speedup, champion_score, cfg, incomparable)
+        decision = gate(score, drop, speedup, champion_score, cfg, incomparable, int8)
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         if decision.promoted:
             client.set_registered_model_alias(name, CHAMPION, version.version)
@@ -256,7 +276,8 @@ def model_card(cfg: PipelineConfig, client: mlflow.MlflowClient, run_id: str, na
     ev, bench = read_record(cfg, "evaluate")["summary"], read_record(cfg, "benchmark")["summary"]
     data = read_record(cfg, "data")["summary"]
     sel, metric, label = selection_summary(cfg), task.headline, task.label
-    score, n = ev["compressed"][metric], ev["num_images"]
+    model, score, drop = deployed(ev, bench, metric)
+    n = ev["num_images"]
     if metric == "top1":
         low, high = binomial_interval(round(score * n), n)
         interval = f"95% interval {low:.2%} to {high:.2%} (exact binomial, {n:,} test images)"
@@ -288,7 +309,9 @@ def model_card(cfg: PipelineConfig, client: mlflow.MlflowClient, run_id: str, na
         "| | |",
         "| --- | --- |",
         f"| test {label} | **{score:.2%}**; {interval} |",
-        f"| baseline {label} | {ev['baseline'][metric]:.2%} (drop {ev[f'{metric}_drop'] * 100:+.2f} pts; "
+        *([f"| INT8 | the {label} above is the INT8 model's ({ev['int8_quantization']} quantization, onnxruntime); "
+           f"float32: {ev['compressed'][metric]:.2%} |"] if model == INT8_MODEL else []),
+        f"| baseline {label} | {ev['baseline'][metric]:.2%} (drop {drop * 100:+.2f} pts; "
         f"{ev['replaced'][metric]:.2%} right after replacement, before recovery) |",
         f"| speedup | **{bench[f'speedup_b{b}']:.3f}x** at batch {b} in {bench['runtime']}, the deployment runtime "
         f"({', '.join(speed)}; {bench['threads']} threads on {bench['device']}) |",

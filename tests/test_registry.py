@@ -21,7 +21,7 @@ from helpers import mlflow_server, tiny_params
 from convheads import ConvHeadsError, create_model, load_model, save_model
 from pipeline.config import load_config, validate
 from pipeline.dag import STAGES
-from pipeline.registry import CHALLENGER, CHAMPION, MODEL_CARD, gate, register, set_champion
+from pipeline.registry import CHALLENGER, CHAMPION, MODEL_CARD, deployed, gate, register, set_champion
 from pipeline.runner import execute, output_dir, read_record
 from pipeline.summary import binomial_interval
 from pipeline.tracking import LOGGED_MODELS, client_for, log_model, log_stage, pipeline_run
@@ -226,6 +226,39 @@ def test_the_gate_compares_at_full_precision_and_asks_for_a_minimum_improvement(
     assert gate(0.956, 0.01, 1.2, 0.95, strict).promoted
 
 
+
+
+def test_the_gate_judges_the_int8_model_where_onnxruntime_int8_is_the_deployment_runtime():
+    ev = {"baseline": {"top1": 0.95}, "compressed": {"top1": 0.94}, "compressed_int8": {"top1": 0.92},
+          "top1_drop": 0.01, "top1_int8_drop": 0.02}
+    assert deployed(ev, {"runtime": "onnxruntime"}, "top1") == ("compressed", 0.94, 0.01)
+    model, score, drop = deployed(ev, {"runtime": "onnxruntime-int8"}, "top1")
+    assert (model, score) == ("compressed_int8", 0.92) and drop == pytest.approx(0.03)
+    with pytest.raises(ConvHeadsError, match="evaluate stage has no INT8 metrics"):
+        deployed({k: v for k, v in ev.items() if k != "compressed_int8"}, {"runtime": "onnxruntime-int8"}, "top1")
+    cfg = validate({**tiny_params("/tmp/x"), "registry": {"max_drop": 0.02, "min_speedup": 1.1}})
+    assert gate(0.94, drop, 1.2, None, cfg, int8=True).reasons[0] == "INT8 top-1 drop 3.00 pts > max 2.00 pts"
+
+
+@pytest.mark.slow
+def test_an_int8_deployment_registers_with_the_int8_accuracy_and_speedup(pipeline):
+    cfg, client, name = pipeline, client_for(pipeline), pipeline.registered_model_name
+    for stage, changes in (("evaluate", {"compressed_int8": {"top1": 0.5, "top5": 0.9, "loss": 1.0},
+                                         "int8_quantization": "static"}),
+                           ("benchmark", {"runtime": "onnxruntime-int8", "speedup_b4": 1.5})):
+        path = output_dir(cfg, stage) / "stage.json"
+        record = json.loads(path.read_text())
+        record["summary"].update(changes)
+        path.write_text(json.dumps(record))
+    baseline = read_record(cfg, "evaluate")["summary"]["baseline"]["top1"]
+    _, result = candidate(cfg, 0.6)  # float32 top-1 0.6: what the champion comparison reads
+    assert result["reasons"][:2] == [f"INT8 top-1 drop {(baseline - 0.5) * 100:.2f} pts <= max 50.00 pts",
+                                     "speedup 1.500x (batch 4) >= min 0.010x"]
+    tags = client.get_model_version(name, str(result["version"])).tags
+    assert (tags["top1"], tags["top1_int8"], tags["runtime"]) == ("0.6", "0.5", "onnxruntime-int8")
+    card = client.get_model_version(name, str(result["version"])).description
+    assert "| test top-1 | **50.00%**; " in card and "(static quantization, onnxruntime); float32: 60.00% |" in card
+    assert "| speedup | **1.500x** at batch 4 in onnxruntime-int8, the deployment runtime" in card
 
 
 REGISTER_WHEN_TOLD = """
