@@ -286,9 +286,9 @@ class BenchmarkConfig(Section):
     batch_sizes: List[PositiveInt] = [1, 64]
     runtimes: List[Literal[RUNTIMES]] = Field(["onnxruntime", "eager"], min_length=1)
     """Where the models are timed; the first gives the headline speedup (summary, registry gate): onnxruntime
-    (the ONNX export, as deployed; CPU only, left out on a GPU) | onnxruntime-int8 (the same quantized to INT8,
-    calibrated on training images; the evaluate stage then also measures the INT8 model's accuracy, and
-    first, the registry gates on it) | eager | compile (PyTorch)."""
+    (the ONNX export, as deployed; CPU only, left out on a GPU) | onnxruntime-int8 (the same, quantized to INT8
+    and calibrated on training images; the evaluate stage then also measures the INT8 model's accuracy, which
+    the registry gates on when this runtime is first) | eager | compile (PyTorch)."""
     repeats: PositiveInt = 20
     warmup: int = Field(3, ge=0)
     threads: Optional[PositiveInt] = None
