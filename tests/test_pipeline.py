@@ -194,7 +194,7 @@ def test_configuration_errors_name_the_key():
         (["replace.kernel_size=4"], "replace.kernel_size: must be a positive odd integer"),
         (["recover.epochs"], "is not key=value"),
         (["benchmark.runtimes=[eager, eager]"], "lists a runtime twice"),
-        (["benchmark.runtimes=[tensorrt]"], "benchmark.runtimes.0: Input should be 'onnxruntime', 'eager' or"),
+        (["benchmark.runtimes=[tensorrt]"], "benchmark.runtimes.0: Input should be 'onnxruntime', 'onnxruntime-int8', 'eager' or"),
     ]:
         with pytest.raises(ConvHeadsError, match=match):
             load_config(None, overrides)
