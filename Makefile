@@ -1,10 +1,12 @@
-# `make run`: set up (first time) and run the compression pipeline on the embedded default.
+# `make run`: set up (first time) and run the compression pipeline on the embedded default, the photo testbed
+# (presets/photos.yaml); `make run PRESET=digits`: on the digits (presets/digits.yaml).
 # `make test`: set up (first time) and run the whole test suite; `make test-fast`: the edit-test loop (no servers,
 # flows, torchrun or DVC; under 3 minutes on 2 cores). `make lint`: ruff, and params.yaml against the schema.
 # `make docs`: the docs site (mkdocs, offline) after checking that the generated pages are up to date;
 # `make results`: the results pages from results/*.csv and the configuration reference from the schema.
 # `make bench`: the speed benchmark suite (tens of minutes on 2 cores); `make bench BENCH_ARGS=--quick` smoke-runs it.
 PYTHON ?= python3
+PRESET ?= photos
 BENCH_ARGS ?=
 DEVICE_ARGS ?=
 VENV := .venv
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m flows.compress
+	$(BIN)/python -m flows.compress --params presets/$(PRESET).yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

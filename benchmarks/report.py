@@ -78,6 +78,15 @@ PAGES: Dict[str, Page] = {
             ("train_memory", "peak memory of ViT-L/14 at 336 px per image, with and without checkpointing",
              "python -m benchmarks.train_speed memory"),
         )),
+    "testbed": Page(
+        "The photo testbed: locality and the paper's claims",
+        "How local the pretrained backbone's heads are ([Pretraining](../pretraining.md)), and the paper's claims "
+        "tested on the photo task as paired comparisons on the same test images.",
+        pending=(("locality", "every head's share of attention inside its 3 x 3 window, pretrained and fine-tuned",
+                  "python -m benchmarks.locality"),
+                 ("claims", "Sigma_b against its controls, the convolution against drop and identity, the attention "
+                            "fit against Gaussian kernels, DSP against Sigma_b: 1, 2, 3 of 6 blocks over 3 seeds",
+                  "python -m benchmarks.claims"))),
     "data": Page(
         "Data at scale",
         "The data stage and a training epoch on generated ImageNet-style folders ([Your model and your data]"

@@ -7,6 +7,9 @@ normalised pixels; the decoder is thrown away afterwards). To fill in a patch, a
 better than look at its neighbours, which is why MIM-pretrained ViTs (like DINOv2, whose objective
 includes masked-token prediction) have the convolution-like heads this project replaces. SimMIM
 rather than MAE: the encoder sees every token, as timm's ViT expects, and the decoder is one layer.
+The position embedding is MAE's fixed 2-D sin-cos while pretraining (position="sincos"): a head can
+tell its neighbours from the first update, where timm's learned embedding, from its random init,
+leaves the heads near uniform for longer than a short pretraining on a CPU lasts.
 
 `pretrain` trains for a number of updates; every batch and mask is a function of (seed, update), so
 a run resumed from its checkpoint gives the same weights as one that was never interrupted.
@@ -17,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
-from timm.layers import trunc_normal_
+from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 from tqdm.auto import tqdm
@@ -26,18 +29,23 @@ from .errors import ConvHeadsError
 from .files import save_torch
 from .vit import as_vit, vit_info
 
+POSITIONS = ("sincos", "learned")
+
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainSettings:
     """How to pretrain: updates of batch_size crops with mask_ratio of their patches masked."""
-    steps: int = 3000
-    batch_size: int = 128
-    lr: float = 1e-3
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1.5e-3
     """The peak learning rate (AdamW), after the warm-up; a cosine to 0 follows."""
     weight_decay: float = 0.05
-    warmup_steps: int = 200
+    warmup_steps: int = 100
     mask_ratio: float = 0.5
     """The share of patches hidden behind the mask token, in (0, 1)."""
+    position: str = "sincos"
+    """sincos: MAE's fixed 2-D sin-cos position embedding while pretraining (learned afterwards), so
+    that a head can find its neighbours from the first update | learned: timm's, from its random init."""
     save_every: int = 100
     """Updates between checkpoints (what a killed run resumes from)."""
 
@@ -47,7 +55,8 @@ class PretrainSettings:
                  "warmup_steps": (0 <= self.warmup_steps < self.steps, "in [0, steps)"),
                  "mask_ratio": (0 < self.mask_ratio < 1, "in (0, 1): a share of the patches, some hidden and "
                                                         "some shown"),
-                 "save_every": (self.save_every >= 1, ">= 1")}
+                 "save_every": (self.save_every >= 1, ">= 1"),
+                 "position": (self.position in POSITIONS, f"one of {POSITIONS}")}
         for name, (ok, rule) in rules.items():
             if not ok:
                 raise ConvHeadsError(f"{name} must be {rule}; got {getattr(self, name)!r}")
@@ -103,6 +112,8 @@ def pretrain(model: nn.Module, batches: Callable[[int], torch.Tensor], settings:
     """
     torch.manual_seed(seed)
     mim = MaskedImageModel(model)
+    if settings.position == "sincos":
+        fix_sincos_position(mim.vit)
     optimizer = torch.optim.AdamW(_groups(mim, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     schedule, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=settings.steps - settings.warmup_steps,
                                       warmup_epochs=settings.warmup_steps, warmup_lr=settings.lr * 1e-3,
@@ -139,8 +150,21 @@ def pretrain(model: nn.Module, batches: Callable[[int], torch.Tensor], settings:
             if checkpoint is not None:
                 save_torch({"model": mim.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
                             "history": history, "settings": settings.__dict__}, checkpoint)
+    mim.vit.pos_embed.requires_grad_(True)  # fine-tuning learns it
     mim.eval()
     return history
+
+
+def fix_sincos_position(vit: nn.Module) -> None:
+    """Set the ViT's patch position embedding to MAE's fixed 2-D sin-cos one (prefix positions 0), frozen."""
+    h, w = vit.patch_embed.grid_size
+    if getattr(vit, "pos_embed", None) is None or vit.embed_dim % 4:
+        raise ConvHeadsError("pretrain.position=sincos needs a learned absolute position embedding and a width "
+                             f"divisible by 4 (got {vit.embed_dim}); use pretrain.position=learned")
+    with torch.no_grad():
+        vit.pos_embed.zero_()
+        vit.pos_embed[0, -h * w:] = build_sincos2d_pos_embed([h, w], dim=vit.embed_dim)
+    vit.pos_embed.requires_grad_(False)
 
 
 def _generator(seed: int, step: int) -> torch.Generator:

@@ -10,6 +10,9 @@ Methods (`METHODS`, the `select.method` of the pipeline) rank the heads (or bloc
              depends on the token count and the model), fit a bounded fraction; ranks are
              scale-free and give "input-independent" and "representable" an equal say.
   random     a seeded random order: the control that says whether the scores earn their keep.
+  sigma_high highest Sigma_h (Sigma_b) first: the control on the other side, the heads whose
+             attention depends most on the input (Sigma's ranking is worth something only if
+             sigma beats it).
 """
 import json
 from typing import Dict, Iterable, List, Mapping, Optional
@@ -21,7 +24,7 @@ from .fitting import FITTED, fit_scores
 from .scoring import HeadScores
 
 GRANULARITIES = ("head", "block")
-METHODS = ("sigma", "fit", "sigma_fit", "random")
+METHODS = ("sigma", "fit", "sigma_fit", "random", "sigma_high")
 
 
 class Selection:
@@ -150,6 +153,8 @@ def ranking(scores: HeadScores, method: str = "sigma", granularity: str = "head"
     sigma = scores.sigma_h if granularity == "head" else scores.sigma_b[:, None]
     if method == "sigma":
         return torch.argsort(sigma.flatten(), stable=True)
+    if method == "sigma_high":
+        return torch.argsort(-sigma.flatten(), stable=True)
     if variant not in FITTED:
         raise ConvHeadsError(f"select method {method!r} ranks heads by how well the replacement fits their mean "
                              f"attention, and variant {variant!r} has no attention fit (variants with one: {FITTED}); "

@@ -328,7 +328,11 @@ class DistributedConfig(Section):
         return self
 
 
-SWEEP_METHODS = ("sigma_h", "sigma_b", DSP, "random", "drop")
+# A sweep method: (select.method, select.granularity or None for the configured one, replace overrides).
+SWEEP_METHODS = {"sigma_h": ("sigma", "head", {}), "sigma_b": ("sigma", "block", {}),
+                 "sigma_b_high": ("sigma_high", "block", {}), DSP: (DSP, None, {}), "random": ("random", None, {}),
+                 "drop": ("sigma", None, {"variant": "drop"}), "identity": ("sigma", None, {"variant": "identity"}),
+                 "gaussian": ("sigma", None, {"init": "gaussian"})}
 TASK_RUNNERS = ("local", "dask")
 
 
@@ -337,9 +341,11 @@ class SweepConfig(Section):
     shared baseline and score file, then every model benchmarked together."""
     budgets: List[float] = Field([0.1667, 0.3333, 0.5], min_length=1)
     """Fractions of the heads (of the blocks for block methods): 1, 2, 3 of 6 blocks."""
-    methods: List[Literal[SWEEP_METHODS]] = Field(["sigma_b", "dsp", "random"], min_length=1)
-    """sigma_h (heads by Sigma_h) | sigma_b (blocks by Sigma_b) | dsp (learned) | random (a control) | drop (Sigma's
-    choice removed outright); dsp, random, drop at select.granularity."""
+    methods: List[Literal[tuple(SWEEP_METHODS)]] = Field(["sigma_b", "dsp", "random"], min_length=1)
+    """sigma_h (heads by Sigma_h) | sigma_b (blocks by Sigma_b) | sigma_b_high (the blocks of highest Sigma_b, a
+    control) | dsp (learned) | random (a control) | drop, identity (Sigma's choice removed outright, or its
+    attention replaced by the identity) | gaussian (Sigma's choice, Gaussian kernels in place of the attention fit);
+    dsp, random, drop, identity, gaussian at select.granularity."""
     seeds: List[int] = Field([0], min_length=1)
     """One point per seed (the selection of random, recovery, DSP's noise)."""
     recover_epochs: Optional[int] = Field(3, ge=0)
@@ -578,6 +584,9 @@ def merge(base: dict, over: dict) -> dict:
 def load_config(params_file: Optional[str] = "params.yaml", overrides: Optional[List[str]] = None) -> PipelineConfig:
     """params.yaml (if it exists; missing keys take their defaults) with key=value overrides on top, validated."""
     data: dict = {}
+    if params_file and params_file != "params.yaml" and not Path(params_file).is_file():
+        raise ConvHeadsError(f"the configuration file {params_file} does not exist (presets: "
+                             f"{', '.join(str(p) for p in sorted(Path('presets').glob('*.yaml')))})")
     if params_file and Path(params_file).exists():
         try:
             data = yaml.safe_load(Path(params_file).read_text()) or {}
@@ -604,6 +613,7 @@ def tiny_params(root) -> dict:
     cfg["baseline"].update(epochs=2, batch_size=64)
     cfg["recover"].update(epochs=1, batch_size=64)
     cfg["score"]["max_images"] = 32
+    cfg["pretrain"].update(steps=3, batch_size=8, warmup_steps=1, save_every=1, kwargs=cfg["model"]["kwargs"])
     cfg["benchmark"].update(batch_sizes=[1, 4], repeats=2, warmup=1)
     cfg["tracking"]["tracking_uri"] = f"sqlite:///{root}/mlflow.db"
     return cfg

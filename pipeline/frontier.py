@@ -13,7 +13,7 @@ from convheads.engine.timing import OnnxTimer, latency_stats, time_in_runtime
 from convheads.precision import resolve_device
 
 from .artifacts import stage_model
-from .config import PipelineConfig, validate
+from .config import SWEEP_METHODS, PipelineConfig, validate
 from .loaders import CALIBRATION_IMAGES, calibration_batches
 from .problems import problem
 from .runner import output_dir, read_record
@@ -35,11 +35,9 @@ def point_config(cfg: PipelineConfig, method: str, budget: float, seed: int) -> 
     data["paths"]["outputs"] = str(Path(cfg.paths.outputs) / SWEEP_DIR / "points" / point_name(method, budget, seed))
     s = data["select"]
     s.update(fraction=budget, count=None, blocks=None, max_drop=None)
-    s["method"] = {"sigma_h": "sigma", "sigma_b": "sigma", "drop": "sigma"}.get(method, method)
-    if method in ("sigma_h", "sigma_b"):
-        s["granularity"] = "head" if method == "sigma_h" else "block"
-    if method == "drop":
-        data["replace"]["variant"] = "drop"
+    s["method"], granularity, replace = SWEEP_METHODS[method]
+    s["granularity"] = granularity or s["granularity"]
+    data["replace"].update(replace)
     if cfg.sweep.recover_epochs is not None:
         data["recover"]["epochs"] = cfg.sweep.recover_epochs
     return validate(data)

@@ -167,8 +167,9 @@ def log_stage(cfg: PipelineConfig, stage: str, run_id: str, skipped: bool = Fals
                 mlflow.set_tags({"stage": stage, "skipped": str(skipped), "fingerprint": record["fingerprint"]})
                 mlflow.log_params(flatten(cfg.section(*ALL_STAGES[stage].sections)))
                 history = _history_rows(folder / HISTORY) if (folder / HISTORY).is_file() else []
-                for row in history:  # per-epoch curves; their last values need no second copy at step 0
-                    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+                for row in history:  # per-epoch (pretrain: per-update) curves; their last values need no second copy
+                    x = "epoch" if "epoch" in row else "step"
+                    mlflow.log_metrics({k: v for k, v in row.items() if k != x}, step=int(row[x]))
                 mlflow.log_metrics({k: v for k, v in numeric(summary).items() if not history or k not in history[0]})
                 for f in sorted(folder.iterdir()):
                     if f.is_file() and f.name != MODEL_FILE and (stage != "data" or f.name in DATA_FILES):

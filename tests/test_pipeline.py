@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -194,7 +195,7 @@ def test_configuration_errors_name_the_key():
         (["replace.kernel_size=4"], "replace.kernel_size: must be a positive odd integer"),
         (["recover.epochs"], "is not key=value"),
         (["benchmark.runtimes=[eager, eager]"], "lists a runtime twice"),
-        (["benchmark.runtimes=[tensorrt]"], "benchmark.runtimes.0: Input should be 'onnxruntime', 'onnxruntime-int8', 'eager' or"),
+        (["benchmark.runtimes=[tensorrt]"], "benchmark.runtimes.0: Input should be 'onnxruntime', 'onnxruntime-int8'"),
     ]:
         with pytest.raises(ConvHeadsError, match=match):
             load_config(None, overrides)
@@ -219,6 +220,16 @@ def test_the_shipped_params_file_is_generated_from_the_schema(tmp_path):
     with pytest.raises(ConvHeadsError, match=r"(?s)regenerate it with `python -m pipeline params > .*params.yaml`"
                                              r".*-  repeats: 5.*\+  repeats: 20"):
         check_params_file(stale)
+
+
+def test_the_presets_validate_and_a_missing_configuration_file_is_named(tmp_path):
+    photos = load_config(PROJECT / "presets" / "photos.yaml")
+    assert photos.data.source == "photos" and Path(photos.model.checkpoint).name == "photos_vit.pt"
+    assert (PROJECT / photos.model.checkpoint).is_file()
+    digits = load_config(PROJECT / "presets" / "digits.yaml")
+    assert digits.data.source == "digits" and digits.model.checkpoint is None
+    with pytest.raises(ConvHeadsError, match="photo.yaml does not exist"):
+        load_config(str(tmp_path / "photo.yaml"))
 
 
 def test_task_dependent_training_settings_are_filled_in_per_task_and_old_keys_name_the_new_ones(tmp_path):

@@ -1,15 +1,19 @@
 """The photo crops, masked image modelling, the pretrain stage and shipping its checkpoint."""
 import json
 
+import mlflow
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_params, tiny_vit
+from helpers import PROJECT, tiny_params, tiny_vit
+from timm.layers import build_sincos2d_pos_embed
 
 from convheads import ConvHeadsError, create_model, load_checkpoint
 from convheads.data.photos import PhotoCrops, PhotoSettings, folder_photos, load_photos, split_tiles
 from convheads.mim import MaskedImageModel, PretrainSettings, pretrain, random_masks
-from pipeline.config import validate
+from flows.pretrain import SHIP_COMMAND
+from flows.pretrain import pretrain as pretrain_flow
+from pipeline.config import PHOTOS_CHECKPOINT, load_config, validate
 from pipeline.dag import ALL_STAGES
 from pipeline.runner import execute
 from pipeline.stages.pretrain import pretrain_code, sha256, ship, shipped_settings
@@ -109,6 +113,22 @@ def test_a_killed_pretraining_resumes_to_the_same_weights(tmp_path):
                  checkpoint=tmp_path / "ck.pt", progress=False)
 
 
+def test_the_sincos_position_is_fixed_while_pretraining_and_learned_after():
+    torch.manual_seed(0)
+    vit = tiny_vit(num_classes=0)
+    pretrain(vit, _batches, PretrainSettings(steps=3, batch_size=8, warmup_steps=1, save_every=3), progress=False)
+    h, w = vit.patch_embed.grid_size
+    assert torch.equal(vit.pos_embed[0, -h * w:], build_sincos2d_pos_embed([h, w], dim=vit.embed_dim))
+    assert not vit.pos_embed[0, :-h * w].any() and vit.pos_embed.requires_grad   # fine-tuning learns it
+    learned = tiny_vit(num_classes=0)
+    before = learned.pos_embed.detach().clone()
+    pretrain(learned, _batches, PretrainSettings(steps=3, batch_size=8, warmup_steps=1, save_every=3,
+                                                 position="learned"), progress=False)
+    assert not torch.equal(learned.pos_embed, before)
+    with pytest.raises(ConvHeadsError, match="position must be one of"):
+        PretrainSettings(position="rope")
+
+
 @pytest.mark.slow
 def test_the_pretrain_stage_is_reproducible_and_its_backbone_fits_the_pipeline(tmp_path):
     params = tiny_params(tmp_path)
@@ -131,3 +151,37 @@ def test_the_pretrain_stage_is_reproducible_and_its_backbone_fits_the_pipeline(t
     wider = create_model(cfg.model.name, img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=4)
     with pytest.raises(ConvHeadsError, match="does not fit the model.*shape mismatches"):
         load_checkpoint(wider, first.path / "backbone.pt")
+
+
+def test_the_shipped_backbone_is_what_the_pretraining_code_and_settings_produce():
+    """The fingerprint beside the photo testbed's backbone holds the file's SHA-256 and what produced it:
+    the pretraining's own code and settings. Changing either fails here until the backbone is shipped again."""
+    shipped = PROJECT / PHOTOS_CHECKPOINT
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    assert sha256(shipped) == record["sha256"], f"{shipped} is not the file its fingerprint describes"
+    assert record["code"] == pretrain_code(), f"the pretraining code changed since it was shipped: {SHIP_COMMAND}"
+    photos = load_config(PROJECT / "presets" / "photos.yaml")
+    settings = shipped_settings(photos)
+    assert record["settings"] == json.loads(json.dumps(settings)), f"the pretraining settings changed: {SHIP_COMMAND}"
+    assert record["command"] == SHIP_COMMAND
+    model = create_model(photos.model.name, checkpoint=shipped, num_classes=18)
+    assert len(model.blocks) == 6 and model.embed_dim == 128
+
+
+@pytest.mark.slow  # a Prefect flow run and MLflow
+def test_the_pretrain_flow_logs_to_mlflow_ships_and_skips_when_up_to_date(prefect_api, tmp_path):
+    params = tiny_params(tmp_path)
+    params["data"]["image_size"] = 16
+    cfg = validate(params)
+    target = tmp_path / "shipped" / "vit.pt"
+    first = pretrain_flow(config=cfg, ship_to=str(target))
+    record = json.loads(target.with_suffix(".json").read_text())
+    assert not first["skipped"] and record["sha256"] == sha256(target) == first["backbone_sha256"]
+    assert record["command"] == SHIP_COMMAND and record["settings"] == json.loads(json.dumps(shipped_settings(cfg)))
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.data.tags["shipped_to"] == str(target) and "pretrain/local_heads" in parent.data.metrics
+    stage = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
+    assert [m.step for m in client.get_metric_history(stage.info.run_id, "loss")] == [1, 2, 3]  # per update
+    assert {"locality.csv", "locality.png", "history.csv"} <= {a.path for a in client.list_artifacts(stage.info.run_id)}
+    assert pretrain_flow(config=cfg)["skipped"]

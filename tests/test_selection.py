@@ -17,6 +17,16 @@ def test_block_granularity_takes_whole_blocks_by_mean_sigma():
     assert select_heads(scores_of(SIGMA), count=2, granularity="block").heads == {0: [0, 1, 2], 1: [0, 1, 2]}
 
 
+def test_sigma_high_takes_the_other_end_of_the_ranking():
+    # sigma_b = [4.33, 4.33, 5.5]: block 2 has the highest; ties keep index order
+    assert select_heads(scores_of(SIGMA), count=1, granularity="block", method="sigma_high").heads == {2: [0, 1, 2]}
+    low = select_heads(scores_of(SIGMA), count=4)
+    high = select_heads(scores_of(SIGMA), count=5, method="sigma_high")
+    assert low.num_replaced + high.num_replaced == 9
+    pairs = [{(b, h) for b, hs in sel.heads.items() for h in hs} for sel in (low, high)]
+    assert not pairs[0] & pairs[1]
+
+
 def test_fraction_rounds_to_a_count_of_at_least_one():
     assert select_heads(scores_of(SIGMA), fraction=0.5).num_replaced == 4  # round(4.5) = 4 (banker's)
     assert select_heads(scores_of(SIGMA), fraction=0.01).num_replaced == 1
