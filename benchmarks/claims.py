@@ -2,7 +2,9 @@
 
     python -m benchmarks.claims                 # the claims sweep (flows.sweep, CLAIMS below), then the tables
     python -m benchmarks.claims --tables-only   # the tables from a finished sweep
-    python -m benchmarks.claims sweep.seeds=[0,1,2,3,4] recover.epochs=5   # configuration overrides
+    python -m benchmarks.claims sweep.seeds=[0,1,2,3,4] sweep.recover_epochs=3   # configuration overrides
+    python -m benchmarks.claims --name claims_dsp sweep.methods=[sigma_b,dsp] sweep.recover_epochs=2
+        # d with a hard phase: DSP's last recovery epoch fine-tunes its finalised model (select.dsp.hard_epochs)
 
 Every comparison is of two sweep methods at one budget, with the same seeds: on each test image and
 seed, 1 if the model is right, 0 if not; the difference of the two models' top-1 is averaged over
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--params", default="presets/photos.yaml", help="default: the photo testbed")
     p.add_argument("--tables-only", action="store_true", help="do not run the sweep: read its finished points, "
                                                               "leaving out comparisons whose points have not run")
+    p.add_argument("--name", default="claims", help="the results table: results/<name>.csv (default claims)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     overrides = CLAIMS + args.overrides
@@ -137,8 +140,11 @@ def main(argv=None) -> int:
     except ConvHeadsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    path = write_results("claims", table, "The paper's claims, paired on the same test images", "testbed",
-                         command=f"python -m benchmarks.claims {' '.join(args.overrides)}".strip(),
+    table.insert(5, "recover_epochs", cfg.sweep.recover_epochs if cfg.sweep.recover_epochs is not None
+                 else cfg.recover.epochs)
+    named = ["--name", args.name] if args.name != "claims" else []
+    path = write_results(args.name, table, "The paper's claims, paired on the same test images", "testbed",
+                         command=" ".join(["python -m benchmarks.claims", *named, *args.overrides]),
                          notes="difference: the first method's top-1 minus the other's, in points, averaged over "
                                "the seeds; ci: its 95% paired bootstrap interval over the test images. not "
                                "separated: the interval holds 0, the test split cannot decide.")

@@ -21,17 +21,19 @@ from convheads import (
     ConvHeadsError,
     Selection,
     create_model,
-    fold_ensembles,
+    fold_layers,
     model_cost,
     replace_heads,
     score_heads,
     vit_info,
 )
 from convheads.engine.timing import (
+    OnnxTimer,
     PeakMemory,
     check_repeats,
     in_fresh_process,
     latency_stats,
+    time_in_runtime,
     time_models,
     time_onnx,
     time_pairs,
@@ -39,7 +41,7 @@ from convheads.engine.timing import (
 from convheads.export import check_onnx, export_onnx
 from pipeline.config import DIGITS_VIT
 
-VARIANTS = ("original", "depthwise", "depthwise_global", "identity", "ensemble")
+VARIANTS = ("original", "depthwise", "depthwise_global", "identity", "ensemble", "folded")
 DIGITS = "digits"  # a setting's model name for the pipeline's default ViT (pipeline.config.DIGITS_VIT, 10 classes)
 
 
@@ -83,7 +85,8 @@ class Setting:
 
     def build(self, variants: Sequence[str] = VARIANTS, device: str = "cpu",
               dtype: torch.dtype = torch.float32) -> Dict[str, nn.Module]:
-        """The original model and its replaced variants, in eval mode, ensembles folded for inference."""
+        """The original model and its replaced variants, in eval mode, in their deployment form (ensemble and
+        folded layers folded)."""
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise ConvHeadsError(f"unknown variants {unknown}; choose from {VARIANTS}")
@@ -95,7 +98,7 @@ class Setting:
         models = {}
         for v in variants:
             m = original if v == "original" else replace_heads(copy.deepcopy(original), selection, variant=v)
-            models[v] = fold_ensembles(m).to(device, dtype)
+            models[v] = fold_layers(m).to(device, dtype)
         return models
 
     def row(self, **fields) -> dict:
@@ -147,7 +150,7 @@ def sweep_blocks(model: str, img_size: int, batch_size: int = 1, variant: str = 
     rows = []
     for k in tqdm(range(info.depth + 1), desc="sweep", unit="step", disable=not progress):
         if k:  # one more block replaced, in place
-            fold_ensembles(replace_heads(replaced, Selection.from_blocks([k - 1], info.num_heads), variant=variant))
+            fold_layers(replace_heads(replaced, Selection.from_blocks([k - 1], info.num_heads), variant=variant))
         times = time_models({"original": original, "replaced": replaced}, x, warmup, repeats)
         t0, t1 = statistics.median(times["original"]), statistics.median(times["replaced"])
         rows.append(Setting(model, img_size, k).row(
@@ -220,6 +223,38 @@ def compare_onnx(setting: Setting, batch_size: int = 1, variants: Sequence[str] 
                         speedup_vs_original=med["original", r] / med[v, r] if ("original", r) in med else None,
                         speedup_vs_pytorch=med[v, "pytorch"] / med[v, r], **how[r], **extra[v])
             for v in models for r in how]
+
+
+def compare_int8(setting: Setting, batch_size: int = 1,
+                 variants: Sequence[str] = ("original", "depthwise", "identity", "folded"), repeats: int = 7,
+                 warmup: int = 2, calibration_images: int = 8) -> List[dict]:
+    """Each variant in onnxruntime at float32 and in INT8 (static QDQ, convheads.quantize; dynamic where
+    static fails, said in `quantization`), each runtime's models timed interleaved in onnxruntime's own
+    process. Calibrated on random images: the weights are random too, and speed depends on neither."""
+    check_repeats(repeats, warmup)
+    models = setting.build(variants)
+    x = _inputs(batch_size, setting.img_size)
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(batch_size, 3, setting.img_size, setting.img_size, generator=g)
+                   for _ in range(max(1, calibration_images // batch_size))]
+    times, quantized = {}, {}
+    with tempfile.TemporaryDirectory() as tmp, OnnxTimer() as onnx:
+        for runtime in ("onnxruntime", "onnxruntime-int8"):
+            timed = time_in_runtime(models, runtime, x, Path(tmp), onnx, warmup, repeats, calibration=calibration,
+                                    quantized=quantized)
+            times.update({(v, runtime): t for v, t in timed.items()})
+    med = {key: statistics.median(t) for key, t in times.items()}
+    rows = []
+    for r in ("onnxruntime", "onnxruntime-int8"):
+        for v in models:
+            int8 = r == "onnxruntime-int8"
+            rows.append(setting.row(variant=v, runtime=r, **latency_stats(times[v, r], batch_size),
+                                    speedup_vs_original=med["original", r] / med[v, r] if "original" in models
+                                    else None,
+                                    int8_vs_fp32=med[v, "onnxruntime"] / med[v, r] if int8 else None,
+                                    quantization=quantized[v].method if int8 else "float32",
+                                    fallback=(quantized[v].fallback or "") if int8 else ""))
+    return rows
 
 
 def measure_scoring(model: str, img_size: int, num_images: int, batch_size: int = 8,

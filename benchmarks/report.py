@@ -50,6 +50,8 @@ PAGES: Dict[str, Page] = {
              "python -m benchmarks.suite --sections onnx"),
             ("suite_sweep", "speedup against the number of replaced blocks, beside the MACs ratio",
              "python -m benchmarks.suite --sections sweep"),
+            ("suite_int8", "original, depthwise, identity and folded in onnxruntime, INT8 beside float32",
+             "python -m benchmarks.suite --sections int8"),
             ("suite_modes", "eager, channels_last and torch.compile", "python -m benchmarks.suite --sections modes"),
             ("suite_layers", "one attention layer against its replacement, across sizes",
              "python -m benchmarks.suite --sections layers"),
@@ -86,7 +88,9 @@ PAGES: Dict[str, Page] = {
                   "python -m benchmarks.locality"),
                  ("claims", "Sigma_b against its controls, the convolution against drop and identity, the attention "
                             "fit against Gaussian kernels, DSP against Sigma_b: 1, 2, 3 of 6 blocks over 3 seeds",
-                  "python -m benchmarks.claims"))),
+                  "python -m benchmarks.claims"),
+                 ("claims_dsp", "DSP against Sigma_b with two recovery epochs, the last one on DSP's finalised model",
+                  "python -m benchmarks.claims --name claims_dsp sweep.methods=[sigma_b,dsp] sweep.recover_epochs=2"))),
     "data": Page(
         "Data at scale",
         "The data stage and a training epoch on generated ImageNet-style folders ([Your model and your data]"

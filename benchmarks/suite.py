@@ -13,6 +13,7 @@ Sections (the sweep, modes and onnx sections use the first setting):
   sweep    speedup against the number of replaced blocks 0 .. depth, beside the analytic MACs ratio (+ plot)
   modes    eager vs channels_last vs torch.compile, for the original and the depthwise variant
   onnx     ONNX export (checked in onnxruntime) and PyTorch, each runtime timed in its own process
+  int8     original / depthwise / identity / folded in onnxruntime, float32 beside static INT8 (QDQ), batch 1
   scoring  head-scoring throughput and peak memory for 100 and 1,000 images, each in a fresh process
 
 Models have random weights (speed does not depend on them). All models of a table are timed
@@ -35,6 +36,7 @@ from benchmarks.measure import (
     VARIANTS,
     Setting,
     benchmark_setting,
+    compare_int8,
     compare_modes,
     compare_onnx,
     scoring_memory,
@@ -46,7 +48,7 @@ from convheads.files import atomic_path
 
 from .results import RESULTS, write_results
 
-SECTIONS = ("layers", "latency", "sweep", "modes", "onnx", "scoring")
+SECTIONS = ("layers", "latency", "sweep", "modes", "onnx", "int8", "scoring")
 PAPER_SETTINGS = ["vit_large_patch14_dinov2:336:12", "vit_base_patch14_dinov2:518:6", "vit_small_patch16_224:224:6"]
 FULL = dict(settings=PAPER_SETTINGS, batch_sizes=[1, 8], repeats=7, warmup=2, sweep_repeats=5,
             scoring_model="vit_small_patch16_224:224", scoring_images=[100, 1000], modes=list(MODES),
@@ -68,6 +70,7 @@ SHOWN = {  # column -> format, for the terminal tables
     "speedup_vs_eager": "{:.3f}", "speedup_vs_pytorch": "{:.3f}", "original_ms": "{:.1f}", "replaced_ms": "{:.1f}",
     "macs_ratio": "{:.3f}", "gmacs": "{:.1f}", "max_abs_diff": "{:.1e}", "onnx_max_abs_diff": "{:.1e}",
     "first_call_s": "{:.1f}", "images_per_s": "{:.2f}", "peak_growth_mb": "{:.0f}", "peak_rss_mb": "{:.0f}",
+    "int8_vs_fp32": "{:.3f}", "quantization": "{}",
     "grid": "{}", "width": "{}", "prefix": "{}", "batch": "{}", "mixing": "{}", "original_us": "{:.0f}",
     "replaced_us": "{:.0f}", "ratio": "{:.3f}", "ratio_best": "{:.3f}", "rounds": "{}",
 }
@@ -146,6 +149,7 @@ TITLES = {
     "sweep": "Speedup against the number of replaced blocks, beside the analytic MACs ratio",
     "modes": "Eager, channels_last and torch.compile",
     "onnx": "onnxruntime beside PyTorch, each timed in a process of its own",
+    "int8": "INT8 in onnxruntime (static QDQ) beside float32: the replacement's gain after quantization",
     "scoring": "The head-scoring pass: throughput and peak memory",
 }
 
@@ -222,6 +226,10 @@ def run(args: argparse.Namespace) -> Dict[str, pd.DataFrame]:
         print(f"\n== onnx: {first}, batch 1, CPU float32", flush=True)
         tables["onnx"] = section(args.out, "onnx", compare_onnx(
             first, 1, args.variants, args.repeats, args.warmup, progress=PROGRESS), how)
+    if "int8" in args.sections:
+        print(f"\n== int8: {first}, batch 1, onnxruntime float32 and INT8", flush=True)
+        tables["int8"] = section(args.out, "int8", compare_int8(first, 1, repeats=args.repeats, warmup=args.warmup),
+                                 how)
     if "scoring" in args.sections:
         model, size = args.scoring_model.rsplit(":", 1)
         print(f"\n== scoring: {model} {size}px, {args.scoring_images} images, batch 8, fresh process each", flush=True)

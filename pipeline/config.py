@@ -332,6 +332,7 @@ class DistributedConfig(Section):
 SWEEP_METHODS = {"sigma_h": ("sigma", "head", {}), "sigma_b": ("sigma", "block", {}),
                  "sigma_b_high": ("sigma_high", "block", {}), DSP: (DSP, None, {}), "random": ("random", None, {}),
                  "drop": ("sigma", None, {"variant": "drop"}), "identity": ("sigma", None, {"variant": "identity"}),
+                 "folded": ("sigma", None, {"variant": "folded"}),
                  "gaussian": ("sigma", None, {"init": "gaussian"})}
 TASK_RUNNERS = ("local", "dask")
 
@@ -344,8 +345,9 @@ class SweepConfig(Section):
     methods: List[Literal[tuple(SWEEP_METHODS)]] = Field(["sigma_b", "dsp", "random"], min_length=1)
     """sigma_h (heads by Sigma_h) | sigma_b (blocks by Sigma_b) | sigma_b_high (the blocks of highest Sigma_b, a
     control) | dsp (learned) | random (a control) | drop, identity (Sigma's choice removed outright, or its
-    attention replaced by the identity) | gaussian (Sigma's choice, Gaussian kernels in place of the attention fit);
-    dsp, random, drop, identity, gaussian at select.granularity."""
+    attention replaced by the identity) | folded (Sigma's choice, one kernel per block, folded for deployment) |
+    gaussian (Sigma's choice, Gaussian kernels in place of the attention fit); dsp, random, drop, identity, folded,
+    gaussian at select.granularity."""
     seeds: List[int] = Field([0], min_length=1)
     """One point per seed (the selection of random, recovery, DSP's noise)."""
     recover_epochs: Optional[int] = Field(3, ge=0)

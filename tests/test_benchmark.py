@@ -13,7 +13,7 @@ import torch
 from helpers import replaced_tiny, tiny_vit
 
 from benchmarks import layer_speed, suite
-from benchmarks.measure import Setting, benchmark_setting, compare_modes, compare_onnx, sweep_blocks
+from benchmarks.measure import Setting, benchmark_setting, compare_int8, compare_modes, compare_onnx, sweep_blocks
 from benchmarks.results import read_stamp
 from convheads import ConvHeadsError, Selection, export_onnx, replace_heads
 from convheads.engine.timing import OnnxTimer, time_in_runtime, time_models
@@ -45,12 +45,14 @@ def test_channels_last_weights_and_inputs_give_the_same_outputs():
 def test_a_setting_gives_one_row_per_batch_size_and_variant_with_exact_cost_ratios():
     rows = benchmark_setting(Setting("vit_tiny_patch16_224", 64, 6), batch_sizes=(1, 2), repeats=1, warmup=0)
     assert [(r["batch_size"], r["variant"]) for r in rows] == [(b, v) for b in (1, 2) for v in (
-        "original", "depthwise", "depthwise_global", "identity", "ensemble")]
-    by = {r["variant"]: r for r in rows[:5]}
+        "original", "depthwise", "depthwise_global", "identity", "ensemble", "folded")]
+    by = {r["variant"]: r for r in rows[:6]}
     assert by["original"]["speedup"] == 1.0 and by["original"]["macs_ratio"] == 1.0
     # every variant removes more work than the one before it
     assert 1 < by["depthwise"]["macs_ratio"] < by["identity"]["macs_ratio"] < by["ensemble"]["macs_ratio"]
     assert by["original"]["params"] > by["depthwise"]["params"] > by["identity"]["params"] > by["ensemble"]["params"]
+    # one kernel per block folded into W_O diag(a) W_V: a little more than identity, far less than depthwise
+    assert by["depthwise"]["macs_ratio"] < by["folded"]["macs_ratio"] < by["identity"]["macs_ratio"]
     # the global term: the same MACs, gamma and phi (1 + 1 prefix token^2) per head of the 6 blocks' 3 heads
     assert by["depthwise_global"]["macs_ratio"] == by["depthwise"]["macs_ratio"]
     assert by["depthwise_global"]["params"] - by["depthwise"]["params"] == 6 * 3 * 2
@@ -216,3 +218,12 @@ def test_the_methods_comparison_tabulates_each_method_and_seed_in_the_tasks_metr
     name = "methods" if task == "classification" else "methods_segmentation"
     assert pd.read_csv(tmp_path / "results" / f"{name}.csv").equals(table)  # the stamped copy for the docs
     assert read_stamp(tmp_path / "results" / f"{name}.csv")["page"] == "methods"
+
+
+def test_the_int8_section_times_every_variant_in_float32_and_int8_and_says_how_it_was_quantized():
+    rows = compare_int8(Setting("vit_tiny_patch16_224", 64, 6), repeats=1, warmup=0, calibration_images=2)
+    assert [(r["runtime"], r["variant"]) for r in rows] == [(rt, v) for rt in ("onnxruntime", "onnxruntime-int8")
+                                                            for v in ("original", "depthwise", "identity", "folded")]
+    int8 = [r for r in rows if r["runtime"] == "onnxruntime-int8"]
+    assert all(r["quantization"] == "static" and r["int8_vs_fp32"] > 0 for r in int8)
+    assert all(r["speedup_vs_original"] == 1.0 for r in rows if r["variant"] == "original")
