@@ -226,6 +226,9 @@ def test_the_presets_validate_and_a_missing_configuration_file_is_named(tmp_path
     photos = load_config(PROJECT / "presets" / "photos.yaml")
     assert photos.data.source == "photos" and Path(photos.model.checkpoint).name == "photos_vit.pt"
     assert (PROJECT / photos.model.checkpoint).is_file()
+    segmentation = load_config(PROJECT / "presets" / "segmentation.yaml")
+    assert segmentation.task == "segmentation" and segmentation.model.checkpoint == photos.model.checkpoint
+    assert segmentation.model_kwargs == {"img_size": segmentation.segmentation.image_size}  # the backbone's own shape
     digits = load_config(PROJECT / "presets" / "digits.yaml")
     assert digits.data.source == "digits" and digits.model.checkpoint is None
     with pytest.raises(ConvHeadsError, match="photo.yaml does not exist"):
