@@ -110,7 +110,7 @@ def test_the_suite_writes_tables_and_the_sweep_plot(tmp_path):
     assert set(tables) == {"latency", "sweep"}
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"suite_latency.csv", "suite_latency.json", "suite_sweep.csv", "suite_sweep.json", "sweep.png"}
-    assert len(pd.read_csv(tmp_path / "suite_latency.csv")) == 2 * 5  # quick: batch sizes 1, 2; 5 variants
+    assert len(pd.read_csv(tmp_path / "suite_latency.csv")) == 2 * 6  # quick: batch sizes 1, 2; 6 variants
     stamp = read_stamp(tmp_path / "suite_latency.csv")  # what measured it, for the docs' speed page
     assert stamp["page"] == "speed" and stamp["machine"]["cores"] >= 1 and "benchmarks" not in stamp["title"]
     assert set(stamp["columns"]) <= set(pd.read_csv(tmp_path / "suite_latency.csv").columns)
@@ -118,8 +118,8 @@ def test_the_suite_writes_tables_and_the_sweep_plot(tmp_path):
 
 
 def test_onnx_sessions_are_timed_in_a_process_of_their_own_with_torchs_threads_and_no_spinning():
-    """Interleaved in one process, onnxruntime's and PyTorch's busy-waiting threads slowed each other
-    (PyTorch eager 121 ms instead of 75 ms on 2 cores); each runtime is now timed on its own."""
+    """Interleaved in one process, onnxruntime's and PyTorch's busy-waiting threads slow each other
+    (PyTorch eager 121 ms instead of 75 ms on 2 cores), so each runtime is timed on its own."""
     rows = compare_onnx(Setting("vit_tiny_patch16_224", 32, 2), variants=("original", "depthwise"), repeats=1,
                         warmup=0)
     assert [(r["variant"], r["runtime"]) for r in rows] == [(v, r) for v in ("original", "depthwise")
