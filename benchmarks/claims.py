@@ -3,7 +3,7 @@
     python -m benchmarks.claims                 # the claims sweep (flows.sweep, CLAIMS below), then the tables
     python -m benchmarks.claims --tables-only   # the tables from a finished sweep
     python -m benchmarks.claims sweep.seeds=[0,1,2,3,4] sweep.recover_epochs=3   # configuration overrides
-    python -m benchmarks.claims --name claims_dsp sweep.methods=[sigma_b,dsp]   # d alone
+    python -m benchmarks.claims --name claims_dsp sweep.methods=[sigma_b,dsp] sweep.budgets=[0.5]   # d alone
     python -m benchmarks.claims sweep.recover_epochs=2   # DSP's last epoch then trains its finalised model
 
 Every comparison is of two sweep methods at one budget, with the same seeds: on each test image and

@@ -89,8 +89,8 @@ PAGES: Dict[str, Page] = {
                  ("claims", "Sigma_b against its controls, the convolution against drop and identity, the attention "
                             "fit against Gaussian kernels, DSP against Sigma_b: 1, 2, 3 of 6 blocks over 3 seeds",
                   "python -m benchmarks.claims"),
-                 ("claims_dsp", "DSP against Sigma_b",
-                  "python -m benchmarks.claims --name claims_dsp sweep.methods=[sigma_b,dsp]"))),
+                 ("claims_dsp", "DSP against Sigma_b at 3 of 6 blocks",
+                  "python -m benchmarks.claims --name claims_dsp sweep.methods=[sigma_b,dsp] sweep.budgets=[0.5]"))),
     "data": Page(
         "Data at scale",
         "The data stage and a training epoch on generated ImageNet-style folders ([Your model and your data]"
