@@ -177,7 +177,7 @@ def test_dvc_repro_runs_the_segmentation_pipeline_and_shows_its_pictures(repo):
     params["tracking"]["tracking_uri"] = f"sqlite:///{repo}/mlflow.db"
     params["registry"].update(min_speedup=0.01, max_drop=1.0)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(sh(repo, "dvc", "repro"))[-1] == "track"
+    assert [s for s in ran(sh(repo, "dvc", "repro")) if s != "pretrain"][-1] == "track"
     shown = next(iter(json.loads(sh(repo, "dvc", "metrics", "show", "--json")).values()))["data"]
     metrics = shown["outputs/evaluate/metrics.json"]["data"]
     assert 0 <= metrics["compressed"]["miou"] <= 1 and "miou_drop" in metrics

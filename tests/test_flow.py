@@ -133,6 +133,10 @@ def test_the_flow_logs_every_stage_to_one_mlflow_run_and_skips_when_up_to_date(p
 
 
 def test_the_command_line_rejects_bad_configuration_before_any_work(tmp_path):
+    missing = subprocess.run([sys.executable, "-m", "flows.compress", "--params", str(tmp_path / "photo.yaml")],
+                             cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "photo.yaml does not exist (presets: " in missing.stderr
+    (tmp_path / "none.yaml").write_text("{}\n")  # every key at its default
     proc = subprocess.run([sys.executable, "-m", "flows.compress", "--params", str(tmp_path / "none.yaml"),
                            "recover.epoch=3"], cwd=PROJECT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
