@@ -22,6 +22,7 @@ SCORES, SCORES_TABLE = "scores.pt", "scores.csv"          # score
 SELECTION = "selection.json"                              # select (and recover, for dsp)
 # The models evaluate and benchmark compare: the stage whose model it is.
 MODELS = {"baseline": "baseline", "replaced": "replace", "compressed": "recover"}
+INT8_MODEL = "compressed_int8"  # the evaluate stage's name for the recovered model as deployed in INT8
 
 
 def read_meta(cfg: PipelineConfig) -> dict:

@@ -19,7 +19,7 @@ from convheads import ConvHeadsError
 from convheads.data.images import AUGMENTATIONS
 from convheads.data.photos import PhotoSettings
 from convheads.dsp import DSPSettings
-from convheads.engine.timing import ONNX_RUNTIMES, RUNTIMES
+from convheads.engine.timing import INT8_RUNTIME, ONNX_RUNTIMES, RUNTIMES
 from convheads.engine.training import TrainSettings
 from convheads.fitting import FITTED
 from convheads.layers import CONV_VARIANTS
@@ -518,7 +518,7 @@ class PipelineConfig(Section):
     def int8(self) -> bool:
         """Whether the compressed model is deployed in INT8 too (onnxruntime-int8 among the runtimes
         benchmarked): the evaluate stage then measures its accuracy."""
-        return "onnxruntime-int8" in self.benchmark_runtimes
+        return INT8_RUNTIME in self.benchmark_runtimes
 
     def section(self, *names: str) -> dict:
         """The named sections as plain data (what a stage's fingerprint depends on, what MLflow

@@ -9,12 +9,12 @@ import torch
 from matplotlib.figure import Figure
 
 from convheads import model_cost, vit_info
-from convheads.engine.timing import OnnxTimer, latency_stats, time_in_runtime
+from convheads.engine.timing import INT8_RUNTIME, OnnxTimer, latency_stats, time_in_runtime
 from convheads.precision import resolve_device
 
 from .artifacts import stage_model
 from .config import SWEEP_METHODS, PipelineConfig, validate
-from .loaders import CALIBRATION_IMAGES, calibration_batches
+from .loaders import calibration_batches
 from .problems import problem
 from .runner import output_dir, read_record
 from .summary import selection_summary
@@ -75,8 +75,8 @@ def benchmark_all(cfg: PipelineConfig, pts: Dict[str, PipelineConfig], workdir: 
         models[name] = stage_model(point, "recover").to(device)
     size = vit_info(models["baseline"]).img_size  # segmentation: segmentation.image_size
     rows = []
-    calibration = (calibration_batches(cfg, models["baseline"], max(CALIBRATION_IMAGES, *b.batch_sizes))
-                   if runtime == "onnxruntime-int8" else None)
+    calibration = (calibration_batches(cfg, models["baseline"])
+                   if runtime == INT8_RUNTIME else None)
     with OnnxTimer() as onnx:
         for batch_size in b.batch_sizes:
             x = torch.randn(batch_size, 3, *size, device=device)

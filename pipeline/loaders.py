@@ -38,9 +38,11 @@ def loader(cfg: PipelineConfig, model: nn.Module, split: str, batch_size: int, t
 CALIBRATION_IMAGES = 64
 
 
-def calibration_batches(cfg: PipelineConfig, model: nn.Module, images: int = CALIBRATION_IMAGES) -> List[torch.Tensor]:
+def calibration_batches(cfg: PipelineConfig, model: nn.Module, images: Optional[int] = None) -> List[torch.Tensor]:
     """At least `images` training images (never the test split), shuffled with the stage's seed and
-    not augmented, in batches: what static INT8 quantization calibrates on."""
+    not augmented, in batches: what static INT8 quantization calibrates on. None: enough for one whole
+    batch of every benchmark batch size (the INT8 exports have static shapes)."""
+    images = images or max(CALIBRATION_IMAGES, *cfg.benchmark.batch_sizes)
     batch_size = min(images, 64)
     batches = loader(cfg, model, "train", batch_size, train=True)
     return [x for x, _ in islice(batches, -(-images // batch_size))]

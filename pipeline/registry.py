@@ -30,8 +30,9 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from convheads import ConvHeadsError, vit_info
+from convheads.engine.timing import INT8_RUNTIME
 
-from .artifacts import stage_model
+from .artifacts import INT8_MODEL, stage_model
 from .config import PipelineConfig
 from .hashing import short_hash
 from .loaders import loader
@@ -56,7 +57,6 @@ REPLACED_BY = {
     "drop": "removed",
 }
 PROMOTION_WAIT = 600  # seconds a registration waits for another one on the same store
-INT8_RUNTIME, INT8_MODEL = "onnxruntime-int8", "compressed_int8"  # the runtime, and its model in the evaluate stage
 
 
 @dataclass(frozen=True)

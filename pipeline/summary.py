@@ -4,6 +4,7 @@ from typing import Dict, Tuple
 import pandas as pd
 from scipy.stats import beta
 
+from .artifacts import INT8_MODEL
 from .config import PipelineConfig
 from .problems import PROBLEMS
 from .runner import read_record
@@ -33,7 +34,7 @@ def summary(cfg: PipelineConfig) -> Dict:
         "runtime": bench["runtime"], "other_runtimes": bench["runtimes"][1:],
         **{f"{r}_speedup_b{b}": bench[f"{r}_speedup_b{b}"] for r in bench["runtimes"][1:] for b in (b1, bn)},
         # onnxruntime-int8 benchmarked: the compressed model's accuracy as deployed in INT8
-        **({f"compressed_int8_{headline}": ev["compressed_int8"][headline]} if "compressed_int8" in ev else {}),
+        **({f"{INT8_MODEL}_{headline}": ev[INT8_MODEL][headline]} if INT8_MODEL in ev else {}),
     }
 
 

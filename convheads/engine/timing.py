@@ -28,8 +28,9 @@ from ..quantize import Quantized, export_int8
 
 # Where a model can be timed: the ONNX export in onnxruntime (CPU, as deployed), the same in INT8
 # (convheads.quantize: static, calibrated), PyTorch eager, torch.compile.
-RUNTIMES = ("onnxruntime", "onnxruntime-int8", "eager", "compile")
-ONNX_RUNTIMES = ("onnxruntime", "onnxruntime-int8")  # CPU only
+INT8_RUNTIME = "onnxruntime-int8"
+RUNTIMES = ("onnxruntime", INT8_RUNTIME, "eager", "compile")
+ONNX_RUNTIMES = ("onnxruntime", INT8_RUNTIME)  # CPU only
 
 
 def synchronize(device: torch.device) -> None:
@@ -150,7 +151,7 @@ def time_in_runtime(models: Dict[str, nn.Module], runtime: str, x: torch.Tensor,
     (how it was quantized) put into `quantized` if given; compile: torch.compile'd; eager: as they are."""
     if runtime not in RUNTIMES:
         raise ConvHeadsError(f"runtime must be one of {RUNTIMES}; got {runtime!r}")
-    if runtime == "onnxruntime-int8":
+    if runtime == INT8_RUNTIME:
         if calibration is None:
             raise ConvHeadsError("onnxruntime-int8 calibrates the INT8 models on images: pass calibration=<a few "
                                  "batches of training images>")

@@ -21,7 +21,7 @@ from convheads.quantize import Quantized
 
 from ..artifacts import MODELS, stage_model
 from ..config import PipelineConfig
-from ..loaders import CALIBRATION_IMAGES, calibration_batches
+from ..loaders import calibration_batches
 from ..runner import Stage, write_json
 
 BENCHMARK, BENCHMARK_TABLE = "benchmark.json", "benchmark.csv"
@@ -38,7 +38,7 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
     rows, quantization = [], {}
     runtimes = cfg.benchmark_runtimes
     # the INT8 exports have static shapes: each batch size is calibrated on whole batches of its size
-    calibration = (calibration_batches(cfg, models["baseline"], max(CALIBRATION_IMAGES, *b.batch_sizes))
+    calibration = (calibration_batches(cfg, models["baseline"])
                    if cfg.int8 else None)
     with tempfile.TemporaryDirectory() as tmp, OnnxTimer() as onnx:
         for runtime in runtimes:

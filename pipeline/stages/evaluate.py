@@ -20,7 +20,7 @@ from convheads.export import OnnxModel
 from convheads.quantize import export_int8
 from convheads.segmentation import IGNORE_INDEX
 
-from ..artifacts import MODELS, read_meta, stage_model
+from ..artifacts import INT8_MODEL, MODELS, read_meta, stage_model
 from ..config import PipelineConfig
 from ..loaders import calibration_batches, loader
 from ..problems import data_config, problem
@@ -29,7 +29,6 @@ from ..runner import Stage, write_json
 METRICS, TABLE, PREDICTIONS = "metrics.json", "metrics.csv", "predictions.csv"
 PER_CLASS, PANEL = "per_class_iou.csv", "predictions.png"
 PANEL_IMAGES = 6
-INT8 = "compressed_int8"
 INT8_BATCH = 64  # the INT8 export's batch size (its shapes are static): test batches run in chunks of it
 
 
@@ -54,12 +53,13 @@ def run(cfg: PipelineConfig, out: Path) -> Dict:
             metrics = task.evaluate(in_chunks(OnnxModel(quantized.path)),
                                     loader(cfg, models["compressed"], "test", cfg.evaluate.batch_size),
                                     device="cpu", precision="fp32", per_image=per_image)
-        names.append(INT8)
-        results[INT8] = {k: metrics[k] for k in task.metrics}
-        per_class[INT8] = metrics.get("iou")
+        names.append(INT8_MODEL)
+        results[INT8_MODEL] = {k: metrics[k] for k in task.metrics}
+        per_class[INT8_MODEL] = metrics.get("iou")
         if per_image:
-            predicted[INT8] = metrics["predicted"].numpy()
-        results[f"{task.headline}_int8_drop"] = results["compressed"][task.headline] - results[INT8][task.headline]
+            predicted[INT8_MODEL] = metrics["predicted"].numpy()
+        headline = task.headline
+        results[f"{headline}_int8_drop"] = results["compressed"][headline] - results[INT8_MODEL][headline]
         results["int8_quantization"] = quantized.method
         if quantized.fallback:
             results["int8_fallback"] = quantized.fallback
