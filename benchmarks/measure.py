@@ -11,8 +11,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -230,7 +231,12 @@ def compare_int8(setting: Setting, batch_size: int = 1,
                  warmup: int = 2, calibration_images: int = 8) -> List[dict]:
     """Each variant in onnxruntime at float32 and in INT8 (static QDQ, convheads.quantize; dynamic where
     static fails, said in `quantization`), each runtime's models timed interleaved in onnxruntime's own
-    process. Calibrated on random images: the weights are random too, and speed depends on neither."""
+    process. Calibrated on random images: the weights are random too, and speed depends on neither.
+
+    Within a runtime the rounds are paired (every model ran once per round), so each ratio of medians
+    comes with a 95% bootstrap interval over the rounds: the speedup over the original (`speedup_lo`,
+    `speedup_hi`) and the latency relative to identity, the cheapest variant that still mixes channels
+    (`vs_identity`, `vs_identity_lo`, `vs_identity_hi`)."""
     check_repeats(repeats, warmup)
     models = setting.build(variants)
     x = _inputs(batch_size, setting.img_size)
@@ -248,13 +254,32 @@ def compare_int8(setting: Setting, batch_size: int = 1,
     for r in ("onnxruntime", "onnxruntime-int8"):
         for v in models:
             int8 = r == "onnxruntime-int8"
-            rows.append(setting.row(variant=v, runtime=r, **latency_stats(times[v, r], batch_size),
-                                    speedup_vs_original=med["original", r] / med[v, r] if "original" in models
-                                    else None,
-                                    int8_vs_fp32=med[v, "onnxruntime"] / med[v, r] if int8 else None,
-                                    quantization=quantized[v].method if int8 else "float32",
-                                    fallback=(quantized[v].fallback or "") if int8 else ""))
+            row = setting.row(variant=v, runtime=r, **latency_stats(times[v, r], batch_size),
+                              int8_vs_fp32=med[v, "onnxruntime"] / med[v, r] if int8 else None,
+                              quantization=quantized[v].method if int8 else "float32",
+                              fallback=(quantized[v].fallback or "") if int8 else "")
+            if "original" in models:
+                row["speedup_vs_original"] = med["original", r] / med[v, r]
+                row["speedup_lo"], row["speedup_hi"] = ratio_interval(times["original", r], times[v, r])
+            if "identity" in models:
+                row["vs_identity"] = med[v, r] / med["identity", r]
+                row["vs_identity_lo"], row["vs_identity_hi"] = ratio_interval(times[v, r], times["identity", r])
+            rows.append(row)
     return rows
+
+
+def ratio_interval(numerator: Sequence[float], denominator: Sequence[float], resamples: int = 2000,
+                   seed: int = 0) -> Tuple[float, float]:
+    """95% bootstrap interval of median(numerator) / median(denominator), two timings of the same
+    rounds (round i of each ran back to back): the rounds are resampled together, so what slowed a
+    round for both models cancels out of the ratio."""
+    a, b = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if len(a) != len(b) or len(a) < 2:
+        raise ConvHeadsError(f"a paired interval needs two timings of the same >= 2 rounds; got {len(a)} and {len(b)}")
+    draws = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    ratios = np.median(a[draws], axis=1) / np.median(b[draws], axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def measure_scoring(model: str, img_size: int, num_images: int, batch_size: int = 8,

@@ -67,6 +67,8 @@ SHOWN = {  # column -> format, for the terminal tables
     "model": "{}", "img_size": "{}", "blocks": "{}", "batch_size": "{}", "variant": "{}", "mode": "{}",
     "runtime": "{}", "num_images": "{}", "infer_step_time": "{:.1f}", "infer_step_time_p90": "{:.1f}",
     "infer_samples_per_sec": "{:.2f}", "speedup": "{:.3f}", "speedup_vs_original": "{:.3f}",
+    "speedup_lo": "{:.3f}", "speedup_hi": "{:.3f}", "vs_identity": "{:.3f}", "vs_identity_lo": "{:.3f}",
+    "vs_identity_hi": "{:.3f}",
     "speedup_vs_eager": "{:.3f}", "speedup_vs_pytorch": "{:.3f}", "original_ms": "{:.1f}", "replaced_ms": "{:.1f}",
     "macs_ratio": "{:.3f}", "gmacs": "{:.1f}", "max_abs_diff": "{:.1e}", "onnx_max_abs_diff": "{:.1e}",
     "first_call_s": "{:.1f}", "images_per_s": "{:.2f}", "peak_growth_mb": "{:.0f}", "peak_rss_mb": "{:.0f}",
@@ -229,7 +231,8 @@ def run(args: argparse.Namespace) -> Dict[str, pd.DataFrame]:
     if "int8" in args.sections:
         print(f"\n== int8: {first}, batch 1, onnxruntime float32 and INT8", flush=True)
         tables["int8"] = section(args.out, "int8", compare_int8(first, 1, repeats=args.repeats, warmup=args.warmup),
-                                 how)
+                                 how + " _lo and _hi: 95% bootstrap interval over the rounds, which are paired "
+                                 "within a runtime; vs_identity: latency over identity's.")
     if "scoring" in args.sections:
         model, size = args.scoring_model.rsplit(":", 1)
         print(f"\n== scoring: {model} {size}px, {args.scoring_images} images, batch 8, fresh process each", flush=True)

@@ -7,13 +7,22 @@ inductor's outputs against eager at the real settings.
 """
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from helpers import replaced_tiny, tiny_vit
 
 from benchmarks import layer_speed, suite
-from benchmarks.measure import Setting, benchmark_setting, compare_int8, compare_modes, compare_onnx, sweep_blocks
+from benchmarks.measure import (
+    Setting,
+    benchmark_setting,
+    compare_int8,
+    compare_modes,
+    compare_onnx,
+    ratio_interval,
+    sweep_blocks,
+)
 from benchmarks.results import read_stamp
 from convheads import ConvHeadsError, Selection, export_onnx, replace_heads
 from convheads.engine.timing import OnnxTimer, time_in_runtime, time_models
@@ -221,9 +230,21 @@ def test_the_methods_comparison_tabulates_each_method_and_seed_in_the_tasks_metr
 
 
 def test_the_int8_section_times_every_variant_in_float32_and_int8_and_says_how_it_was_quantized():
-    rows = compare_int8(Setting("vit_tiny_patch16_224", 64, 6), repeats=1, warmup=0, calibration_images=2)
+    rows = compare_int8(Setting("vit_tiny_patch16_224", 64, 6), repeats=2, warmup=0, calibration_images=2)
     assert [(r["runtime"], r["variant"]) for r in rows] == [(rt, v) for rt in ("onnxruntime", "onnxruntime-int8")
                                                             for v in ("original", "depthwise", "identity", "folded")]
     int8 = [r for r in rows if r["runtime"] == "onnxruntime-int8"]
     assert all(r["quantization"] == "static" and r["int8_vs_fp32"] > 0 for r in int8)
     assert all(r["speedup_vs_original"] == 1.0 for r in rows if r["variant"] == "original")
+    assert all(r["speedup_lo"] <= r["speedup_vs_original"] <= r["speedup_hi"] and
+               r["vs_identity_lo"] <= r["vs_identity"] <= r["vs_identity_hi"] for r in rows)
+    assert all(r["vs_identity"] == 1.0 for r in rows if r["variant"] == "identity")
+
+
+def test_a_paired_interval_cancels_what_slowed_a_round_for_both_models():
+    rounds = np.array([1.0, 3.0, 1.5, 9.0, 2.0, 1.1])  # a noisy machine: rounds differ by 9x
+    assert ratio_interval(2 * rounds, rounds) == pytest.approx((2.0, 2.0))  # but one model is always twice the other
+    low, high = ratio_interval(rounds, rounds[::-1])  # unpaired: the noise shows in the interval
+    assert low < 1 < high and high / low > 2
+    with pytest.raises(ConvHeadsError, match="same >= 2 rounds"):
+        ratio_interval([1.0, 2.0], [1.0])
