@@ -99,6 +99,12 @@ def _spatial(grid: torch.Tensor, weight: torch.Tensor, how: str) -> torch.Tensor
     return (windows * taps).flatten(0, 1).sum(dim=0)
 
 
+def token_mean(v: torch.Tensor) -> torch.Tensor:
+    """v [B, n, C] -> [B, 1, C], the mean over the tokens, as one matrix product: onnxruntime's ReduceMean
+    over the token axis of a ViT-L block costs 4x the GEMV (0.8 vs 0.2 ms); eager, the same."""
+    return v.new_full((1, v.shape[1]), 1.0 / v.shape[1]) @ v
+
+
 def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.Tensor],
                   beta: Optional[torch.Tensor], grid_size: Tuple[int, int], head_dim: int,
                   how: str = "conv", gamma: Optional[torch.Tensor] = None,
@@ -112,16 +118,17 @@ def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.T
     heads = v.unflatten(-1, (-1, head_dim))       # [B, N, heads, d]: per-head scalars broadcast, no copies
     # Few, fused ops: at the digits' 65 tokens every op costs more than its arithmetic.
     prefix, patches = heads[:, :P], heads[:, P:]
+    patch_mean = token_mean(patches.flatten(2)).unflatten(-1, (-1, head_dim)) if P else None  # [B, 1, heads, d]
     if P == 1:
         patches = addcmul(patches, prefix, beta[..., None])
     elif P:
         patches = patches + (prefix * beta[..., None]).sum(dim=1, keepdim=True)
     y = _spatial(patches.reshape(B, h, w, C), weight, how).reshape(B, h * w, C)
     if gamma is not None:  # + gamma_i x the mean of head i's values over all N tokens, on every patch
-        y = addcmul(y.unflatten(-1, (-1, head_dim)), heads.mean(dim=1, keepdim=True), gamma[:, None]).flatten(2)
+        y = addcmul(y.unflatten(-1, (-1, head_dim)), token_mean(v).unflatten(-1, (-1, head_dim)),
+                    gamma[:, None]).flatten(2)
     if not P:
         return y
-    patch_mean = heads[:, P:].mean(dim=1, keepdim=True)                 # [B, 1, heads, d]
     if gamma is None:
         prefix_out = addcmul(prefix, alpha[..., None], patch_mean)
     else:
