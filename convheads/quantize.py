@@ -8,9 +8,12 @@ dynamic  weights int8 alone; the activations' ranges are computed on every call.
 
 Only the matrix products and convolutions (MatMul, Gemm, Conv) are quantized: they hold nearly all
 of a ViT's arithmetic, and a quantized LayerNorm, Softmax or GELU would cost accuracy without
-saving time. The graph goes through onnxruntime's pre-processing first (its optimiser and ONNX
-shape inference; its symbolic shape inference fails on the exporter's Reshape of shapes, and
-static shapes do not need it).
+saving time. The token mixing of replaced heads (the nodes under a `mixer` module: the depthwise
+convolution, the patch mean) stays float32 too: a few memory-bound passes over [N, C] with
+little arithmetic for int8 to save, where Quantize and Dequantize would add passes and rounding.
+The graph goes through onnxruntime's pre-processing first (its optimiser and ONNX shape
+inference; its symbolic shape inference fails on the exporter's Reshape of shapes, and static
+shapes do not need it).
 """
 import re
 import shutil
@@ -29,6 +32,7 @@ from .files import atomic_path
 
 METHODS = ("static", "dynamic")
 QUANTIZED_OPS = ["MatMul", "Gemm", "Conv"]
+FLOAT_SCOPE = "/mixer/"  # ONNX node names carry the module path: these nodes are a replaced layer's mixing
 
 
 @dataclass(frozen=True)
@@ -69,18 +73,21 @@ def quantize_onnx(model: Union[str, Path], out: Union[str, Path], calibration: O
             quant_pre_process(str(model), str(source), skip_symbolic_shape=True)
         except Exception:  # an optimisation only: quantize the export as it is
             shutil.copyfile(model, source)
+        excluded = [n.name for n in onnx.load(str(source), load_external_data=False).graph.node
+                    if FLOAT_SCOPE in n.name and n.op_type in QUANTIZED_OPS]
         if method == "static":
             try:
                 quantize_static(str(source), str(target), _Reader(calibration, graph.input[0].name, shape),
                                 quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS)
+                                weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS,
+                                nodes_to_exclude=excluded)
             except Exception as e:
                 fallback = f"static quantization failed: {_describe(e, graph)}"
                 method = "dynamic"
         if method == "dynamic":
             try:
                 quantize_dynamic(str(source), str(target), per_channel=True, weight_type=QuantType.QInt8,
-                                 op_types_to_quantize=QUANTIZED_OPS)
+                                 op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excluded)
             except Exception as e:
                 raise ConvHeadsError(f"{model} cannot be quantized: {_describe(e, graph)}"
                                      + (f" ({fallback})" if fallback else "")) from None

@@ -29,6 +29,13 @@ def test_static_int8_is_qdq_and_close_to_float(tmp_path, variant):
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     int8 = [t for t in graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) >= 2]
     assert len(int8) >= 4 * 2 + 1                     # the weights of every block's matmuls, and the patch embedding
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    reads_int8 = {n.name: any(made_by.get(i) == "DequantizeLinear" for i in n.input)
+                  for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
+    mixing = [name for name in reads_int8 if "/mixer/" in name]
+    assert len(mixing) == (0 if variant == "original" else 2 * 2)   # per replaced block: convolution, patch mean
+    assert not any(reads_int8[name] for name in mixing)             # the token mixing stays float32
+    assert sum(reads_int8.values()) >= 4 * 2 + 1
     x = torch.randn(2, 3, 32, 32)
     expected, got = model(x), OnnxModel(result.path)(x)
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()     # random weights: a loose bound
