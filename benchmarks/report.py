@@ -52,6 +52,8 @@ PAGES: Dict[str, Page] = {
              "python -m benchmarks.suite --sections sweep"),
             ("suite_int8", "original, depthwise, identity and folded in onnxruntime, INT8 beside float32",
              "python -m benchmarks.suite --sections int8"),
+            ("int8_accuracy", "the default's compressed model in float32 and in INT8: top-1 and the paired drop",
+             "python -m benchmarks.int8_accuracy"),
             ("suite_modes", "eager, channels_last and torch.compile", "python -m benchmarks.suite --sections modes"),
             ("suite_layers", "one attention layer against its replacement, across sizes",
              "python -m benchmarks.suite --sections layers"),

@@ -5,6 +5,7 @@ import pytest
 from helpers import tiny_params
 
 from benchmarks.claims import paired, tables
+from benchmarks.int8_accuracy import tables as int8_tables
 from convheads import ConvHeadsError
 from pipeline.config import validate
 from pipeline.frontier import point_config
@@ -55,3 +56,43 @@ def test_a_point_that_never_ran_is_named(tmp_path):
     params["sweep"].update(methods=["sigma_b", "random"], budgets=[0.5], seeds=[0])
     with pytest.raises(ConvHeadsError, match="sweep point sigma_b at budget 0.5, seed 0 has not been evaluated"):
         tables(validate(params))
+
+
+def write_int8_run(cfg, fp32_right, flipped):
+    """The evaluate stage's files for one run: float32 right on fp32_right of the images, INT8 the same
+    but with the first `flipped` images' answers turned wrong."""
+    labels = np.arange(IMAGES) % 10
+    wrong = np.random.default_rng(cfg.seed).random(IMAGES) > fp32_right
+    fp32 = np.where(wrong, (labels + 1) % 10, labels)
+    int8 = fp32.copy()
+    int8[:flipped] = (labels[:flipped] + 2) % 10
+    folder = output_dir(cfg, "evaluate")
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"label": labels, "baseline": labels, "replaced": fp32, "compressed": fp32,
+                  "compressed_int8": int8}).to_csv(folder / "predictions.csv", index_label="image")
+    (folder / "metrics.json").write_text('{"int8_quantization": "static"}')
+
+
+def test_the_int8_drop_is_paired_per_seed_and_over_all_seeds(tmp_path):
+    base = tiny_params(tmp_path)
+    base["benchmark"]["runtimes"] = ["onnxruntime-int8", "onnxruntime"]
+    configs = {seed: validate({**base, "seed": seed}) for seed in (0, 1)}
+    for cfg in configs.values():
+        write_int8_run(cfg, 0.9, flipped=40)   # 2% of the images flipped, right or wrong before
+    table = int8_tables(configs).set_index("seeds")
+    assert list(table.index) == ["0", "1", "all"] and (table.quantization == "static").all()
+    assert (table.agreement == 98).all()
+    everything = table.loc["all"]
+    # flipped: 2% of the images, 90% of them right before
+    assert 0 < everything.ci_low <= everything["drop"] <= everything.ci_high < 3
+    assert everything.top1_fp32 - everything.top1_int8 == pytest.approx(everything["drop"], abs=1e-3)
+
+
+def test_a_run_without_int8_predictions_is_named(tmp_path):
+    params = tiny_params(tmp_path)
+    cfg = validate(params)
+    folder = output_dir(cfg, "evaluate")
+    folder.mkdir(parents=True)
+    pd.DataFrame({"label": [0], "compressed": [0]}).to_csv(folder / "predictions.csv", index_label="image")
+    with pytest.raises(ConvHeadsError, match="no INT8 predictions for seed 0"):
+        int8_tables({0: cfg})
