@@ -5,9 +5,11 @@
     python -m benchmarks.int8_accuracy --tables-only       # the table from finished runs
     python -m benchmarks.int8_accuracy recover.epochs=1    # configuration overrides
 
-Each seed runs the compression flow (flows.compress) with INT8 as the deployment runtime
+Each seed runs the compression flow (flows.compress) in its own outputs folder
+(outputs/int8_accuracy/seed<S>: baseline, recovery and all) with INT8 as the deployment runtime
 (benchmark.runtimes=[onnxruntime-int8,onnxruntime]), so the evaluate stage scores the quantized
 model (static QDQ, calibrated on training images) on the same test images as the float32 one.
+These runs are tracked in MLflow but register nothing.
 On each test image and seed, 1 if the model is right, 0 if not: the drop is float32's top-1 minus
 INT8's, in points, with its 95% paired bootstrap interval over the test images (benchmarks.claims).
 A row per seed and one for all seeds together. Writes results/int8_accuracy.csv with its stamp,
@@ -16,6 +18,7 @@ shown on docs/results/speed.md. Classification only.
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
@@ -32,7 +35,15 @@ from .claims import paired
 from .results import write_results
 
 INT8_FIRST = "benchmark.runtimes=[onnxruntime-int8,onnxruntime]"
+RUNS_DIR = "int8_accuracy"
 COLUMNS = ["seeds", "images", "quantization", "top1_fp32", "top1_int8", "drop", "ci_low", "ci_high", "agreement"]
+
+
+def seed_overrides(base: PipelineConfig, seed: int) -> List[str]:
+    """One seed's run: its own outputs folder (the seeds' runs must not overwrite each other's
+    predictions), INT8 evaluated, and no registry version (a measurement, not a candidate)."""
+    folder = Path(base.paths.outputs) / RUNS_DIR / f"seed{seed}"
+    return [INT8_FIRST, f"seed={seed}", f"paths.outputs={folder}", "registry.enabled=false"]
 
 
 def correct(cfg: PipelineConfig) -> pd.DataFrame:
@@ -77,9 +88,12 @@ def main(argv=None) -> int:
     p.add_argument("--tables-only", action="store_true", help="do not run the flow: read the finished runs")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
+    base = checked_config(args.params, args.overrides)
+    if base is None:
+        return 2
     configs = {}
     for seed in args.seeds:
-        overrides = [INT8_FIRST, f"seed={seed}", *args.overrides]
+        overrides = [*args.overrides, *seed_overrides(base, seed)]
         cfg = checked_config(args.params, overrides)
         if cfg is None:
             return 2
