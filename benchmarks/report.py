@@ -174,8 +174,8 @@ def render(results: Path = RESULTS) -> Dict[str, str]:
             body += [f"- `results/{name}.csv`, {what}: `{command}`" for name, what, command in pending]
             body.append("")
         pages[f"{slug}.md"] = "\n".join(body)
-        index.append(f"- [{page.title}]({slug}.md): " + (", ".join(found[n][1]["title"] for n in names)
-                                                        if names else "nothing measured yet"))
+        titles = dict.fromkeys(found[n][1]["title"] for n in names)   # in order, each once
+        index.append(f"- [{page.title}]({slug}.md): " + ("; ".join(titles) if names else "nothing measured yet"))
     pages["index.md"] = "\n".join(index) + "\n"
     return pages
 
