@@ -6,8 +6,8 @@ a replaced layer's depthwise convolution (k^2 MACs per patch and channel, whiche
 implementation runs it, see mixing.py; the folded variant's shared kernel alike) and a "fixed"
 head's matrix product (N^2 d MACs, the A V half of attention). Counted: Linear and Conv2d layers
 and those. Not counted: elementwise work (norms, softmax, activations, the prefix-token scalars,
-the global term's mean and add: about 2 N per channel; the folded variant's rank-1 bias: N per
-channel), which is small next to them.
+the global term's mean and add: about 2 N per channel; the folded variant's rank-1 bias map: N per
+channel, where no value shift carries it, see folding.py), which is small next to them.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple

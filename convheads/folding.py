@@ -15,11 +15,22 @@ K's taps that fall on the grid there (smaller at the borders), and 1 + alpha_j o
 one Linear(C -> C) and the rank-1 bias T_K(1) x value_bias. Its cost is the identity variant's
 plus the convolution. A folded layer cannot be unfolded.
 
+The rank-1 bias is a pass over the [N, C] tokens of its own, which costs more time than its
+arithmetic says (about as much as the rest of the mixing in onnxruntime). Where W_V z = b_V has a
+solution z (W_V invertible), the bias goes in front of the mixing instead, as a value shift:
+
+    T_K(x) M^T + T_K(1) (M z)^T = T_K(x + z) M^T        (M = W_O diag(a) W_V)
+
+and T_K adds z to the small prefix tensors and to the row the patches get from them anyway: no
+pass of its own. `bias_at` says which form a folded layer uses ("input": the shift, "output": the
+bias map); fold() picks "input" unless z would cost float32 precision (MAX_SHIFT_GAIN). The shift
+runs in float32 only: in half precision x + z rounds x to z's scale, so there the bias map is used.
+
 Init from the attention fit: the rank-1 projection of the block's fitted kernels (kernel_h ~ s_h K,
 the leading singular pair, scaled so that a has mean 1), and the prefix scalars as the least-squares
 single pair for the heads' fitted ones (`init_from_fit`).
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +43,10 @@ from .mixers import SharedKernelMixer
 from .mixing import addcmul
 
 EPS = 1e-6  # below this a least-squares denominator is treated as zero (that scalar starts at 0)
+# The value shift z carries the bias when the rounding it adds, about float32's epsilon x
+# ||M|| ||z|| / ||M z|| of the bias, stays below ~1e-3 of it; trained ViTs measure 30-300.
+MAX_SHIFT_GAIN = 1e4
+BIAS_FORMS = ("input", "output")
 
 
 def rank_one(kernels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +72,27 @@ def _least_squares(scale: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (targets @ scale / denom)[:, None]
 
 
+def value_shift(w_v: torch.Tensor, b_v: torch.Tensor, m: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """z with W_V z = b_V, and its gain ||M|| ||z|| / ||M z|| (inf where W_V is singular)."""
+    try:
+        z = torch.linalg.solve(w_v.double(), b_v.double())
+    except RuntimeError:  # torch.linalg.LinAlgError: singular
+        return torch.zeros_like(b_v), float("inf")
+    if not torch.isfinite(z).all():
+        return torch.zeros_like(b_v), float("inf")
+    if z.norm() == 0:  # b_V = 0: nothing to carry
+        return z.to(b_v.dtype), 0.0
+    u = m.double() @ z
+    if u.norm() == 0:
+        return z.to(b_v.dtype), float("inf")
+    return z.to(b_v.dtype), (torch.linalg.matrix_norm(m.double(), 2) * z.norm() / u.norm()).item()
+
+
 class FoldedHeadAttention(ReplacedAttention):
     """Drop-in for timm's `Attention`: the whole block one shared-kernel mixing between W_V and W_O
     (see the module docstring). Training form: in_proj (W_V, b_V), scale (a), proj (W_O, b_O);
-    folded: proj (W_O diag(a) W_V, b_O) and value_bias (W_O diag(a) b_V, or None)."""
+    folded: proj (W_O diag(a) W_V, b_O) and value_bias (W_O diag(a) b_V, or None), with the buffer
+    value_shift (z) where bias_at is "input"."""
 
     def __init__(self, attn: Attention, grid_size: Tuple[int, int], num_prefix_tokens: int, kernel_size: int = 3):
         super().__init__(attn, range(attn.num_heads), grid_size, num_prefix_tokens, kernel_size, "folded")
@@ -70,7 +102,7 @@ class FoldedHeadAttention(ReplacedAttention):
         C = attn.qkv.in_features
         w, b = attn.qkv.weight.detach(), attn.qkv.bias
         dd = dict(device=w.device, dtype=w.dtype)
-        self.folded = False
+        self.folded, self.bias_at = False, None
         self.in_proj = nn.Linear(C, C, bias=b is not None, **dd)                 # W_V
         self.in_proj.weight.data.copy_(w[2 * C:])
         if b is not None:
@@ -114,17 +146,35 @@ class FoldedHeadAttention(ReplacedAttention):
         return F.conv2d(ones, kernels[:, None], padding=k // 2).mean(dim=(0, 2, 3))
 
     @torch.no_grad()
-    def fold(self) -> "FoldedHeadAttention":
-        """Bake W_V, a and W_O into one Linear(C -> C) and the value bias, in place."""
+    def fold(self, bias_at: Optional[str] = None) -> "FoldedHeadAttention":
+        """Bake W_V, a and W_O into one Linear(C -> C) and the value bias, in place. bias_at: "input"
+        (the value shift), "output" (the bias map), or None: "input" where it keeps float32 precision
+        (a model rebuilt from a file passes the form it was saved in)."""
         if self.folded:
             return self
+        if bias_at is not None and bias_at not in BIAS_FORMS:
+            raise ConvHeadsError(f"bias_at must be one of {BIAS_FORMS} or None; got {bias_at!r}")
         w_o = self.proj.weight * self.scale                                      # W_O diag(a)
         proj = nn.Linear(w_o.shape[1], w_o.shape[0], bias=self.proj.bias is not None,
                          device=w_o.device, dtype=w_o.dtype)
         proj.weight.copy_(w_o @ self.in_proj.weight)
         if self.proj.bias is not None:
             proj.bias.copy_(self.proj.bias)
-        self.value_bias = nn.Parameter(w_o @ self.in_proj.bias) if self.in_proj.bias is not None else None
+        self.value_bias, self.bias_at = None, None
+        if self.in_proj.bias is not None:
+            self.value_bias = nn.Parameter(w_o @ self.in_proj.bias)
+            if self.in_proj.bias.is_meta:  # rebuilt on the meta device: the saved state holds z
+                z, gain = torch.empty_like(self.in_proj.bias), 0.0
+            else:
+                z, gain = value_shift(self.in_proj.weight, self.in_proj.bias, proj.weight)
+            if bias_at is None:
+                bias_at = "input" if gain <= MAX_SHIFT_GAIN else "output"
+            elif bias_at == "input" and gain == float("inf"):
+                raise ConvHeadsError("bias_at='input' needs W_V z = b_V to have a solution, and this block's W_V "
+                                     "is singular; fold with bias_at='output' (or None to choose)")
+            if bias_at == "input":
+                self.register_buffer("value_shift", z)
+            self.bias_at = bias_at
         self.proj = proj
         del self.in_proj, self.scale
         self.folded = True
@@ -132,11 +182,12 @@ class FoldedHeadAttention(ReplacedAttention):
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded:  # through the modules, so hooks (model_cost) see them
-            y = self.proj(self.mixer(x, self.grid_size))
-            if self.value_bias is None:
+            shift = self.value_shift if self.bias_at == "input" and x.dtype == torch.float32 else None
+            y = self.proj(self.mixer(x, self.grid_size, shift))
+            if self.value_bias is None or shift is not None:
                 return y
             return addcmul(y, self.mixer.of_ones(self.grid_size), self.value_bias)
         return self.proj(self.scale * self.mixer(self.in_proj(x), self.grid_size))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", folded={self.folded}"
+        return super().extra_repr() + f", folded={self.folded}" + (f", bias_at={self.bias_at}" if self.bias_at else "")

@@ -16,7 +16,7 @@ W_V and W_O. `MIXERS` names the mixer of each variant:
   drop              DropMixer: nothing; the heads are gone, their W_V rows and W_O columns too
 """
 import functools
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -211,10 +211,11 @@ class SharedKernelMixer(Mixer):
     def scalars(self) -> Dict[str, nn.Parameter]:
         return {n: self._parameters[n] for n in ("alpha", "beta") if n in self._parameters}
 
-    def _mix(self, v: torch.Tensor, grid_size: Tuple[int, int], how: str = "conv") -> torch.Tensor:
+    def _mix(self, v: torch.Tensor, grid_size: Tuple[int, int], how: str = "conv",
+             shift: Optional[torch.Tensor] = None) -> torch.Tensor:
         k = self.kernel.shape[-1]
         return depthwise_mix(v, self.kernel.expand(v.shape[-1], 1, k, k), self._parameters.get("alpha"),
-                             self._parameters.get("beta"), grid_size, head_dim=v.shape[-1], how=how)
+                             self._parameters.get("beta"), grid_size, head_dim=v.shape[-1], how=how, shift=shift)
 
     def token_map(self, grid_size: Tuple[int, int]) -> torch.Tensor:
         """T [N, N] (rows: the token written, columns: the token read) for an h x w grid."""
@@ -230,12 +231,15 @@ class SharedKernelMixer(Mixer):
         ones = self.kernel.new_ones(1, self.num_prefix_tokens + h * w, 1)
         return self._ones.get(grid_size, list(self.parameters()), lambda: self._mix(ones, grid_size)[0])
 
-    def forward(self, v: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+    def forward(self, v: torch.Tensor, grid_size: Tuple[int, int],
+                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """T(v), or T(v + shift) for a shift [C] on every token (see mixing.depthwise_mix)."""
         how = self._how(v, grid_size)
         if how == "banded":
             params = list(self.parameters())
-            return self._banded.get(grid_size, params, lambda: self.token_map(grid_size)) @ v
-        return self._mix(v, grid_size, how)
+            return self._banded.get(grid_size, params, lambda: self.token_map(grid_size)) @ (
+                v if shift is None else v + shift)
+        return self._mix(v, grid_size, how, shift)
 
 
 def make_mixer(variant: str, heads: int, head_dim: int, num_prefix_tokens: int, kernel_size: int,

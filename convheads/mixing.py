@@ -110,10 +110,12 @@ def token_mean(v: torch.Tensor, start: int = 0) -> torch.Tensor:
 def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.Tensor],
                   beta: Optional[torch.Tensor], grid_size: Tuple[int, int], head_dim: int,
                   how: str = "conv", gamma: Optional[torch.Tensor] = None,
-                  phi: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  phi: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mix values v [B, P + h*w, C] (C = heads x head_dim) -> the same shape, the convolution done
     by `how` ("conv" or "shift"). weight [C, 1, k, k]; alpha, beta [P, heads] (None when P = 0);
-    with the global term: gamma [heads] and phi [P, P, heads] (None when P = 0)."""
+    with the global term: gamma [heads] and phi [P, P, heads] (None when P = 0). shift [C]: mix
+    v + shift instead, at no pass over v of its own when there are prefix tokens (it rides on the
+    small prefix tensors and on the row that the patches get from them anyway)."""
     B, N, C = v.shape
     h, w = grid_size
     P = N - h * w
@@ -121,14 +123,19 @@ def depthwise_mix(v: torch.Tensor, weight: torch.Tensor, alpha: Optional[torch.T
     # Few, fused ops: at the digits' 65 tokens every op costs more than its arithmetic.
     prefix, patches = heads[:, :P], heads[:, P:]
     patch_mean = token_mean(v, P).unflatten(-1, (-1, head_dim)) if P else None   # [B, 1, heads, d]
-    if P == 1:
+    s = shift.view(-1, head_dim) if shift is not None else None                  # [heads, d]
+    if s is not None:
+        prefix = prefix + s
+        patch_mean = patch_mean + s if P else None
+        patches = patches + (s + (prefix * beta[..., None]).sum(dim=1, keepdim=True) if P else s)
+    elif P == 1:
         patches = addcmul(patches, prefix, beta[..., None])
     elif P:
         patches = patches + (prefix * beta[..., None]).sum(dim=1, keepdim=True)
     y = _spatial(patches.reshape(B, h, w, C), weight, how).reshape(B, h * w, C)
     if gamma is not None:  # + gamma_i x the mean of head i's values over all N tokens, on every patch
-        y = addcmul(y.unflatten(-1, (-1, head_dim)), token_mean(v).unflatten(-1, (-1, head_dim)),
-                    gamma[:, None]).flatten(2)
+        v_mean = token_mean(v).unflatten(-1, (-1, head_dim))
+        y = addcmul(y.unflatten(-1, (-1, head_dim)), v_mean if s is None else v_mean + s, gamma[:, None]).flatten(2)
     if not P:
         return y
     if gamma is None:

@@ -390,9 +390,12 @@ def _build(spec: dict, replacement: List[dict], segmentation: Optional[dict] = N
     for entry in replacement:
         replace_heads(model, Selection({entry["block"]: entry["heads"]}, info.depth, info.num_heads),
                       kernel_size=entry["kernel_size"], variant=entry["variant"])
-        if entry["folded"]:
-            model.blocks[entry["block"]].attn.fold()
-        model.blocks[entry["block"]].attn.mixing = entry["mixing"]
+        attn = model.blocks[entry["block"]].attn
+        if entry["folded"] and entry["variant"] == "folded":  # in the form it was saved in
+            attn.fold(bias_at=entry.get("bias_at") or "output")
+        elif entry["folded"]:
+            attn.fold()
+        attn.mixing = entry["mixing"]
     return SegmentationModel(model, **segmentation) if segmentation else model
 
 

@@ -164,5 +164,6 @@ def replacement_config(model: nn.Module) -> List[dict]:
     """Per replaced block: what replace_heads (and, for a folded layer, fold) needs to rebuild the
     same structure, and the layer's mixing implementation."""
     return [dict(block=i, heads=list(b.attn.conv_heads), kernel_size=b.attn.kernel_size, variant=b.attn.variant,
-                 folded=getattr(b.attn, "folded", False), mixing=b.attn.mixing)
+                 folded=getattr(b.attn, "folded", False), bias_at=getattr(b.attn, "bias_at", None),
+                 mixing=b.attn.mixing)
             for i, b in enumerate(as_vit(model).blocks) if isinstance(b.attn, ReplacedAttention)]

@@ -1,5 +1,8 @@
 """The folded variant computes its formula (see convheads/folding.py), folds exactly (borders and
 prefix tokens included), counts exactly, starts from the rank-1 projection of the attention fit."""
+import copy
+
+import onnx
 import pytest
 import torch
 from helpers import banded_attention, prefixed_vit, tiny_vit, value_and_output_weights
@@ -24,9 +27,10 @@ from convheads.mixing import IMPLEMENTATIONS
 
 
 def randomise(layer: FoldedHeadAttention) -> None:
-    """An asymmetric kernel, unequal channel scales and prefix scalars: every term shows."""
+    """An asymmetric kernel, unequal channel scales, prefix scalars and a value bias: every term shows."""
     with torch.no_grad():
         layer.mixer.kernel.normal_()
+        layer.in_proj.bias.normal_(0.0, 0.5)
         layer.scale.normal_(1.0, 0.5)
         for p in layer.mixer.scalars().values():
             p.normal_()
@@ -41,6 +45,7 @@ def test_training_form_computes_the_formula(prefix):
     replace_heads(model, Selection.from_blocks([1], 4), variant="folded")
     layer = model.blocks[1].attn
     randomise(layer)
+    b_v = layer.in_proj.bias.detach().clone()
     h, w = 5, 3
     x = torch.randn(2, prefix + h * w, C)
     V = x @ w_v.T + b_v
@@ -68,10 +73,61 @@ def test_folded_model_equals_its_training_form(prefix):
     assert fold_layers(model) is model
     layer = model.blocks[1].attn
     assert layer.folded and not hasattr(layer, "in_proj") and not hasattr(layer, "scale")
+    assert layer.bias_at == "input"      # the bias carried by the value shift
     for how in IMPLEMENTATIONS:
         for b in (1, 2):
             model.blocks[b].attn.mixing = how
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def folded_pair(prefix: int, bias_at: str):
+    """A model with a folded block (randomised), folded in the form bias_at, and its training form."""
+    model = replace_heads(prefixed_vit(prefix), Selection.from_blocks([1], 4), variant="folded")
+    randomise(model.blocks[1].attn)
+    trained = copy.deepcopy(model)
+    model.blocks[1].attn.fold(bias_at=bias_at)
+    return model, trained
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 3])
+def test_both_bias_forms_equal_the_training_form_and_half_precision_takes_the_bias_map(prefix):
+    x = torch.randn(2, 3, 40, 24)
+    for bias_at in ("input", "output"):
+        model, trained = folded_pair(prefix, bias_at)
+        layer = model.blocks[1].attn
+        assert layer.bias_at == bias_at and hasattr(layer, "value_shift") == (bias_at == "input")
+        for how in IMPLEMENTATIONS:
+            layer.mixing = how
+            torch.testing.assert_close(model(x), trained(x), atol=1e-5, rtol=1e-5)
+    # in float64 (no float32) the shift is not used: the bias map gives the same function
+    torch.testing.assert_close(model.double()(x.double()), trained.double()(x.double()))
+
+
+def test_a_singular_value_projection_keeps_the_bias_map():
+    model = replace_heads(prefixed_vit(1), Selection.from_blocks([1], 4), variant="folded")
+    layer = model.blocks[1].attn
+    randomise(layer)
+    with torch.no_grad():
+        layer.in_proj.weight[:, 0] = 0       # W_V z = b_V has no solution where b_V leaves W_V's range
+    x = torch.randn(2, 3, 40, 24)
+    expected = model(x)
+    layer.fold()
+    assert layer.bias_at == "output" and not hasattr(layer, "value_shift")
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConvHeadsError, match="bias_at must be one of"):
+        replace_heads(prefixed_vit(1), Selection.from_blocks([1], 4), variant="folded").blocks[1].attn.fold("in")
+
+
+def test_the_exported_input_form_adds_nothing_after_the_projection(tmp_path):
+    ops = {}
+    for bias_at in ("input", "output"):
+        model, _ = folded_pair(1, bias_at)
+        path = export_onnx(model, tmp_path / f"{bias_at}.onnx", batch_size=1)
+        assert check_onnx(model, path) < 1e-4
+        ops[bias_at] = [n.op_type for n in onnx.load(str(path)).graph.node
+                        if "/blocks.1/attn/" in n.name and not any(m in n.name for m in ("/mixer/", "/proj/"))]
+    # the bias map T_K(1) x value_bias, added to the projected tokens: a pass over them of its own
+    assert "Add" in ops["output"] and ops["input"] == []
 
 
 @pytest.mark.parametrize("prefix", [0, 2])
@@ -148,19 +204,21 @@ def test_gradients_reach_the_kernel_scale_and_prefix_scalars():
     assert new == {id(layer.mixer.kernel), id(layer.mixer.alpha), id(layer.mixer.beta), id(layer.scale)}
 
 
-@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("fold", [None, "input", "output"])
 def test_save_load_and_onnx_keep_the_function(tmp_path, fold):
     model = replace_heads(tiny_vit(reg_tokens=2), Selection.from_blocks([0, 2], 4), variant="folded")
     replace_heads(model, Selection({1: [3]}))
     randomise(model.blocks[0].attn)
     if fold:
-        fold_layers(model)
+        for b in (0, 2):
+            model.blocks[b].attn.fold(bias_at=fold)
     x = torch.randn(2, 3, 32, 32)
     again = load_model(save_model(model, tmp_path / "m.pt"))
     torch.testing.assert_close(again(x), model(x))
-    assert again.blocks[0].attn.folded == fold and isinstance(again.blocks[2].attn, FoldedHeadAttention)
+    assert again.blocks[0].attn.folded == bool(fold) and isinstance(again.blocks[2].attn, FoldedHeadAttention)
+    assert again.blocks[0].attn.bias_at == fold
     path = export_onnx(model, tmp_path / "m.onnx", batch_size=2)
-    assert model.blocks[0].attn.folded == fold          # exported folded, the model left as it was
+    assert model.blocks[0].attn.folded == bool(fold)    # exported folded, the model left as it was
     assert check_onnx(model, path) < 1e-4
 
 
