@@ -15,8 +15,8 @@ K's taps that fall on the grid there (smaller at the borders), and 1 + alpha_j o
 one Linear(C -> C) and the rank-1 bias T_K(1) x value_bias. Its cost is the identity variant's
 plus the convolution. A folded layer cannot be unfolded.
 
-The rank-1 bias is a pass over the [N, C] tokens of its own, which costs more time than its
-arithmetic says (about as much as the rest of the mixing in onnxruntime). Where W_V z = b_V has a
+The rank-1 bias map is a pass over the [N, C] tokens of its own, which costs more time than its
+arithmetic says (in onnxruntime a fifth of what the mixing adds to identity). Where W_V z = b_V has a
 solution z (W_V invertible), the bias goes in front of the mixing instead, as a value shift:
 
     T_K(x) M^T + T_K(1) (M z)^T = T_K(x + z) M^T        (M = W_O diag(a) W_V)
