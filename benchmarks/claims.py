@@ -23,7 +23,7 @@ Classification only (segmentation has no per-image correctness).
 """
 import argparse
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -115,6 +115,16 @@ def tables(cfg: PipelineConfig, skip_missing: bool = False) -> pd.DataFrame:
     return pd.DataFrame(rows)[COLUMNS].round(3)
 
 
+def per_image_config(params: str, overrides: List[str], what: str) -> Optional[PipelineConfig]:
+    """The checked configuration of a comparison of per-image correctness; None, the error printed,
+    if it is bad or not a classification."""
+    cfg = checked_config(params, overrides)
+    if cfg is not None and cfg.task != "classification":
+        print(f"error: {what} compare per-image correctness: task=classification only", file=sys.stderr)
+        return None
+    return cfg
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.claims", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,11 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     overrides = CLAIMS + args.overrides
-    cfg = checked_config(args.params, overrides)
+    cfg = per_image_config(args.params, overrides, "the claims")
     if cfg is None:
-        return 2
-    if cfg.task != "classification":
-        print("error: the claims compare per-image correctness: task=classification only", file=sys.stderr)
         return 2
     if not args.tables_only:
         from flows.sweep import main as sweep
