@@ -24,7 +24,8 @@ solution z (W_V invertible), the bias goes in front of the mixing instead, as a 
 and T_K adds z to the small prefix tensors and to the row the patches get from them anyway: no
 pass of its own. `bias_at` says which form a folded layer uses ("input": the shift, "output": the
 bias map); fold() picks "input" unless z would cost float32 precision (MAX_SHIFT_GAIN). The shift
-runs in float32 only: in half precision x + z rounds x to z's scale, so there the bias map is used.
+runs in float32 only: in half precision (or under autocast) x + z rounds x to z's scale, so there the
+bias map is used.
 
 Init from the attention fit: the rank-1 projection of the block's fitted kernels (kernel_h ~ s_h K,
 the leading singular pair, scaled so that a has mean 1), and the prefix scalars as the least-squares
@@ -182,7 +183,8 @@ class FoldedHeadAttention(ReplacedAttention):
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded:  # through the modules, so hooks (model_cost) see them
-            shift = self.value_shift if self.bias_at == "input" and x.dtype == torch.float32 else None
+            full = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+            shift = self.value_shift if self.bias_at == "input" and full else None
             y = self.proj(self.mixer(x, self.grid_size, shift))
             if self.value_bias is None or shift is not None:
                 return y

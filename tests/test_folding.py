@@ -99,8 +99,27 @@ def test_both_bias_forms_equal_the_training_form_and_half_precision_takes_the_bi
         for how in IMPLEMENTATIONS:
             layer.mixing = how
             torch.testing.assert_close(model(x), trained(x), atol=1e-5, rtol=1e-5)
-    # in float64 (no float32) the shift is not used: the bias map gives the same function
+    # in float64 the shift is not used: the bias map gives the same function
     torch.testing.assert_close(model.double()(x.double()), trained.double()(x.double()))
+
+
+def test_under_autocast_a_large_shift_is_not_used():
+    """z = W_V^-1 b_V 1,000 times b_V's size (gain 1,000: fine in float32): in bfloat16 x + z would
+    round x away, so under autocast the layer adds the bias map instead."""
+    model = replace_heads(prefixed_vit(1), Selection.from_blocks([1], 4), variant="folded")
+    layer = model.blocks[1].attn
+    randomise(layer)
+    C = layer.in_proj.in_features
+    u, _, vh = torch.linalg.svd(torch.randn(C, C))
+    with torch.no_grad():
+        layer.in_proj.weight.copy_(u @ torch.diag(torch.logspace(0, -3, C)) @ vh)
+        layer.in_proj.bias.copy_(u[:, -1])                 # along the smallest singular direction
+    trained = copy.deepcopy(layer)
+    layer.fold()
+    assert layer.bias_at == "input" and layer.value_shift.norm() > 500
+    x = torch.randn(2, 1 + 5 * 3, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(layer(x).float(), trained(x).float(), atol=0.05, rtol=0.05)
 
 
 def test_a_singular_value_projection_keeps_the_bias_map():
