@@ -103,7 +103,7 @@ class FoldedHeadAttention(ReplacedAttention):
         C = attn.qkv.in_features
         w, b = attn.qkv.weight.detach(), attn.qkv.bias
         dd = dict(device=w.device, dtype=w.dtype)
-        self.folded, self.bias_at = False, None
+        self.folded = False
         self.in_proj = nn.Linear(C, C, bias=b is not None, **dd)                 # W_V
         self.in_proj.weight.data.copy_(w[2 * C:])
         if b is not None:
@@ -112,6 +112,14 @@ class FoldedHeadAttention(ReplacedAttention):
         self.proj.load_state_dict(attn.proj.state_dict())                        # W_O
         self.scale = nn.Parameter(torch.ones(C, **dd))                           # a
         self.mixer = SharedKernelMixer(C, num_prefix_tokens, kernel_size, **dd)
+
+    @property
+    def bias_at(self) -> Optional[str]:
+        """How the folded layer adds its value bias: "input" (the value shift z), "output" (the bias
+        map); None unfolded or without a value bias."""
+        if "value_shift" in self._buffers:
+            return "input"
+        return "output" if getattr(self, "value_bias", None) is not None else None
 
     @property
     def needs_folding(self) -> bool:
@@ -161,7 +169,7 @@ class FoldedHeadAttention(ReplacedAttention):
         proj.weight.copy_(w_o @ self.in_proj.weight)
         if self.proj.bias is not None:
             proj.bias.copy_(self.proj.bias)
-        self.value_bias, self.bias_at = None, None
+        self.value_bias = None
         if self.in_proj.bias is not None:
             self.value_bias = nn.Parameter(w_o @ self.in_proj.bias)
             if self.in_proj.bias.is_meta:  # rebuilt on the meta device: the saved state holds z
@@ -175,7 +183,6 @@ class FoldedHeadAttention(ReplacedAttention):
                                      "is singular; fold with bias_at='output' (or None to choose)")
             if bias_at == "input":
                 self.register_buffer("value_shift", z)
-            self.bias_at = bias_at
         self.proj = proj
         del self.in_proj, self.scale
         self.folded = True

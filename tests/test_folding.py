@@ -90,7 +90,7 @@ def folded_pair(prefix: int, bias_at: str):
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 3])
-def test_both_bias_forms_equal_the_training_form_and_half_precision_takes_the_bias_map(prefix):
+def test_both_bias_forms_equal_the_training_form_in_float32_and_float64(prefix):
     x = torch.randn(2, 3, 40, 24)
     for bias_at in ("input", "output"):
         model, trained = folded_pair(prefix, bias_at)
@@ -99,7 +99,7 @@ def test_both_bias_forms_equal_the_training_form_and_half_precision_takes_the_bi
         for how in IMPLEMENTATIONS:
             layer.mixing = how
             torch.testing.assert_close(model(x), trained(x), atol=1e-5, rtol=1e-5)
-    # in float64 the shift is not used: the bias map gives the same function
+    # in float64 the layer adds the bias map
     torch.testing.assert_close(model.double()(x.double()), trained.double()(x.double()))
 
 

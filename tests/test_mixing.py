@@ -8,7 +8,7 @@ from helpers import prefixed_vit, replaced_tiny, tiny_vit
 
 import convheads
 from convheads import ConvHeadsError, Selection, replace_heads
-from convheads.mixing import IMPLEMENTATIONS, ParameterCache, choose
+from convheads.mixing import IMPLEMENTATIONS, ParameterCache, choose, depthwise_mix
 
 
 def reference_mix(v, layer):
@@ -62,6 +62,26 @@ def test_every_implementation_is_the_reference_convolution_with_the_same_gradien
             ref = torch.autograd.grad((reference_mix(x, layer) * expected).sum(), [x] + params[1:])
             for g, r in zip(grads, ref):
                 torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 3])
+@pytest.mark.parametrize("global_term", [False, True])
+def test_a_shift_mixes_the_shifted_values(prefix, global_term):
+    """depthwise_mix(v, shift=s) is depthwise_mix(v + s) on every path, though it never forms v + s."""
+    heads, d, (h, w) = 4, 8, (5, 3)
+    C = heads * d
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, prefix + h * w, C, generator=g)
+    shift = 3 * torch.randn(C, generator=g)
+    params = dict(weight=torch.randn(C, 1, 3, 3, generator=g), grid_size=(h, w), head_dim=d,
+                  alpha=torch.randn(prefix, heads, generator=g) if prefix else None,
+                  beta=torch.randn(prefix, heads, generator=g) if prefix else None)
+    if global_term:
+        params.update(gamma=torch.randn(heads, generator=g),
+                      phi=torch.randn(prefix, prefix, heads, generator=g) if prefix else None)
+    for how in ("conv", "shift"):
+        torch.testing.assert_close(depthwise_mix(v, how=how, shift=shift, **params),
+                                   depthwise_mix(v + shift, how=how, **params), atol=1e-4, rtol=1e-5)
 
 
 def test_the_choice_follows_shape_device_and_mode():
